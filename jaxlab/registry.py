@@ -1,0 +1,45 @@
+"""Name-to-object registries whose lookups fail with the list of known names."""
+
+from __future__ import annotations
+
+from typing import Generic, Iterator, TypeVar
+
+T = TypeVar("T")
+
+
+class UnknownNameError(LookupError):
+  """A name that is not in a registry; the message lists the known names."""
+
+
+class Registry(Generic[T]):
+  """An ordered mapping from names to objects of one kind (experiments, data sets, ...)."""
+
+  def __init__(self, kind: str):
+    self.kind = kind
+    self._items: dict[str, T] = {}
+
+  def register(self, name: str, item: T) -> T:
+    if name in self._items:
+      raise ValueError(f"{self.kind} {name!r} is already registered")
+    self._items[name] = item
+    return item
+
+  def get(self, name: str) -> T:
+    try:
+      return self._items[name]
+    except KeyError:
+      known = ", ".join(self._items) or "(none)"
+      raise UnknownNameError(
+          f"unknown {self.kind} {name!r}; known {self.kind}s: {known}") from None
+
+  def names(self) -> list[str]:
+    return list(self._items)
+
+  def __contains__(self, name: object) -> bool:
+    return name in self._items
+
+  def __iter__(self) -> Iterator[str]:
+    return iter(self._items)
+
+  def __len__(self) -> int:
+    return len(self._items)
