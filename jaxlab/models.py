@@ -1,0 +1,349 @@
+"""The MLP and conv-net families: architectures as data, run by one layer engine.
+
+A model is declared with small frozen specs (`Dense`, `Parallel`, `Conv`, `MaxPool`,
+`ConvBlock`). Each family turns its specs into a flat *plan*: a tuple of `Op`s, one per
+Keras layer, with Keras's own layer names (`dense`, `dense_1`, `batch_normalization`, ...).
+The plan is the single source of truth for the forward pass, the summary, the L2 term
+and layer capture, so they can never disagree about which layer is which.
+
+Keras semantics reproduced here: Glorot-uniform kernels and zero biases; `valid` padding
+unless `same`; floor max pooling; BatchNormalization with momentum 0.99 and epsilon 1e-3;
+inverted dropout that is active only in training; channels-last flatten. The output layer
+returns logits; the softmax lives in the loss (and in `predict`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+BN_MOMENTUM = 0.99
+BN_EPSILON = 1e-3
+
+ACTIVATIONS: dict[str | None, Callable[[jax.Array], jax.Array]] = {
+    "relu": nn.relu,
+    "tanh": jnp.tanh,
+    "sigmoid": nn.sigmoid,
+    "linear": lambda x: x,
+    None: lambda x: x,
+}
+
+# Keras's class name for each op kind, as `model.summary()` prints it.
+KERAS_TYPES = {
+    "dense": "Dense",
+    "batch_normalization": "BatchNormalization",
+    "dropout": "Dropout",
+    "conv2d": "Conv2D",
+    "max_pooling2d": "MaxPooling2D",
+    "flatten": "Flatten",
+    "concatenate": "Concatenate",
+}
+
+
+# ----------------------------------------------------------------------------- specs
+
+
+@dataclasses.dataclass(frozen=True)
+class Dense:
+  """Dense(features, activation), then optional BatchNormalization and Dropout."""
+
+  features: int
+  activation: str | None = "relu"
+  batch_norm: bool = True
+  dropout: float = 0.0
+  l2: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Parallel:
+  """Paths of Dense specs that all read the same input; their outputs are concatenated."""
+
+  paths: tuple[tuple[Dense, ...], ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Conv:
+  """Conv2D(features, kernel_size, strides, padding, activation)."""
+
+  features: int
+  kernel_size: int
+  strides: int = 1
+  padding: str = "valid"
+  activation: str | None = "relu"
+  l2: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class MaxPool:
+  """MaxPooling2D(pool_size, strides), padding `valid` (floor), as in Keras."""
+
+  pool_size: int
+  strides: int | None = None  # None: equal to pool_size, as in Keras.
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvBlock:
+  """Conv layers, then MaxPool, BatchNormalization and Dropout, each optional."""
+
+  convs: tuple[Conv, ...]
+  pool: MaxPool | None = None
+  batch_norm: bool = False
+  dropout: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Op:
+  """One Keras layer of a plan: its name, kind and settings."""
+
+  name: str
+  kind: str
+  features: int = 0
+  activation: str | None = None
+  kernel_size: int = 0
+  strides: int = 1
+  padding: str = "valid"
+  rate: float = 0.0
+  l2: float = 0.0
+  paths: tuple[tuple["Op", ...], ...] = ()
+
+  @property
+  def keras_type(self) -> str:
+    return KERAS_TYPES[self.kind]
+
+  def describe(self) -> dict[str, Any]:
+    """The op as a JSON-ready dict, leaving out settings its kind does not use."""
+    out: dict[str, Any] = {"name": self.name, "type": self.keras_type}
+    fields = {
+        "dense": ("features", "activation", "l2"),
+        "conv2d": ("features", "kernel_size", "strides", "padding", "activation", "l2"),
+        "max_pooling2d": ("kernel_size", "strides"),
+        "dropout": ("rate",),
+    }.get(self.kind, ())
+    for field in fields:
+      value = getattr(self, field)
+      if field == "l2" and not value:
+        continue
+      out["pool_size" if self.kind == "max_pooling2d" and field == "kernel_size" else field] = value
+    if self.paths:
+      out["paths"] = [[op.describe() for op in path] for path in self.paths]
+    return out
+
+
+class _Namer:
+  """Hands out Keras-style unique names: dense, dense_1, dense_2, ..."""
+
+  def __init__(self):
+    self._counts: dict[str, int] = {}
+
+  def __call__(self, kind: str) -> str:
+    n = self._counts.get(kind, 0)
+    self._counts[kind] = n + 1
+    return kind if n == 0 else f"{kind}_{n}"
+
+
+def _check_rate(rate: float) -> None:
+  if not 0.0 <= rate < 1.0:
+    raise ValueError(f"dropout rate must be in [0, 1), got {rate}")
+
+
+def _dense_ops(spec: Dense, name: _Namer) -> list[Op]:
+  if spec.features <= 0:
+    raise ValueError(f"Dense features must be positive, got {spec.features}")
+  if spec.activation not in ACTIVATIONS:
+    raise ValueError(f"unknown activation {spec.activation!r}; known: {sorted(a for a in ACTIVATIONS if a)}")
+  _check_rate(spec.dropout)
+  ops = [Op(name("dense"), "dense", features=spec.features, activation=spec.activation, l2=spec.l2)]
+  if spec.batch_norm:
+    ops.append(Op(name("batch_normalization"), "batch_normalization"))
+  if spec.dropout:
+    ops.append(Op(name("dropout"), "dropout", rate=spec.dropout))
+  return ops
+
+
+def _output_op(num_classes: int, name: _Namer) -> Op:
+  # Keras's output layer is Dense(num_classes, activation='softmax'); here it returns logits.
+  return Op(name("dense"), "dense", features=num_classes, activation=None)
+
+
+# ----------------------------------------------------------------------------- engine
+
+
+class PlanModel(nn.Module):
+  """Runs a plan of ops. Subclasses say how their specs become a plan."""
+
+  def plan(self) -> tuple[Op, ...]:
+    raise NotImplementedError
+
+  def input_shape(self) -> tuple[int, ...]:
+    """The shape of one example as the first layer takes it."""
+    raise NotImplementedError
+
+  dtype: Any = jnp.float32  # Compute dtype; parameters are always float32.
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    x = x.reshape((x.shape[0],) + self.input_shape()).astype(self.dtype)
+    x = self._run(self.plan(), x, train)
+    return x.astype(jnp.float32)
+
+  def _run(self, ops: Sequence[Op], x: jax.Array, train: bool) -> jax.Array:
+    for op in ops:
+      x = self._layer(op, train)(x)
+    return x
+
+  def _layer(self, op: Op, train: bool) -> nn.Module:
+    """The Flax module of one op, named after it, so `capture_intermediates` names it too."""
+    kind = op.kind
+    if kind == "dense":
+      return KerasDense(op.features, activation=op.activation, dtype=self.dtype,
+                        kernel_init=nn.initializers.glorot_uniform(),
+                        bias_init=nn.initializers.zeros, name=op.name)
+    if kind == "conv2d":
+      return KerasConv(op.features, (op.kernel_size, op.kernel_size),
+                       strides=(op.strides, op.strides), padding=op.padding.upper(),
+                       activation=op.activation, dtype=self.dtype,
+                       kernel_init=nn.initializers.glorot_uniform(),
+                       bias_init=nn.initializers.zeros, name=op.name)
+    if kind == "batch_normalization":
+      return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
+                          dtype=self.dtype, name=op.name)
+    if kind == "dropout":
+      return nn.Dropout(op.rate, deterministic=not train, name=op.name)
+    if kind == "max_pooling2d":
+      return MaxPooling2D(op.kernel_size, op.strides, name=op.name)
+    if kind == "flatten":
+      return Flatten(name=op.name)
+    if kind == "concatenate":
+      return lambda x: Concatenate(name=op.name)([self._run(path, x, train) for path in op.paths])
+    raise ValueError(f"unknown op kind {kind!r}")
+
+
+class KerasDense(nn.Dense):
+  """nn.Dense followed by its activation: the output of a Keras Dense layer."""
+
+  activation: str | None = None
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return ACTIVATIONS[self.activation](super().__call__(x))
+
+
+class KerasConv(nn.Conv):
+  """nn.Conv followed by its activation: the output of a Keras Conv2D layer."""
+
+  activation: str | None = None
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return ACTIVATIONS[self.activation](super().__call__(x))
+
+
+class MaxPooling2D(nn.Module):
+  """Max pooling with padding `valid`: output size floor((n - pool) / stride) + 1."""
+
+  pool_size: int
+  strides: int
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return nn.max_pool(x, (self.pool_size,) * 2, strides=(self.strides,) * 2, padding="VALID")
+
+
+class Flatten(nn.Module):
+  """Row-major flatten over (H, W, C): Keras's channels-last order."""
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return x.reshape((x.shape[0], -1))
+
+
+class Concatenate(nn.Module):
+  """Concatenation along the feature axis."""
+
+  def __call__(self, xs: Sequence[jax.Array]) -> jax.Array:
+    return jnp.concatenate(xs, axis=-1)
+
+
+def iter_ops(ops: Sequence[Op]):
+  """Every op of a plan in model order, the ops inside parallel paths before their merge."""
+  for op in ops:
+    for path in op.paths:
+      yield from iter_ops(path)
+    yield op
+
+
+def l2_coefficients(model: PlanModel) -> dict[str, float]:
+  """Layer name -> c for every kernel with `kernel_regularizer=l2(c)`."""
+  return {op.name: op.l2 for op in iter_ops(model.plan()) if op.l2}
+
+
+def describe(model: PlanModel) -> dict[str, Any]:
+  """The architecture as JSON-ready data: family, input shape and the plan."""
+  return {
+      "family": type(model).__name__,
+      "input_shape": list(model.input_shape()),
+      "layers": [op.describe() for op in model.plan()],
+  }
+
+
+# ----------------------------------------------------------------------------- families
+
+
+class MLP(PlanModel):
+  """The Lab 02 family: Dense specs (or parallel paths of them) and a Dense output."""
+
+  layers: tuple[Dense | Parallel, ...] = ()
+  num_classes: int = 10
+  num_inputs: int = 784
+
+  def input_shape(self) -> tuple[int, ...]:
+    return (self.num_inputs,)
+
+  def plan(self) -> tuple[Op, ...]:
+    name = _Namer()
+    ops: list[Op] = []
+    for spec in self.layers:
+      if isinstance(spec, Parallel):
+        paths = tuple(tuple(op for d in path for op in _dense_ops(d, name)) for path in spec.paths)
+        ops.append(Op(name("concatenate"), "concatenate", paths=paths))
+      else:
+        ops.extend(_dense_ops(spec, name))
+    ops.append(_output_op(self.num_classes, name))
+    return tuple(ops)
+
+
+class ConvNet(PlanModel):
+  """The Lab 04 family: conv blocks, Flatten, a Dense head and a Dense output (NHWC)."""
+
+  blocks: tuple[ConvBlock, ...] = ()
+  head: tuple[Dense, ...] = ()
+  num_classes: int = 10
+  image_shape: tuple[int, int, int] = (28, 28, 1)
+
+  def input_shape(self) -> tuple[int, ...]:
+    return tuple(self.image_shape)
+
+  def plan(self) -> tuple[Op, ...]:
+    name = _Namer()
+    ops: list[Op] = []
+    for block in self.blocks:
+      for conv in block.convs:
+        if conv.padding not in ("valid", "same"):
+          raise ValueError(f"Conv2D padding must be 'valid' or 'same', got {conv.padding!r}")
+        ops.append(Op(name("conv2d"), "conv2d", features=conv.features, kernel_size=conv.kernel_size,
+                      strides=conv.strides, padding=conv.padding, activation=conv.activation,
+                      l2=conv.l2))
+      if block.pool is not None:
+        strides = block.pool.strides or block.pool.pool_size
+        ops.append(Op(name("max_pooling2d"), "max_pooling2d", kernel_size=block.pool.pool_size,
+                      strides=strides))
+      if block.batch_norm:
+        ops.append(Op(name("batch_normalization"), "batch_normalization"))
+      if block.dropout:
+        _check_rate(block.dropout)
+        ops.append(Op(name("dropout"), "dropout", rate=block.dropout))
+    ops.append(Op(name("flatten"), "flatten"))
+    for spec in self.head:
+      ops.extend(_dense_ops(spec, name))
+    ops.append(_output_op(self.num_classes, name))
+    return tuple(ops)
