@@ -1,0 +1,38 @@
+"""Shared pieces of the absl entry points in scripts/: common flags and clean error exits."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Callable
+
+from absl import flags
+
+from jaxlab.checkpoint import CheckpointError
+from jaxlab.data import DataError
+
+# Errors a user causes with a flag or a file: shown as one line, not as a traceback.
+USER_ERRORS = (LookupError, ValueError, DataError, CheckpointError, FileNotFoundError)
+
+
+def user_errors_exit(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
+  """Wraps an absl `main` so that a user error prints `error: ...` and exits with status 2."""
+
+  @functools.wraps(main)
+  def wrapped(argv: list[str]) -> None:
+    try:
+      main(argv)
+    except USER_ERRORS as e:
+      message = e.args[0] if isinstance(e, LookupError) and e.args else e
+      print(f"error: {message}", file=sys.stderr)
+      sys.exit(2)
+
+  return wrapped
+
+
+def define_experiment_flags() -> None:
+  """--experiment and --dataset, shared by every script that builds a model."""
+  flags.DEFINE_string("experiment", None, "Experiment name from the catalog (see README).")
+  flags.DEFINE_string("dataset", None, "Data set: mnist, fashion_mnist or cifar10. "
+                      "Default: the experiment's own.")
+  flags.mark_flag_as_required("experiment")
