@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -81,6 +82,13 @@ def build_model(experiment: Experiment | str, dataset: DatasetInfo | str | None 
   info = DATASETS.get(dataset or exp.dataset) if not isinstance(dataset, DatasetInfo) else dataset
   if precision not in PRECISIONS:
     raise ValueError(f"unknown precision {precision!r}; known: {', '.join(PRECISIONS)}")
+  return _fitted_model(exp, info, precision)
+
+
+@functools.lru_cache(maxsize=128)
+def _fitted_model(exp: Experiment, info: DatasetInfo, precision: str) -> PlanModel:
+  # One object per (experiment, data set, precision): the train state holds `model.apply`,
+  # and bound methods compare by identity, so the same object keeps jit's caches warm.
   model = exp.model
   changes: dict[str, Any] = {"num_classes": info.num_classes, "dtype": PRECISIONS[precision]}
   if isinstance(model, MLP):

@@ -60,11 +60,16 @@ def seed_keys(seed: int) -> tuple[jax.Array, jax.Array, jax.Array]:
   return init, dropout, shuffle
 
 
+@functools.lru_cache(maxsize=64)
+def _jitted_init(model: PlanModel) -> Callable:
+  return jax.jit(model.init)
+
+
 def create_train_state(model: PlanModel, tx: optax.GradientTransformation,
                        seed: int) -> TrainState:
   init_key, dropout_key, _ = seed_keys(seed)
   x = jnp.zeros((1,) + model.input_shape(), jnp.float32)
-  variables = jax.jit(model.init)(init_key, x)
+  variables = _jitted_init(model)(init_key, x)
   return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
                            batch_stats=variables.get("batch_stats", {}), rng=dropout_key)
 
@@ -140,7 +145,10 @@ class Steps:
   eval_batches: Callable  # jitted: (variables, images, labels, batches) -> (metrics, preds)
 
 
+@functools.lru_cache(maxsize=64)
 def make_steps(model: PlanModel) -> Steps:
+  """The compiled steps of `model`, made once per model (per process), so that a second run of
+  the same architecture reuses the compiled code instead of compiling it again."""
   train_step = make_train_step(model)
   eval_step = make_eval_step(model)
 
@@ -182,6 +190,20 @@ def split_batches(order: jax.Array, batch_size: int) -> list[jax.Array]:
   if n % batch_size:
     parts.append(order[full * batch_size:][None])
   return parts
+
+
+def chunk_lengths(num_steps: int, max_length: int) -> list[tuple[int, int]]:
+  """(start, length) of the compiled calls that cover `num_steps` steps.
+
+  Each distinct length is one compilation, so a length that divides `num_steps` is preferred
+  (any divisor down to half of `max_length`); otherwise the last call is shorter.
+  """
+  length = min(max_length, num_steps)
+  for candidate in range(length, (length + 1) // 2 - 1, -1):
+    if num_steps % candidate == 0:
+      length = candidate
+      break
+  return [(start, min(length, num_steps - start)) for start in range(0, num_steps, length)]
 
 
 def evaluate(steps: Steps, variables: dict, images: jax.Array, labels: jax.Array,
@@ -245,8 +267,7 @@ def train_epoch(steps: Steps, state: TrainState, images: jax.Array, labels: jax.
 
   step = first_step
   for batches in split_batches(order, batch_size):
-    for start in range(0, batches.shape[0], steps_per_dispatch):
-      length = min(steps_per_dispatch, batches.shape[0] - start)
+    for start, length in chunk_lengths(batches.shape[0], steps_per_dispatch):
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
         state, sums = steps.train_chunk(state, images, labels, batches, start, length=length)
       step += length

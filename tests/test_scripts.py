@@ -1,0 +1,80 @@
+"""The absl entry points, run as a user runs them."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+import keras_models
+from datafiles import write_idx_dataset
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def script(name, *args, check=True, timeout=300):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  result = subprocess.run([sys.executable, str(ROOT / "scripts" / name), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+  if check and result.returncode != 0:
+    raise AssertionError(f"{name} failed ({result.returncode}):\n{result.stderr[-3000:]}")
+  return result
+
+
+def test_summary_json_has_keras_counts():
+  out = json.loads(script("summary.py", "--experiment=mlp_back_n_forth", "--json").stdout)
+  assert {k: out[k] for k in ("total_params", "trainable_params", "non_trainable_params")} == \
+      keras_models.counts(keras_models.MODELS["mlp_back_n_forth"]())
+  assert [l["name"] for l in out["layers"]][:3] == ["dense", "dense_1", "batch_normalization"]
+
+
+def test_summary_table():
+  out = script("summary.py", "--experiment=mlp_baseline").stdout
+  assert 'Model: "mlp_baseline"' in out and "Total params:" in out and "dropout (Dropout)" in out
+
+
+@pytest.mark.parametrize("args,listed", [
+    (["--experiment=mlp_nope"], "known experiments: mlp_baseline, mlp_deep"),
+    (["--experiment=mlp_baseline", "--dataset=svhn"], "known datasets: mnist, fashion_mnist, cifar10"),
+])
+def test_unknown_names_list_the_known_ones(args, listed):
+  for name in ("summary.py", "train.py"):
+    result = script(name, *args, check=False)
+    assert result.returncode == 2, result.stderr
+    assert listed in result.stderr and "Traceback" not in result.stderr
+
+
+def test_train_missing_data_says_how_to_provide_it(tmp_path):
+  result = script("train.py", "--experiment=mlp_baseline", "--dataset=mnist",
+                  f"--data_dir={tmp_path}", f"--workdir={tmp_path / 'run'}", check=False, timeout=60)
+  assert result.returncode == 2 and "Traceback" not in result.stderr
+  assert "data set 'mnist' was not found" in result.stderr and "--data_dir" in result.stderr
+
+
+def test_train_end_to_end_then_resume(tmp_path):
+  write_idx_dataset(tmp_path / "data", n_train=96, n_test=40)
+  args = ["--experiment=mlp_halving", "--dataset=mnist", f"--data_dir={tmp_path / 'data'}",
+          f"--workdir={tmp_path / 'run'}", "--epochs=2", "--batch_size=32", "--train_limit=64",
+          "--learning_rate=0.003", "--optimizer=nadam", "--seed=5", "--progress"]
+  first = script("train.py", *args)
+  assert "final validation accuracy" in first.stdout and str(tmp_path / "run") in first.stdout
+  assert "epoch 2/2" in first.stderr  # The progress bar.
+  run = tmp_path / "run"
+  config = json.loads((run / "config.json").read_text())["config"]
+  assert (config["train_limit"], config["optimizer"], config["seed"], config["learning_rate"]) == \
+      (64, "nadam", 5, 0.003)
+  lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+  assert [l["epoch"] for l in lines] == [1, 2] and lines[-1]["step"] == 4
+  summary = json.loads((run / "metrics.json").read_text())
+  assert summary["status"] == "completed"
+  # The same command again finds the run complete and trains nothing more.
+  again = script("train.py", *args)
+  assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
+  assert json.loads((run / "metrics.json").read_text())["final_val_accuracy"] == \
+      summary["final_val_accuracy"]
+  assert "Resuming" in again.stderr
+  # A different batch size in the same directory is refused, naming the setting.
+  other = script("train.py", *args[:-1], "--batch_size=16", check=False)
+  assert other.returncode == 2 and "batch_size: 32 -> 16" in other.stderr

@@ -1,0 +1,197 @@
+"""Training: the loss falls, checkpoints round-trip, and an interrupted run resumes exactly."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from jaxlab import checkpoint
+from jaxlab.config import build_model, resolve_config
+from jaxlab.metrics import read_jsonl
+from jaxlab.models import MLP, Dense
+from jaxlab.optim import make_optimizer
+from jaxlab.train import (TrainState, chunk_lengths, create_train_state, l2_penalty, make_steps, train_and_evaluate,
+                          train_epoch)
+from datafiles import synthetic_dataset
+
+SMALL = dict(dataset="mnist", epochs=3, batch_size=32, steps_per_dispatch=4, eval_batch_size=64)
+
+
+def leaves(tree):
+  return [np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
+
+
+def test_short_run_loss_falls_and_writes_the_run_directory(tmp_path):
+  config = resolve_config("mlp_baseline", **SMALL)
+  summary = train_and_evaluate(config, tmp_path, dataset=synthetic_dataset())
+  history = read_jsonl(tmp_path / "metrics.jsonl")
+  assert [r["epoch"] for r in history] == [1, 2, 3]
+  assert history[-1]["train_loss"] < 0.5 * history[0]["train_loss"]
+  assert history[-1]["val_accuracy"] > 0.9  # The synthetic classes are easy.
+  for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "epoch_seconds"):
+    assert all(np.isfinite(r[key]) for r in history), key
+  assert history[-1]["step"] == 3 * 8  # 256 examples / batch 32, every epoch.
+  on_disk = json.loads((tmp_path / "metrics.json").read_text())
+  assert on_disk == summary and summary["status"] == "completed"
+  assert summary["final_val_accuracy"] == history[-1]["val_accuracy"]
+  assert summary["best_val_accuracy"] == max(r["val_accuracy"] for r in history)
+  assert summary["total_params"] == summary["trainable_params"] + summary["non_trainable_params"]
+  config_json = json.loads((tmp_path / "config.json").read_text())
+  assert config_json["config"] == config.to_json()
+  assert config_json["model"]["layers"][0] == {"name": "dense", "type": "Dense", "features": 128,
+                                               "activation": "relu"}
+  assert (tmp_path / "checkpoints" / "last.msgpack").is_file()
+  assert (tmp_path / "checkpoints" / "best.msgpack").is_file()
+
+
+def test_partial_last_batch_is_trained_like_keras():
+  model = build_model("mlp_baseline")
+  steps = make_steps(model)
+  state = create_train_state(model, make_optimizer("adam", 1e-3), seed=0)
+  ds = synthetic_dataset(n_train=70)
+  state, metrics = train_epoch(steps, state, jax.device_put(ds.train_images),
+                               jax.device_put(ds.train_labels), 32, jax.random.PRNGKey(0), 2)
+  assert int(state.step) == 3  # 32 + 32 + 6.
+
+
+def test_checkpoint_round_trip(tmp_path):
+  model = build_model("mlp_halving")
+  tx = make_optimizer("adam", 1e-3)
+  state = create_train_state(model, tx, seed=3)
+  steps = make_steps(model)
+  ds = synthetic_dataset()
+  state, _ = train_epoch(steps, state, jax.device_put(ds.train_images),
+                         jax.device_put(ds.train_labels), 64, jax.random.PRNGKey(1), 2)
+  expected = leaves(state)
+  checkpoint.save(tmp_path / "c.msgpack", {"epoch": 1, "state": state})
+  fresh = create_train_state(model, tx, seed=99)
+  restored = checkpoint.restore(tmp_path / "c.msgpack", {"epoch": 0, "state": fresh})
+  assert restored["epoch"] == 1
+  got = leaves(restored["state"])
+  assert len(got) == len(expected)
+  for a, b in zip(got, expected):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path):
+  tx = make_optimizer("adam", 1e-3)
+  state = create_train_state(build_model("mlp_halving"), tx, seed=0)
+  checkpoint.save(tmp_path / "c.msgpack", {"epoch": 1, "state": state})
+  other = create_train_state(build_model("mlp_baseline"), tx, seed=0)
+  with pytest.raises(checkpoint.CheckpointError, match="does not fit: 'state/params/batch_normalization/bias' has shape \\(512,\\) in the file but \\(128,\\)"):
+    checkpoint.restore(tmp_path / "c.msgpack", {"epoch": 0, "state": other})
+  (tmp_path / "bad.msgpack").write_bytes(b"\xc1garbage")
+  with pytest.raises(checkpoint.CheckpointError, match="not a readable msgpack"):
+    checkpoint.restore(tmp_path / "bad.msgpack", {"epoch": 0, "state": other})
+  with pytest.raises(checkpoint.CheckpointError, match="no checkpoint at"):
+    checkpoint.restore(tmp_path / "missing.msgpack", {"epoch": 0, "state": other})
+
+
+class Crash(Exception):
+  pass
+
+
+def crash_after(epoch):
+  def callback(e, record, state):
+    if e == epoch:
+      raise Crash(f"killed after epoch {e}")
+  return callback
+
+
+@pytest.mark.parametrize("experiment", ["mlp_dropout", "mlp_parallel_paths"])
+def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, experiment):
+  config = resolve_config(experiment, **SMALL)
+  ds = synthetic_dataset()
+  final = {}
+
+  def keep(e, record, state):
+    final["state"] = jax.tree_util.tree_map(np.asarray, state)
+
+  train_and_evaluate(config, tmp_path / "straight", dataset=ds, callbacks=[keep])
+  straight = leaves(final.pop("state"))
+  with pytest.raises(Crash):
+    train_and_evaluate(config, tmp_path / "resumed", dataset=ds, callbacks=[crash_after(1)])
+  assert len(read_jsonl(tmp_path / "resumed" / "metrics.jsonl")) == 1
+  summary = train_and_evaluate(config, tmp_path / "resumed", dataset=ds, callbacks=[keep])
+  resumed = leaves(final.pop("state"))
+  for a, b in zip(resumed, straight):
+    np.testing.assert_array_equal(a, b)
+  history = read_jsonl(tmp_path / "resumed" / "metrics.jsonl")
+  assert [r["epoch"] for r in history] == [1, 2, 3]
+  straight_history = read_jsonl(tmp_path / "straight" / "metrics.jsonl")
+  assert [r["val_accuracy"] for r in history] == [r["val_accuracy"] for r in straight_history]
+  assert summary["epochs_completed"] == 3
+
+
+def test_metrics_after_the_checkpoint_are_rerun(tmp_path):
+  config = resolve_config("mlp_baseline", **SMALL)
+  ds = synthetic_dataset()
+  with pytest.raises(Crash):
+    train_and_evaluate(config, tmp_path, dataset=ds, callbacks=[crash_after(2)])
+  # A crash between writing epoch 3's metrics line and its checkpoint: a stray line 3.
+  lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+  (tmp_path / "metrics.jsonl").write_text("\n".join(lines + [lines[-1].replace(
+      '"epoch": 2', '"epoch": 3')]) + "\n")
+  import shutil
+  shutil.copy(tmp_path / "checkpoints" / "last.msgpack", tmp_path / "keep.msgpack")
+  # Roll the checkpoint back to epoch 1 by resuming a copy that crashed there.
+  with pytest.raises(Crash):
+    train_and_evaluate(config, tmp_path / "one", dataset=ds, callbacks=[crash_after(1)])
+  shutil.copy(tmp_path / "one" / "checkpoints" / "last.msgpack",
+              tmp_path / "checkpoints" / "last.msgpack")
+  train_and_evaluate(config, tmp_path, dataset=ds)
+  assert [r["epoch"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2, 3]
+
+
+def test_resume_with_other_settings_is_refused(tmp_path):
+  ds = synthetic_dataset()
+  train_and_evaluate(resolve_config("mlp_baseline", **{**SMALL, "epochs": 1}), tmp_path,
+                     dataset=ds)
+  with pytest.raises(ValueError, match="batch_size: 32 -> 16"):
+    train_and_evaluate(resolve_config("mlp_baseline", **{**SMALL, "batch_size": 16}), tmp_path,
+                       dataset=ds)
+  # More epochs extend the run.
+  summary = train_and_evaluate(resolve_config("mlp_baseline", **{**SMALL, "epochs": 2}),
+                               tmp_path, dataset=ds)
+  assert summary["epochs_completed"] == 2
+
+
+def test_l2_penalty_is_c_times_sum_of_squares():
+  params = {"a": {"kernel": np.full((2, 3), 2.0, np.float32)},
+            "b": {"kernel": np.arange(4, dtype=np.float32)}, "c": {"kernel": np.ones(5)}}
+  got = float(l2_penalty(params, {"a": 0.01, "b": 0.5}))
+  assert got == pytest.approx(0.01 * 6 * 4 + 0.5 * (0 + 1 + 4 + 9), rel=1e-6)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(epochs=0), "epochs must be a positive integer, got 0"),
+    (dict(batch_size=-4), "batch_size must be a positive integer, got -4"),
+    (dict(learning_rate=0.0), "learning_rate must be a positive number, got 0.0"),
+    (dict(optimizer="adamw2"), "unknown optimizer 'adamw2'; known optimizers: adam, sgd"),
+    (dict(dataset="svhn"), "unknown dataset 'svhn'; known datasets: mnist, fashion_mnist"),
+    (dict(precision="fp8"), "unknown precision 'fp8'; known: float32, bf16"),
+    (dict(train_limit=0), "train_limit must be a positive integer, got 0"),
+])
+def test_bad_settings_are_named(bad, match):
+  with pytest.raises((ValueError, LookupError), match=match):
+    resolve_config("mlp_baseline", **bad)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "momentum", "nadam", "rmsprop"])
+def test_every_optimizer_trains(tmp_path, optimizer):
+  config = resolve_config("mlp_halving", **{**SMALL, "epochs": 2, "optimizer": optimizer,
+                                            "learning_rate": 0.01})
+  train_and_evaluate(config, tmp_path, dataset=synthetic_dataset())
+  history = read_jsonl(tmp_path / "metrics.jsonl")
+  assert history[-1]["train_loss"] < history[0]["train_loss"]
+
+
+@pytest.mark.parametrize("num_steps,max_length", [(468, 50), (467, 50), (8, 3), (2, 50), (1, 1),
+                                                  (100, 7)])
+def test_chunks_cover_every_step_once(num_steps, max_length):
+  chunks = chunk_lengths(num_steps, max_length)
+  assert [s for s, _ in chunks] == list(np.cumsum([0] + [n for _, n in chunks[:-1]]))
+  assert sum(n for _, n in chunks) == num_steps
+  assert all(0 < n <= max_length for _, n in chunks)
+  assert len({n for _, n in chunks}) <= 2  # At most two compiled lengths.
