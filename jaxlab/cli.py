@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging as std_logging
 import sys
 from typing import Callable
 
@@ -10,6 +11,9 @@ from absl import flags
 
 from jaxlab.checkpoint import CheckpointError
 from jaxlab.data import DataError
+
+# JAX logs at INFO that it found no TPU library on every start; that is not news to a user.
+std_logging.getLogger("jax._src.xla_bridge").setLevel(std_logging.WARNING)
 
 # Errors a user causes with a flag or a file: shown as one line, not as a traceback.
 USER_ERRORS = (LookupError, ValueError, DataError, CheckpointError, FileNotFoundError)

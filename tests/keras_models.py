@@ -179,3 +179,88 @@ def counts(model: keras.Model) -> dict[str, int]:
   total = model.count_params()
   return {"total_params": total, "trainable_params": total - non_trainable,
           "non_trainable_params": non_trainable}
+
+
+# ----------------------------------------------------------------------------- Lab 04
+from keras.layers import Conv2D, Flatten, MaxPooling2D  # noqa: E402
+
+
+def alexnet(bn=True, conv_dropout=None, dense_dropout=0.5, l2=None, dense_activation="tanh",
+            pool_stride=False):
+  """The report's AlexNet code; its variants differ only in the marked places."""
+  reg = dict(kernel_regularizer=regularizers.l2(l2)) if l2 else {}
+  pad = dict(padding="same") if pool_stride else {}
+  pools = [((3, 3), (2, 2)), ((3, 3), (2, 2)), ((2, 2), (2, 2))] if pool_stride else \
+      [((3, 3), (1, 1))] * 3
+
+  def block_end(model, i):
+    model.add(MaxPooling2D(pool_size=pools[i][0], strides=pools[i][1]))
+    if bn:
+      model.add(BatchNormalization())
+    if conv_dropout:
+      model.add(Dropout(conv_dropout[i]))
+
+  def body(model):
+    model.add(Conv2D(96, kernel_size=(11, 11), strides=(1, 1), activation="relu", **pad, **reg))
+    block_end(model, 0)
+    model.add(Conv2D(256, kernel_size=(5, 5), activation="relu", **pad, **reg))
+    block_end(model, 1)
+    model.add(Conv2D(256, kernel_size=(3, 3), activation="relu", **pad, **reg))
+    model.add(Conv2D(384, kernel_size=(3, 3), activation="relu", **pad, **reg))
+    model.add(Conv2D(384, kernel_size=(3, 3), activation="relu", **pad, **reg))
+    block_end(model, 2)
+    model.add(Flatten())
+    model.add(Dense(4096, activation=dense_activation, **reg))
+    if dense_dropout:
+      model.add(Dropout(dense_dropout))
+    model.add(Dense(4096, activation=dense_activation, **reg))
+    if dense_dropout:
+      model.add(Dropout(dense_dropout))
+    model.add(Dense(10, activation="softmax"))
+  return _sequential((28, 28, 1), body)
+
+
+def vgg(input_shape, bn=True, conv_dropout=None, dense_dropout=0.5, deep_head=False):
+  """The report's VGG code; its variants differ only in the marked places."""
+  def body(model):
+    for i, (filters, n, stride) in enumerate(((64, 2, 2), (128, 2, 2), (256, 3, 2),
+                                              (512, 3, 1), (512, 3, 1))):
+      for _ in range(n):
+        model.add(Conv2D(filters, 3, activation="relu", padding="same"))
+      model.add(MaxPooling2D(2, stride))
+      if bn:
+        model.add(BatchNormalization())
+      if conv_dropout:
+        model.add(Dropout(conv_dropout[i]))
+    model.add(Flatten())
+    if deep_head:
+      for units in (4096, 1024, 4096):
+        model.add(Dense(units, activation="relu"))
+        model.add(BatchNormalization())
+        model.add(Dropout(0.5))
+    else:
+      model.add(Dense(4096, activation="relu"))
+      model.add(Dropout(dense_dropout))
+      model.add(Dense(4096, activation="relu"))
+      model.add(Dropout(dense_dropout))
+    model.add(Dense(10, activation="softmax"))
+  return _sequential(input_shape, body)
+
+
+SHRINKING = [0.1, 0.2, 0.3, 0.4, 0.5]
+LAB04 = {
+    "alexnet": lambda: alexnet(),
+    "alexnet_no_bn": lambda: alexnet(bn=False),
+    "alexnet_no_dense_dropout": lambda: alexnet(dense_dropout=None),
+    "alexnet_conv_dropout": lambda: alexnet(conv_dropout=[0.25, 0.25, 0.25]),
+    "alexnet_l2": lambda: alexnet(conv_dropout=[0.1, 0.1, 0.4], l2=0.01, dense_activation="relu"),
+    "alexnet_pool_stride": lambda: alexnet(pool_stride=True),
+    "vgg_fashion_mnist": lambda: vgg((28, 28, 1)),
+    "vgg_cifar10": lambda: vgg((32, 32, 3)),
+    "vgg_cifar10_dropout04": lambda: vgg((32, 32, 3), dense_dropout=0.4),
+    "vgg_cifar10_many_dropouts": lambda: vgg((32, 32, 3), conv_dropout=[0.5] * 5),
+    "vgg_cifar10_shrinking_dropouts": lambda: vgg((32, 32, 3), conv_dropout=SHRINKING),
+    "vgg_cifar10_dropouts_no_bn": lambda: vgg((32, 32, 3), bn=False, conv_dropout=SHRINKING),
+    "vgg_cifar10_deep_head": lambda: vgg((32, 32, 3), conv_dropout=SHRINKING, deep_head=True),
+}
+MODELS.update(LAB04)
