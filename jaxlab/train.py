@@ -37,6 +37,8 @@ from jaxlab.config import RESUMABLE_CHANGES, TrainConfig, build_model
 from jaxlab.data import Dataset, load_dataset
 from jaxlab.metrics import append_jsonl, read_jsonl, write_json, write_jsonl
 from jaxlab.models import PlanModel, describe, l2_coefficients
+from jaxlab.rundir import RunDir
+from jaxlab import evaluation
 from jaxlab.optim import make_optimizer
 from jaxlab.summary import summarize
 
@@ -284,19 +286,6 @@ def train_epoch(steps: Steps, state: TrainState, images: jax.Array, labels: jax.
 # ----------------------------------------------------------------------------- the run
 
 
-class RunDir:
-  """The files of a run directory."""
-
-  def __init__(self, workdir: str | pathlib.Path):
-    self.root = pathlib.Path(workdir)
-    self.config = self.root / "config.json"
-    self.metrics_jsonl = self.root / "metrics.jsonl"
-    self.metrics_json = self.root / "metrics.json"
-    self.checkpoints = self.root / "checkpoints"
-    self.last = self.checkpoints / "last.msgpack"
-    self.best = self.checkpoints / "best.msgpack"
-
-
 def _environment() -> dict[str, Any]:
   device = jax.devices()[0]
   return {"jaxlab": jaxlab.__version__, "jax": jax.__version__, "backend": jax.default_backend(),
@@ -366,7 +355,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str | pathlib.Path,
   show = sys.stderr.isatty() if progress is None else progress
   best = max((r["val_accuracy"] for r in history), default=-1.0)
 
-  def write_summary(status: str) -> dict[str, Any]:
+  def write_summary(status: str, evaluations: dict[str, Any] | None = None) -> dict[str, Any]:
     final = history[-1] if history else {}
     best_record = max(history, key=lambda r: r["val_accuracy"]) if history else {}
     out = {
@@ -383,6 +372,8 @@ def train_and_evaluate(config: TrainConfig, workdir: str | pathlib.Path,
         "checkpoints": {"last": str(run.last.relative_to(run.root)),
                         "best": str(run.best.relative_to(run.root))},
     }
+    if evaluations:
+      out["evaluation"] = evaluations
     write_json(run.metrics_json, out)
     return out
 
@@ -418,4 +409,13 @@ def train_and_evaluate(config: TrainConfig, workdir: str | pathlib.Path,
     write_summary("running" if epoch < config.epochs else "completed")
     for callback in callbacks:
       callback(epoch, record, state)
-  return write_summary("completed")
+  evaluations = {}
+  for which, path in (("final", run.last), ("best", run.best)):
+    restored = checkpoint.restore(path, {"epoch": 0, "state": state})
+    metrics, predictions = evaluate(steps, restored["state"].variables, test_images, test_labels,
+                                    config.eval_batch_size)
+    evaluations[which] = {"epoch": int(restored["epoch"]), "split": "test",
+                          "checkpoint": str(path.relative_to(run.root)),
+                          **evaluation.report(dataset.test_labels, predictions,
+                                              dataset.info.class_names, metrics["loss"])}
+  return write_summary("completed", evaluations)

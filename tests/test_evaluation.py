@@ -1,0 +1,63 @@
+"""Confusion matrices and per-class accuracy, in metrics.json and from scripts/evaluate.py."""
+
+import json
+
+import numpy as np
+import pytest
+
+from jaxlab import evaluation
+from jaxlab.config import resolve_config
+from jaxlab.data import DATASETS
+from jaxlab.train import train_and_evaluate
+from datafiles import synthetic_dataset, write_idx_dataset
+from test_scripts import script
+
+
+def test_confusion_matrix_counts_pairs():
+  labels = np.array([0, 0, 1, 2, 2, 2])
+  preds = np.array([0, 1, 1, 2, 0, 2])
+  matrix = evaluation.confusion_matrix(labels, preds, 3)
+  expected = np.zeros((3, 3), int)
+  for t, p in zip(labels, preds):
+    expected[t, p] += 1
+  np.testing.assert_array_equal(matrix, expected)
+  r = evaluation.report(labels, preds, ["a", "b", "c"])
+  assert r["per_class_accuracy"] == {"a": 0.5, "b": 1.0, "c": pytest.approx(2 / 3)}
+  assert r["accuracy"] == pytest.approx(4 / 6)
+  r = evaluation.report(np.array([0]), np.array([0]), ["a", "b"])
+  assert r["per_class_accuracy"]["b"] is None  # No example of class b: no accuracy.
+
+
+def test_metrics_json_holds_final_and_best_reports(tmp_path):
+  config = resolve_config("mlp_baseline", dataset="fashion_mnist", epochs=2, batch_size=32,
+                          eval_batch_size=50, steps_per_dispatch=4)
+  ds = synthetic_dataset("fashion_mnist", n_test=130)
+  summary = train_and_evaluate(config, tmp_path, dataset=ds)
+  names = DATASETS.get("fashion_mnist").class_names
+  history = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  for which, epoch in (("final", 2), ("best", summary["best_epoch"])):
+    r = summary["evaluation"][which]
+    matrix = np.array(r["confusion_matrix"])
+    assert matrix.shape == (10, 10) and matrix.sum() == 130 == r["examples"]
+    assert r["epoch"] == epoch
+    assert np.trace(matrix) / 130 == pytest.approx(history[epoch - 1]["val_accuracy"])
+    np.testing.assert_array_equal(matrix.sum(1), np.bincount(ds.test_labels, minlength=10))
+    assert list(r["per_class_accuracy"]) == list(names)
+  assert json.loads((tmp_path / "metrics.json").read_text())["evaluation"] == summary["evaluation"]
+
+
+def test_evaluate_script_recomputes_the_report(tmp_path):
+  write_idx_dataset(tmp_path / "data", n_train=64, n_test=40)
+  run = tmp_path / "run"
+  script("train.py", "--experiment=mlp_halving", "--dataset=fashion_mnist",
+         f"--data_dir={tmp_path / 'data'}", f"--workdir={run}", "--epochs=2", "--batch_size=32")
+  stored = json.loads((run / "metrics.json").read_text())["evaluation"]
+  for which, key in (("best", "best"), ("last", "final")):
+    out = json.loads(script("evaluate.py", f"--workdir={run}", f"--checkpoint={which}",
+                            "--json").stdout)
+    assert out["confusion_matrix"] == stored[key]["confusion_matrix"]
+    assert out["epoch"] == stored[key]["epoch"]
+  table = script("evaluate.py", f"--workdir={run}").stdout
+  assert "Ankle boot" in table and "T-shirt/top" in table and "on 40 examples" in table
+  missing = script("evaluate.py", f"--workdir={tmp_path / 'none'}", check=False)
+  assert missing.returncode == 2 and "not a run directory" in missing.stderr
