@@ -63,6 +63,20 @@ def summarize(model: PlanModel) -> dict[str, Any]:
   }
 
 
+def forward_flops(model: PlanModel) -> int:
+  """Multiply-add FLOPs (2 per MAC) of one example's forward pass through the Dense and Conv2D
+  layers, the layers that dominate the cost; training costs about 3 times this."""
+  variables = abstract_variables(model)["params"]
+  shapes = layer_output_shapes(model)
+  total = 0
+  for op in iter_ops(model.plan()):
+    if op.kind in ("dense", "conv2d"):
+      kernel = variables[op.name]["kernel"].shape
+      positions = int(np.prod(shapes[op.name][:-1]))  # 1 for Dense, H*W for Conv2D.
+      total += 2 * int(np.prod(kernel)) * positions
+  return total
+
+
 def format_summary(summary: dict[str, Any], title: str = "") -> str:
   """The summary as a table in the layout of Keras's `model.summary()`."""
   def shape(s):

@@ -143,6 +143,7 @@ class Steps:
   """The compiled functions of one model: chunks of train steps, and batched evaluation."""
 
   train_step: Callable  # jitted, state donated: (state, images, labels) -> (state, metrics)
+  eval_step: Callable  # jitted: (variables, images, labels) -> (metrics, predictions)
   train_chunk: Callable  # jitted: (state, images, labels, batches, start, length=) -> ...
   eval_batches: Callable  # jitted: (variables, images, labels, batches) -> (metrics, preds)
 
@@ -179,7 +180,8 @@ def make_steps(model: PlanModel) -> Steps:
              "count": jnp.zeros((), jnp.int32)}
     return jax.lax.scan(body, zeros, batches)
 
-  return Steps(jax.jit(train_step, donate_argnums=0), train_chunk, eval_batches)
+  return Steps(jax.jit(train_step, donate_argnums=0), jax.jit(eval_step), train_chunk,
+               eval_batches)
 
 
 def split_batches(order: jax.Array, batch_size: int) -> list[jax.Array]:

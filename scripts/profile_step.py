@@ -1,0 +1,122 @@
+"""Profiles an experiment's compiled train and eval steps on this machine's backend.
+
+  python scripts/profile_step.py --experiment=vgg_cifar10 [--batch_size=128] [--precision=bf16]
+      [--steps=50] [--json] [--trace_dir=DIR] [--hlo_dir=DIR]
+
+For each step: compile time, XLA's FLOPs and bytes accessed, argument/output/temporary bytes,
+the median step time, and the achieved FLOP/s as a fraction of a matrix-multiply peak measured
+in the same run.
+"""
+
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from jaxlab import cli, profiling
+from jaxlab.config import PRECISIONS, build_model
+from jaxlab.experiment import get_experiment
+from jaxlab.data import DATASETS
+from jaxlab.optim import make_optimizer
+from jaxlab.summary import forward_flops
+from jaxlab.train import create_train_state, make_steps
+
+cli.define_experiment_flags()
+flags.DEFINE_integer("batch_size", None, "Batch size. Default: the experiment's.")
+flags.DEFINE_enum("precision", "float32", list(PRECISIONS), "Compute precision.")
+flags.DEFINE_integer("steps", 50, "Timed steps (after 3 warm-up steps).", lower_bound=1)
+flags.DEFINE_bool("json", False, "Print JSON instead of a table.")
+flags.DEFINE_string("trace_dir", None, "Write a jax.profiler trace of 5 train steps here.")
+flags.DEFINE_string("hlo_dir", None, "Write the optimized HLO of both steps here.")
+FLAGS = flags.FLAGS
+
+
+def profile(experiment: str, dataset: str | None, batch_size: int | None, precision: str,
+            steps: int, trace_dir: str | None = None, hlo_dir: str | None = None) -> dict:
+  exp = get_experiment(experiment)
+  info = DATASETS.get(dataset or exp.dataset)
+  batch_size = batch_size or exp.batch_size
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+  model = build_model(exp, info, precision)
+  compiled_steps = make_steps(model)
+  state = create_train_state(model, make_optimizer(exp.optimizer, exp.learning_rate), seed=0)
+  rng = np.random.default_rng(0)
+  images = jax.device_put(rng.integers(0, 256, (batch_size,) + info.image_shape, np.uint8))
+  labels = jax.device_put(rng.integers(0, info.num_classes, (batch_size,), np.uint8))
+  model_flops = forward_flops(model) * batch_size
+
+  train, train_stats = profiling.compile_stats(compiled_steps.train_step, state, images, labels)
+  holder = [state]
+
+  def run_train():
+    holder[0], metrics = train(holder[0], images, labels)
+    return metrics
+
+  evaluate, eval_stats = profiling.compile_stats(compiled_steps.eval_step, state.variables, images,
+                                                 labels)
+  variables = holder[0].variables
+  results = {}
+  for name, stats, run, flops in (("train_step", train_stats, run_train, 3 * model_flops),
+                                  ("eval_step", eval_stats,
+                                   lambda: evaluate(holder[0].variables, images, labels),
+                                   model_flops)):
+    seconds = profiling.median_seconds(run, steps)
+    results[name] = {"compile_seconds": stats.compile_seconds, "xla_flops": stats.flops,
+                     "model_flops": flops, "bytes_accessed": stats.bytes_accessed,
+                     "argument_bytes": stats.argument_bytes, "output_bytes": stats.output_bytes,
+                     "temp_bytes": stats.temp_bytes, "median_step_seconds": seconds}
+    if hlo_dir:
+      path = pathlib.Path(hlo_dir)
+      path.mkdir(parents=True, exist_ok=True)
+      (path / f"{experiment}.{name}.hlo.txt").write_text(stats.hlo_text)
+  del variables
+  peak = profiling.matmul_peak_flops(PRECISIONS[precision])
+  for r in results.values():
+    # XLA's count misses work done in library calls (cuDNN convolutions on a GPU), so the
+    # achieved rate uses the larger of XLA's count and the model's Dense/Conv2D count.
+    flops = max(r["xla_flops"], r["model_flops"])
+    r["flops_per_second"] = flops / r["median_step_seconds"]
+    r["fraction_of_peak"] = r["flops_per_second"] / peak
+  if trace_dir:
+    profiling.write_trace(run_train, trace_dir)
+  device = jax.devices()[0]
+  return {"experiment": experiment, "dataset": info.name, "batch_size": batch_size,
+          "precision": precision, "backend": jax.default_backend(),
+          "device": getattr(device, "device_kind", str(device)),
+          "matmul_peak_flops_per_second": peak, **results}
+
+
+def format_table(r: dict) -> str:
+  lines = [f"{r['experiment']} on {r['dataset']}, batch {r['batch_size']}, {r['precision']}, "
+           f"{r['backend']} ({r['device']}); measured matmul peak "
+           f"{r['matmul_peak_flops_per_second'] / 1e12:.3f} TFLOP/s"]
+  rows = [("", "train_step", "eval_step"),
+          ("compile (s)",) + tuple(f"{r[s]['compile_seconds']:.2f}" for s in ("train_step", "eval_step")),
+          ("XLA GFLOP",) + tuple(f"{r[s]['xla_flops'] / 1e9:.3f}" for s in ("train_step", "eval_step")),
+          ("model GFLOP",) + tuple(f"{r[s]['model_flops'] / 1e9:.3f}" for s in ("train_step", "eval_step")),
+          ("bytes accessed (MB)",) + tuple(f"{r[s]['bytes_accessed'] / 1e6:.1f}" for s in ("train_step", "eval_step")),
+          ("argument bytes (MB)",) + tuple(f"{r[s]['argument_bytes'] / 1e6:.1f}" for s in ("train_step", "eval_step")),
+          ("output bytes (MB)",) + tuple(f"{r[s]['output_bytes'] / 1e6:.1f}" for s in ("train_step", "eval_step")),
+          ("temp bytes (MB)",) + tuple(f"{r[s]['temp_bytes'] / 1e6:.1f}" for s in ("train_step", "eval_step")),
+          ("median step (ms)",) + tuple(f"{r[s]['median_step_seconds'] * 1e3:.3f}" for s in ("train_step", "eval_step")),
+          ("TFLOP/s",) + tuple(f"{r[s]['flops_per_second'] / 1e12:.3f}" for s in ("train_step", "eval_step")),
+          ("fraction of peak",) + tuple(f"{r[s]['fraction_of_peak']:.1%}" for s in ("train_step", "eval_step"))]
+  lines += [f"{a:<22}{b:>14}{c:>14}" for a, b, c in rows]
+  return "\n".join(lines)
+
+
+@cli.user_errors_exit
+def main(argv):
+  if len(argv) > 1:
+    raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
+  result = profile(FLAGS.experiment, FLAGS.dataset, FLAGS.batch_size, FLAGS.precision,
+                   FLAGS.steps, FLAGS.trace_dir, FLAGS.hlo_dir)
+  print(json.dumps(result, indent=2) if FLAGS.json else format_table(result))
+
+
+if __name__ == "__main__":
+  app.run(main)
