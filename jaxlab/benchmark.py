@@ -1,0 +1,230 @@
+"""Side-by-side training benchmark: jaxlab's loop, Keras 3 `fit` (JAX backend), PyTorch eager.
+
+All three train the same architecture (built from the same plan), with the same batch size,
+optimizer (Adam, Keras's defaults) and random data of the right shape, in one process. Each
+reports seconds per epoch: the median over the timed epochs after one warm-up epoch (which
+holds compilation). The FLOP floor is the epoch's Dense/Conv2D FLOPs over a matrix-multiply
+peak measured in the same run.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from jaxlab.models import PlanModel, iter_ops
+from jaxlab.optim import make_optimizer
+from jaxlab.summary import forward_flops, layer_output_shapes
+
+
+def random_data(model: PlanModel, examples: int, num_classes: int, seed: int = 0):
+  rng = np.random.default_rng(seed)
+  images = rng.integers(0, 256, (examples,) + model.input_shape(), dtype=np.uint8)
+  labels = rng.integers(0, num_classes, (examples,), dtype=np.uint8)
+  return images, labels
+
+
+def bench_jaxlab(model: PlanModel, images, labels, batch_size: int, epochs: int,
+                 steps_per_dispatch: int = 50) -> list[float]:
+  """Seconds of each epoch of jaxlab's own loop (the first is the warm-up)."""
+  from jaxlab.train import create_train_state, make_steps, train_epoch
+
+  steps = make_steps(model)
+  state = create_train_state(model, make_optimizer("adam", 1e-3), seed=0)
+  x, y = jax.device_put(images), jax.device_put(labels)
+  key = jax.random.PRNGKey(1)
+  times = []
+  for epoch in range(epochs):
+    start = time.perf_counter()
+    # train_epoch returns host floats of the epoch's metrics: the device has finished.
+    state, _ = train_epoch(steps, state, x, y, batch_size, jax.random.fold_in(key, epoch),
+                           steps_per_dispatch)
+    times.append(time.perf_counter() - start)
+  return times
+
+
+def bench_keras(model: PlanModel, images, labels, batch_size: int, epochs: int) -> list[float]:
+  """Seconds of each epoch of Keras 3 `model.fit` (the first is the warm-up)."""
+  from jaxlab.keras_io import import_keras, to_keras
+
+  keras = import_keras()
+  net = to_keras(model)
+  net.compile(optimizer=keras.optimizers.Adam(learning_rate=1e-3),
+              loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+  x = (images.astype(np.float32) / 255.0).reshape((len(images),) + model.input_shape())
+  y = labels.astype(np.int32)
+  times: list[float] = []
+
+  class Timer(keras.callbacks.Callback):
+    def on_epoch_begin(self, epoch, logs=None):
+      self.start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+      times.append(time.perf_counter() - self.start)
+
+  net.fit(x, y, batch_size=batch_size, epochs=epochs, verbose=0, shuffle=True, callbacks=[Timer()])
+  return times
+
+
+def to_torch(model: PlanModel):
+  """A PyTorch module of the plan (NCHW for convolutions), for timing only."""
+  import torch
+  from torch import nn
+
+  shapes = layer_output_shapes(model)
+  acts = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
+
+  class Parallel(nn.Module):
+    def __init__(self, paths):
+      super().__init__()
+      self.paths = nn.ModuleList(paths)
+
+    def forward(self, x):
+      return torch.cat([p(x) for p in self.paths], dim=1)
+
+  def build(ops, in_shape):
+    layers = []
+    for op in ops:
+      out_shape = shapes[op.name]
+      if op.kind == "dense":
+        layers.append(nn.Linear(in_shape[-1], op.features))
+        if op.activation in acts:
+          layers.append(acts[op.activation]())
+      elif op.kind == "conv2d":
+        if op.padding == "same" and op.strides != 1:
+          raise ValueError("the PyTorch peer supports 'same' padding at stride 1 only")
+        layers.append(nn.Conv2d(in_shape[-1], op.features, op.kernel_size, op.strides,
+                                padding=op.padding))
+        if op.activation in acts:
+          layers.append(acts[op.activation]())
+      elif op.kind == "batch_normalization":
+        bn = nn.BatchNorm1d if len(out_shape) == 1 else nn.BatchNorm2d
+        layers.append(bn(out_shape[-1], eps=1e-3, momentum=0.01))
+      elif op.kind == "dropout":
+        layers.append(nn.Dropout(op.rate))
+      elif op.kind == "max_pooling2d":
+        layers.append(nn.MaxPool2d(op.kernel_size, op.strides))
+      elif op.kind == "flatten":
+        layers.append(nn.Flatten())
+      elif op.kind == "concatenate":
+        layers.append(Parallel([build(p, in_shape) for p in op.paths]))
+      in_shape = out_shape
+    return nn.Sequential(*layers)
+
+  return build(model.plan(), model.input_shape())
+
+
+def bench_torch(model: PlanModel, images, labels, batch_size: int, epochs: int) -> list[float]:
+  """Seconds of each epoch of a plain PyTorch eager loop on the CPU (first is the warm-up)."""
+  import torch
+
+  torch.manual_seed(0)
+  net = to_torch(model)
+  optimizer = torch.optim.Adam(net.parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-7)
+  loss_fn = torch.nn.CrossEntropyLoss()
+  x = torch.from_numpy(images.astype(np.float32) / 255.0)
+  x = x.reshape((len(images),) + model.input_shape())
+  if x.ndim == 4:
+    x = x.permute(0, 3, 1, 2).contiguous()  # NHWC -> NCHW, PyTorch's layout.
+  y = torch.from_numpy(labels.astype(np.int64))
+  times = []
+  net.train()
+  for _ in range(epochs):
+    start = time.perf_counter()
+    order = torch.randperm(len(y))
+    correct = 0
+    for i in range(0, len(y), batch_size):
+      idx = order[i:i + batch_size]
+      optimizer.zero_grad(set_to_none=True)
+      out = net(x[idx])
+      loss = loss_fn(out, y[idx])
+      loss.backward()
+      optimizer.step()
+      correct += (out.argmax(1) == y[idx]).sum().item()  # As Keras and jaxlab track accuracy.
+    times.append(time.perf_counter() - start)
+  return times
+
+
+def machine() -> dict[str, Any]:
+  cpu = platform.processor() or platform.machine()
+  try:
+    for line in open("/proc/cpuinfo"):
+      if line.startswith("model name"):
+        cpu = line.split(":", 1)[1].strip()
+        break
+  except OSError:
+    pass
+  device = jax.devices()[0]
+  return {"cpu": cpu, "cpu_count": os.cpu_count(), "backend": jax.default_backend(),
+          "device": getattr(device, "device_kind", str(device)), "jax": jax.__version__,
+          "python": platform.python_version()}
+
+
+PEERS: dict[str, Callable[..., list[float]]] = {
+    "keras_fit": bench_keras,
+    "torch_eager": bench_torch,
+}
+
+
+def run_benchmark(model: PlanModel, num_classes: int, batch_size: int, examples: int,
+                  epochs: int, peers: list[str], peak_flops: float | None = None,
+                  log: Callable[[str], None] = print) -> dict[str, Any]:
+  """Times jaxlab and each peer; returns the JSON-ready results with ratios and the floor."""
+  from jaxlab import profiling
+
+  images, labels = random_data(model, examples, num_classes)
+  runs = {"jaxlab": lambda: bench_jaxlab(model, images, labels, batch_size, epochs + 1)}
+  for name in peers:
+    if name not in PEERS:
+      raise ValueError(f"unknown peer {name!r}; known: {', '.join(PEERS)}")
+    runs[name] = lambda f=PEERS[name]: f(model, images, labels, batch_size, epochs + 1)
+  results: dict[str, Any] = {}
+  for name, run in runs.items():
+    log(f"timing {name}: 1 warm-up epoch + {epochs} epochs of {examples} examples")
+    try:
+      times = run()
+    except ImportError as e:
+      log(f"  skipped: {e}")
+      results[name] = {"skipped": str(e)}
+      continue
+    results[name] = {"warmup_seconds": times[0], "epoch_seconds": times[1:],
+                     "median_epoch_seconds": statistics.median(times[1:])}
+    log(f"  median {results[name]['median_epoch_seconds']:.3f} s/epoch")
+  if peak_flops is None:
+    peak_flops = profiling.matmul_peak_flops(model.dtype)
+  flops_per_epoch = 3 * forward_flops(model) * examples
+  floor = flops_per_epoch / peak_flops
+  jaxlab_seconds = results["jaxlab"]["median_epoch_seconds"]
+  ratios = {name: jaxlab_seconds / r["median_epoch_seconds"]
+            for name, r in results.items() if name != "jaxlab" and "median_epoch_seconds" in r}
+  return {"machine": machine(), "batch_size": batch_size, "examples": examples,
+          "timed_epochs": epochs, "results": results, "ratios_jaxlab_over_peer": ratios,
+          "flops_per_epoch": flops_per_epoch, "matmul_peak_flops_per_second": peak_flops,
+          "flop_floor_seconds": floor, "jaxlab_fraction_of_floor": floor / jaxlab_seconds}
+
+
+def markdown(result: dict[str, Any], title: str) -> str:
+  m = result["machine"]
+  lines = [f"## {title}", "",
+           f"Machine: {m['cpu']}, {m['cpu_count']} CPU cores; JAX {m['jax']} on {m['backend']} "
+           f"({m['device']}); Python {m['python']}.", "",
+           f"Batch {result['batch_size']}, {result['examples']:,} random examples per epoch; "
+           f"median of {result['timed_epochs']} epochs after one warm-up epoch.", "",
+           "| loop | seconds per epoch (median) | jaxlab / this |", "| --- | --- | --- |"]
+  for name, r in result["results"].items():
+    if "median_epoch_seconds" not in r:
+      lines.append(f"| {name} | skipped ({r['skipped']}) | |")
+      continue
+    ratio = "1" if name == "jaxlab" else f"{result['ratios_jaxlab_over_peer'][name]:.2f}"
+    lines.append(f"| {name} | {r['median_epoch_seconds']:.3f} | {ratio} |")
+  lines += ["", f"FLOP floor: {result['flops_per_epoch'] / 1e9:.1f} GFLOP per epoch over a "
+                f"measured matmul peak of {result['matmul_peak_flops_per_second'] / 1e9:.1f} "
+                f"GFLOP/s = {result['flop_floor_seconds']:.3f} s per epoch; jaxlab runs at "
+                f"{result['jaxlab_fraction_of_floor']:.0%} of the floor's speed.", ""]
+  return "\n".join(lines)

@@ -1,0 +1,57 @@
+"""Benchmarks jaxlab's training loop against Keras 3 `fit` and PyTorch eager, side by side.
+
+  python scripts/benchmark.py [--experiment=mlp_big_small_big] [--batch_size=128]
+      [--epochs=5] [--examples=60000] [--peers=keras_fit,torch_eager]
+
+Writes the results as JSON (--json_out) and as a Markdown table (--markdown_out).
+"""
+
+import json
+import pathlib
+
+from absl import app, flags
+
+from jaxlab import cli
+from jaxlab.benchmark import PEERS, markdown, run_benchmark
+from jaxlab.config import PRECISIONS, build_model
+from jaxlab.data import DATASETS
+from jaxlab.experiment import get_experiment
+
+flags.DEFINE_string("experiment", "mlp_big_small_big", "Experiment whose architecture to train.")
+flags.DEFINE_string("dataset", None, "Data set whose shape the random data takes. Default: the "
+                    "experiment's.")
+flags.DEFINE_integer("batch_size", 128, "Batch size for every loop.", lower_bound=1)
+flags.DEFINE_integer("epochs", 5, "Timed epochs, after one warm-up epoch.", lower_bound=1)
+flags.DEFINE_integer("examples", None, "Examples per epoch. Default: the data set's train size.",
+                     lower_bound=1)
+flags.DEFINE_list("peers", list(PEERS), f"Peers to time: {', '.join(PEERS)} (empty: jaxlab only).")
+flags.DEFINE_enum("precision", "float32", list(PRECISIONS), "jaxlab's compute precision.")
+flags.DEFINE_string("json_out", "docs/benchmarks.json", "Where to write the JSON results.")
+flags.DEFINE_string("markdown_out", "docs/benchmarks.md", "Where to write the Markdown table.")
+FLAGS = flags.FLAGS
+
+
+@cli.user_errors_exit
+def main(argv):
+  if len(argv) > 1:
+    raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
+  exp = get_experiment(FLAGS.experiment)
+  info = DATASETS.get(FLAGS.dataset or exp.dataset)
+  model = build_model(exp, info, FLAGS.precision)
+  examples = FLAGS.examples or info.train_size
+  result = run_benchmark(model, info.num_classes, FLAGS.batch_size, examples, FLAGS.epochs,
+                         FLAGS.peers)
+  result.update(experiment=exp.name, dataset=info.name, precision=FLAGS.precision)
+  title = f"{exp.name}, batch {FLAGS.batch_size}, {FLAGS.precision}"
+  table = markdown(result, title)
+  print(table)
+  for path, text in ((FLAGS.json_out, json.dumps(result, indent=2) + "\n"),
+                     (FLAGS.markdown_out, "# Benchmarks\n\nWritten by `scripts/benchmark.py`.\n\n"
+                      + table)):
+    if path:
+      pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
+      pathlib.Path(path).write_text(text)
+
+
+if __name__ == "__main__":
+  app.run(main)
