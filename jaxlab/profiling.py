@@ -7,6 +7,7 @@ Everything here works on whatever backend JAX picked (CUDA GPU or CPU). Timings 
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
 import statistics
 import time
@@ -113,3 +114,41 @@ def write_trace(run: Callable[[], Any], trace_dir: str | pathlib.Path, steps: in
     for i in range(steps):
       with jax.profiler.StepTraceAnnotation("step", step_num=i):
         jax.block_until_ready(run())
+
+
+# Host-side wrappers in a trace: they contain the device work rather than being part of it.
+_WRAPPERS = ("ThunkExecutor", "PjitFunction", "Execute", "$", "step", "ParseArguments",
+             "Handle inputs", "CreateOutputs", "train", "TfrtCpu", "PjRt")
+
+
+def top_ops(trace_dir: str | pathlib.Path, n: int = 15) -> list[dict[str, Any]]:
+  """The `n` costliest operations of a `jax.profiler` trace, by total time.
+
+  On a GPU these are the kernels on the device's streams; on the CPU, XLA's thunks (fusions,
+  dots, convolutions). Host-side wrappers (dispatch, Python frames) are left out.
+  """
+  import collections
+  import gzip
+
+  files = sorted(pathlib.Path(trace_dir).rglob("*.trace.json.gz"))
+  if not files:
+    raise FileNotFoundError(f"no *.trace.json.gz under {trace_dir}")
+  events = json.load(gzip.open(files[-1]))["traceEvents"]
+  processes = {e["pid"]: e["args"]["name"] for e in events
+               if e.get("ph") == "M" and e.get("name") == "process_name"}
+  device_pids = {pid for pid, name in processes.items() if "/device:" in name}
+  total: collections.Counter = collections.Counter()
+  calls: collections.Counter = collections.Counter()
+  for e in events:
+    if e.get("ph") != "X":
+      continue
+    if device_pids:
+      if e["pid"] not in device_pids:
+        continue
+    elif e["name"].startswith(_WRAPPERS):
+      continue
+    total[e["name"]] += e.get("dur", 0)
+    calls[e["name"]] += 1
+  grand = sum(total.values()) or 1
+  return [{"name": name, "microseconds": us, "calls": calls[name], "fraction": us / grand}
+          for name, us in total.most_common(n)]

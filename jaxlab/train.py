@@ -72,8 +72,11 @@ def create_train_state(model: PlanModel, tx: optax.GradientTransformation,
   init_key, dropout_key, _ = seed_keys(seed)
   x = jnp.zeros((1,) + model.input_shape(), jnp.float32)
   variables = _jitted_init(model)(init_key, x)
-  return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
-                           batch_stats=variables.get("batch_stats", {}), rng=dropout_key)
+  state = TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
+                            batch_stats=variables.get("batch_stats", {}), rng=dropout_key)
+  # A typed step (not Python's weakly typed 0) matches what a checkpoint restores, so a resumed
+  # run reuses the programs a fresh one compiled.
+  return state.replace(step=jnp.zeros((), jnp.int32))
 
 
 def to_inputs(images: jax.Array) -> jax.Array:

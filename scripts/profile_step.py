@@ -81,13 +81,16 @@ def profile(experiment: str, dataset: str | None, batch_size: int | None, precis
     flops = max(r["xla_flops"], r["model_flops"])
     r["flops_per_second"] = flops / r["median_step_seconds"]
     r["fraction_of_peak"] = r["flops_per_second"] / peak
+  top = None
   if trace_dir:
     profiling.write_trace(run_train, trace_dir)
+    top = profiling.top_ops(trace_dir)
   device = jax.devices()[0]
   return {"experiment": experiment, "dataset": info.name, "batch_size": batch_size,
           "precision": precision, "backend": jax.default_backend(),
           "device": getattr(device, "device_kind", str(device)),
-          "matmul_peak_flops_per_second": peak, **results}
+          "matmul_peak_flops_per_second": peak, **results,
+          **({"trace_top_ops": top} if top is not None else {})}
 
 
 def format_table(r: dict) -> str:
@@ -106,6 +109,10 @@ def format_table(r: dict) -> str:
           ("TFLOP/s",) + tuple(f"{r[s]['flops_per_second'] / 1e12:.3f}" for s in ("train_step", "eval_step")),
           ("fraction of peak",) + tuple(f"{r[s]['fraction_of_peak']:.1%}" for s in ("train_step", "eval_step"))]
   lines += [f"{a:<22}{b:>14}{c:>14}" for a, b, c in rows]
+  if r.get("trace_top_ops"):
+    lines.append("costliest operations in the trace of 5 train steps:")
+    lines += [f"  {op['fraction']:6.1%} {op['microseconds'] / 1e3:9.3f} ms {op['calls']:5d}x  "
+              f"{op['name'][:90]}" for op in r["trace_top_ops"]]
   return "\n".join(lines)
 
 

@@ -1,0 +1,98 @@
+"""Profiling and benchmarking tools, on tiny settings; no timings are asserted."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from jaxlab import profiling
+from jaxlab.benchmark import bench_keras, markdown, run_benchmark
+from jaxlab.config import build_model, resolve_config
+from jaxlab.train import train_and_evaluate
+from datafiles import synthetic_dataset
+from test_scripts import script
+
+
+@pytest.mark.parametrize("experiment,batch", [("mlp_halving", 32), ("alexnet_pool_stride", 4)])
+def test_profile_step_json(tmp_path, experiment, batch):
+  out = script("profile_step.py", f"--experiment={experiment}", f"--batch_size={batch}",
+               "--steps=3", "--json", f"--trace_dir={tmp_path / 'trace'}",
+               f"--hlo_dir={tmp_path / 'hlo'}")
+  result = json.loads(out.stdout)
+  assert result["batch_size"] == batch and result["matmul_peak_flops_per_second"] > 0
+  for step in ("train_step", "eval_step"):
+    r = result[step]
+    assert r["xla_flops"] > 0 and r["model_flops"] > 0 and r["bytes_accessed"] > 0
+    assert r["argument_bytes"] > 0 and r["median_step_seconds"] > 0 and r["compile_seconds"] > 0
+    assert (tmp_path / "hlo" / f"{experiment}.{step}.hlo.txt").read_text().startswith("HloModule")
+  # XLA's count of the train step's FLOPs is about 3x the forward Dense/Conv2D count.
+  train = result["train_step"]
+  assert 2.5 < train["xla_flops"] / (train["model_flops"] / 3) < 4.0
+  traces = list((tmp_path / "trace").rglob("*.xplane.pb"))
+  assert traces and traces[0].stat().st_size > 0
+
+
+def test_profile_step_table():
+  out = script("profile_step.py", "--experiment=mlp_baseline", "--batch_size=16", "--steps=2").stdout
+  assert "median step (ms)" in out and "fraction of peak" in out
+
+
+def test_second_run_does_not_recompile(tmp_path):
+  config = resolve_config("mlp_diamond", dataset="mnist", epochs=2, batch_size=32,
+                          steps_per_dispatch=4, eval_batch_size=64)
+  ds = synthetic_dataset()
+  train_and_evaluate(config, tmp_path / "a", dataset=ds)
+  with profiling.CompileCounter() as counter:
+    train_and_evaluate(config, tmp_path / "b", dataset=ds)
+  assert counter.count == 0
+
+
+def test_epochs_after_the_first_do_not_compile(tmp_path):
+  config = resolve_config("mlp_wide_narrow", dataset="mnist", epochs=3, batch_size=32,
+                          steps_per_dispatch=3, eval_batch_size=64)
+  ds = synthetic_dataset(n_train=250)  # 7 full batches (chunks 3, 3, 1) and one of 26.
+  counts = []
+  with profiling.CompileCounter() as counter:
+    train_and_evaluate(config, tmp_path, dataset=ds,
+                       callbacks=[lambda epoch, record, state: counts.append(counter.count)])
+  assert counts[0] > 0 and counts[1] == counts[2] == counts[0]
+
+
+def test_resumed_run_compiles_what_a_fresh_run_does(tmp_path):
+  config = resolve_config("mlp_wide_narrow", dataset="mnist", epochs=2, batch_size=32,
+                          steps_per_dispatch=3, eval_batch_size=64)
+  ds = synthetic_dataset(n_train=250)
+  train_and_evaluate(config, tmp_path / "a", dataset=ds)
+  train_and_evaluate(resolve_config("mlp_wide_narrow", dataset="mnist", epochs=1, batch_size=32,
+                                    steps_per_dispatch=3, eval_batch_size=64),
+                     tmp_path / "b", dataset=ds)
+  with profiling.CompileCounter() as counter:  # Restored state: same types, no new programs.
+    train_and_evaluate(config, tmp_path / "b", dataset=ds)
+  assert counter.count == 0
+
+
+def test_compile_counter_sees_compilations():
+  with profiling.CompileCounter() as counter:
+    jax.jit(lambda x: x * 3 + 1)(np.arange(7.0))
+  assert counter.count >= 1
+
+
+def test_benchmark_runs_jaxlab_and_keras_on_a_tiny_setting():
+  model = build_model("mlp_halving")
+  result = run_benchmark(model, 10, batch_size=32, examples=96, epochs=2, peers=["keras_fit"],
+                         peak_flops=1e9, log=lambda s: None)
+  for name in ("jaxlab", "keras_fit"):
+    assert len(result["results"][name]["epoch_seconds"]) == 2
+    assert result["results"][name]["median_epoch_seconds"] > 0
+  assert result["ratios_jaxlab_over_peer"]["keras_fit"] > 0
+  assert result["flops_per_epoch"] == pytest.approx(3 * 96 * 2 * sum(
+      a * b for a, b in [(784, 512), (512, 256), (256, 128), (128, 64), (64, 32), (32, 10)]))
+  table = markdown(result, "tiny")
+  assert "| jaxlab |" in table and "| keras_fit |" in table and "FLOP floor" in table
+
+
+def test_benchmark_rejects_unknown_peer():
+  with pytest.raises(ValueError, match="unknown peer 'tf'; known: keras_fit, torch_eager"):
+    run_benchmark(build_model("mlp_halving"), 10, 32, 64, 1, ["tf"], peak_flops=1e9,
+                  log=lambda s: None)
