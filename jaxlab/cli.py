@@ -16,7 +16,8 @@ from jaxlab.data import DataError
 std_logging.getLogger("jax._src.xla_bridge").setLevel(std_logging.WARNING)
 
 # Errors a user causes with a flag or a file: shown as one line, not as a traceback.
-USER_ERRORS = (LookupError, ValueError, DataError, CheckpointError, FileNotFoundError)
+USER_ERRORS = (LookupError, ValueError, DataError, CheckpointError, FileNotFoundError,
+               FileExistsError, ImportError)
 
 
 def user_errors_exit(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:

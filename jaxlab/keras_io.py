@@ -81,3 +81,166 @@ def set_keras_weights(keras_model, model: PlanModel, variables: dict[str, Any]) 
     weights = keras_weights(op, params, stats)
     if weights:
       keras_model.get_layer(op.name).set_weights(weights)
+
+
+# ----------------------------------------------------------------------------- import / export
+#
+# A Keras weights file (`.weights.h5`, or the `model.weights.h5` inside a `.keras` zip) stores
+# each layer's variables under `layers/<name>/vars/<i>`, where the names are Keras's positional
+# names for the model's layers in `model.layers` order: the first Dense is `dense`, the next
+# `dense_1`, and so on. For a Sequential model that order is the model's; for a functional model
+# with parallel paths Keras lists layers by depth, path by path at each depth. `keras_order`
+# gives jaxlab's ops in that same order, so the n-th Dense of the file is the n-th Dense there.
+
+WEIGHTED_KINDS = ("dense", "conv2d", "batch_normalization")
+
+
+class KerasWeightsError(ValueError):
+  """A Keras weights file that does not fit a jaxlab model."""
+
+
+def keras_order(model: PlanModel) -> list[Op]:
+  """The plan's ops in the order Keras's `model.layers` lists the same architecture."""
+  entries: list[tuple[int, int, int, Op]] = []  # (-depth from the output, path, position, op)
+  counter = [0]
+
+  def walk(ops, depth_after: int, path: int) -> None:
+    # `depth_after` is the depth (counted from the output) of what consumes the last op.
+    depth = depth_after + len(ops)
+    for op in ops:
+      entries.append((-depth, path, counter[0], op))
+      counter[0] += 1
+      if op.paths:
+        for i, p in enumerate(op.paths):
+          walk(p, depth, path * 10 + i + 1)
+      depth -= 1
+
+  walk(list(model.plan()), -1, 0)
+  return [op for *_, op in sorted(entries, key=lambda e: e[:3])]
+
+
+def _suffix(name: str) -> int:
+  base, _, n = name.rpartition("_")
+  return int(n) if base and n.isdigit() else 0
+
+
+def read_keras_weights(path: str) -> dict[str, list[list[np.ndarray]]]:
+  """Per layer class (`dense`, `conv2d`, `batch_normalization`), the layers' variables in
+  Keras's layer order, from a `.weights.h5` or `.keras` file."""
+  import io
+  import pathlib
+  import zipfile
+
+  try:
+    import h5py
+  except ImportError:
+    raise ImportError("reading Keras files needs h5py: `pip install -e '.[keras]'`") from None
+  p = pathlib.Path(path)
+  if not p.is_file():
+    raise FileNotFoundError(f"no Keras weights file at {path}")
+  try:
+    if zipfile.is_zipfile(p):
+      with zipfile.ZipFile(p) as z:
+        if "model.weights.h5" not in z.namelist():
+          raise KerasWeightsError(f"{path}: a zip without model.weights.h5 is not a .keras file")
+        h5 = h5py.File(io.BytesIO(z.read("model.weights.h5")), "r")
+    else:
+      h5 = h5py.File(p, "r")
+  except OSError as e:
+    raise KerasWeightsError(f"{path}: not a Keras weights file ({e})") from None
+  with h5:
+    if "layers" not in h5:
+      raise KerasWeightsError(f"{path}: no 'layers' group; not a Keras 3 weights file")
+    by_kind: dict[str, list[tuple[int, str, list[np.ndarray]]]] = {}
+    for name, group in h5["layers"].items():
+      kind = name.rstrip("0123456789").rstrip("_")
+      variables = group.get("vars")
+      if variables is None or not len(variables):
+        continue
+      arrays = [np.asarray(variables[str(i)]) for i in range(len(variables))]
+      by_kind.setdefault(kind, []).append((_suffix(name), name, arrays))
+  return {kind: [(name, arrays) for _, name, arrays in sorted(items)]
+          for kind, items in by_kind.items()}
+
+
+def import_keras_weights(model: PlanModel, path: str) -> dict[str, Any]:
+  """jaxlab variables (`params`, `batch_stats`) from a Keras file of the same architecture.
+
+  Layers are matched in Keras's order, kind by kind, and every shape is checked; a mismatch
+  raises KerasWeightsError naming both layers and both shapes.
+  """
+  from jaxlab.summary import abstract_variables
+
+  template = abstract_variables(model)
+  file_layers = read_keras_weights(path)
+  ops = [op for op in keras_order(model) if op.kind in WEIGHTED_KINDS]
+  params: dict[str, Any] = {}
+  stats: dict[str, Any] = {}
+  for kind in WEIGHTED_KINDS:
+    ours = [op for op in ops if op.kind == kind]
+    theirs = file_layers.get(kind, [])
+    if len(ours) != len(theirs):
+      raise KerasWeightsError(
+          f"{path} has {len(theirs)} {KERAS_NAMES[kind]} layers with weights but the model has "
+          f"{len(ours)}")
+    for op, (name, arrays) in zip(ours, theirs):
+      if kind == "batch_normalization":
+        names = (("params", "scale"), ("params", "bias"), ("batch_stats", "mean"),
+                 ("batch_stats", "var"))
+      else:
+        names = (("params", "kernel"), ("params", "bias"))
+      if len(arrays) != len(names):
+        raise KerasWeightsError(f"Keras layer {name!r} has {len(arrays)} variables; jaxlab's "
+                                f"{op.name!r} needs {len(names)}")
+      for (collection, var), array in zip(names, arrays):
+        expected = tuple(template[collection][op.name][var].shape)
+        if array.shape != expected:
+          raise KerasWeightsError(
+              f"Keras layer {name!r} variable {var} has shape {array.shape} but jaxlab layer "
+              f"{op.name!r} needs {expected}: the file is not this architecture")
+        target = params if collection == "params" else stats
+        target.setdefault(op.name, {})[var] = np.asarray(array, np.float32)
+  return {"params": params, "batch_stats": stats}
+
+
+KERAS_NAMES = {"dense": "Dense", "conv2d": "Conv2D", "batch_normalization": "BatchNormalization"}
+
+
+def export_keras(model: PlanModel, variables: dict[str, Any], path: str):
+  """Writes jaxlab variables as a Keras model: `.keras` (architecture and weights) or
+  `.weights.h5` (weights only). Returns the Keras model."""
+  if not (path.endswith(".keras") or path.endswith(".weights.h5")):
+    raise ValueError(f"a Keras file name ends in .keras or .weights.h5, got {path!r}")
+  net = to_keras(model)
+  set_keras_weights(net, model, variables)
+  if path.endswith(".keras"):
+    net.save(path)
+  else:
+    net.save_weights(path)
+  return net
+
+
+def keras_layers_by_op(keras_model, model: PlanModel) -> dict[str, Any]:
+  """jaxlab op name -> the Keras layer that computes it, matched in Keras's layer order."""
+  theirs = [l for l in keras_model.layers if type(l).__name__ != "InputLayer"]
+  ours = keras_order(model)
+  if len(theirs) != len(ours):
+    raise KerasWeightsError(f"the Keras model has {len(theirs)} layers, the jaxlab model "
+                            f"{len(ours)}: not the same architecture")
+  out = {}
+  for op, layer in zip(ours, theirs):
+    if type(layer).__name__ != op.keras_type:
+      raise KerasWeightsError(f"Keras layer {layer.name!r} is a {type(layer).__name__} where "
+                              f"jaxlab has {op.name!r}, a {op.keras_type}")
+    out[op.name] = layer
+  return out
+
+
+def keras_capture(keras_model, model: PlanModel, x: np.ndarray) -> dict[str, np.ndarray]:
+  """Every Keras layer's output on `x` in inference mode, under the jaxlab layer's name."""
+  keras = import_keras()
+  layers = keras_layers_by_op(keras_model, model)
+  inputs = keras_model.inputs[0] if len(keras_model.inputs) == 1 else keras_model.inputs
+  probe = keras.Model(inputs, [layer.output for layer in layers.values()])
+  outputs = probe(np.asarray(x, np.float32), training=False)
+  return {name: np.asarray(out) for name, out in zip(layers, outputs)}

@@ -6,6 +6,8 @@ import json
 import pathlib
 from typing import Any
 
+from flax import serialization
+
 from jaxlab import checkpoint
 from jaxlab.config import TrainConfig, build_model, validate
 from jaxlab.models import PlanModel
@@ -51,3 +53,41 @@ def load_run(workdir: str | pathlib.Path, which: str = "best") -> tuple[TrainCon
                                 config.seed)
   restored = checkpoint.restore(run.checkpoint(which), {"epoch": 0, "state": template})
   return config, model, restored["state"], int(restored["epoch"])
+
+
+def write_imported_run(workdir: str | pathlib.Path, config: TrainConfig, variables: dict[str, Any],
+                       source: str) -> RunDir:
+  """A run directory whose checkpoints (epoch 0) hold imported weights and a fresh optimizer.
+
+  Every script that reads run directories works on it; `scripts/train.py` with the same settings
+  trains on from the imported weights.
+  """
+  from jaxlab import metrics
+  from jaxlab.models import describe
+  from jaxlab.optim import make_optimizer
+  from jaxlab.summary import summarize
+  from jaxlab.train import create_train_state
+
+  run = RunDir(workdir)
+  if run.config.exists():
+    raise FileExistsError(f"{run.root} already holds a run; import into a new --workdir")
+  model = build_model(config.experiment, config.dataset, config.precision)
+  state = create_train_state(model, make_optimizer(config.optimizer, config.learning_rate),
+                             config.seed)
+  imported = {"epoch": 0, "state": state.replace(params=variables["params"],
+                                                 batch_stats=variables["batch_stats"])}
+  template = {"epoch": 0, "state": state}
+  checkpoint.check_fits(serialization.to_state_dict(imported),
+                        serialization.to_state_dict(template), f"weights from {source}")
+  checkpoint.save(run.last, imported)
+  checkpoint.save(run.best, imported)
+  summary = summarize(model)
+  metrics.write_json(run.config, {"config": config.to_json(), "model": describe(model),
+                                  "imported_from": str(source)})
+  metrics.write_jsonl(run.metrics_jsonl, [])
+  metrics.write_json(run.metrics_json, {
+      "experiment": config.experiment, "dataset": config.dataset, "status": "imported",
+      "imported_from": str(source), "epochs_completed": 0,
+      **{k: summary[k] for k in ("total_params", "trainable_params", "non_trainable_params")},
+      "checkpoints": {"last": "checkpoints/last.msgpack", "best": "checkpoints/best.msgpack"}})
+  return run

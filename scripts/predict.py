@@ -1,0 +1,53 @@
+"""Writes class probabilities (softmax, eval mode) of a run's model for the inputs in a .npy file.
+
+  python scripts/predict.py --workdir=DIR --inputs=X.npy --output=P.npy [--checkpoint=best|last]
+
+X is the model's input tensor as is, with no preprocessing: float32 of shape (N, 784) for the
+MLPs, (N, H, W, C) for the CNNs. P has shape (N, classes).
+"""
+
+import pathlib
+
+import jax
+import numpy as np
+from absl import app, flags
+
+from jaxlab import cli
+from jaxlab.rundir import load_run
+
+flags.DEFINE_string("workdir", None, "Run directory.")
+flags.DEFINE_string("inputs", None, "A .npy file of model inputs.")
+flags.DEFINE_string("output", None, "Where to write the probabilities (.npy).")
+flags.DEFINE_enum("checkpoint", "best", ["best", "last"], "Which checkpoint to use.")
+flags.DEFINE_integer("batch_size", 1024, "Examples per compiled call.", lower_bound=1)
+flags.mark_flags_as_required(["workdir", "inputs", "output"])
+FLAGS = flags.FLAGS
+
+
+@cli.user_errors_exit
+def main(argv):
+  if len(argv) > 1:
+    raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
+  config, model, state, _ = load_run(FLAGS.workdir, FLAGS.checkpoint)
+  try:
+    x = np.load(FLAGS.inputs, allow_pickle=False)
+  except (OSError, ValueError) as e:
+    raise ValueError(f"--inputs {FLAGS.inputs!r} is not a readable .npy file ({e})") from None
+  expected = model.input_shape()
+  if x.ndim != len(expected) + 1 or tuple(x.shape[1:]) != expected:
+    raise ValueError(f"--inputs has shape {x.shape}; {config.experiment} takes (N, "
+                     f"{', '.join(map(str, expected))})")
+  if not np.issubdtype(x.dtype, np.floating):
+    raise ValueError(f"--inputs has dtype {x.dtype}; the model takes float32 inputs as they are "
+                     "(scale uint8 images to [0, 1] first)")
+  predict = jax.jit(lambda v, x: jax.nn.softmax(model.apply(v, x, train=False), axis=-1))
+  out = [np.asarray(predict(state.variables, x[i:i + FLAGS.batch_size].astype(np.float32)))
+         for i in range(0, len(x), FLAGS.batch_size)]
+  probabilities = np.concatenate(out) if out else np.zeros((0, model.num_classes), np.float32)
+  pathlib.Path(FLAGS.output).parent.mkdir(parents=True, exist_ok=True)
+  np.save(FLAGS.output, probabilities)
+  print(f"wrote {FLAGS.output}: probabilities of shape {probabilities.shape}")
+
+
+if __name__ == "__main__":
+  app.run(main)
