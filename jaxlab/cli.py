@@ -21,11 +21,14 @@ USER_ERRORS = (LookupError, ValueError, DataError, CheckpointError, FileNotFound
 
 
 def user_errors_exit(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
-  """Wraps an absl `main` so that a user error prints `error: ...` and exits with status 2."""
+  """Wraps an absl `main` so that a user error (stray positional arguments among them) prints
+  `error: ...` and exits with status 2."""
 
   @functools.wraps(main)
   def wrapped(argv: list[str]) -> None:
     try:
+      if len(argv) > 1:
+        raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
       main(argv)
     except USER_ERRORS as e:
       message = e.args[0] if isinstance(e, LookupError) and e.args else e

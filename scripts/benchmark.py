@@ -33,8 +33,6 @@ FLAGS = flags.FLAGS
 
 @cli.user_errors_exit
 def main(argv):
-  if len(argv) > 1:
-    raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
   exp = get_experiment(FLAGS.experiment)
   info = DATASETS.get(FLAGS.dataset or exp.dataset)
   model = build_model(exp, info, FLAGS.precision)

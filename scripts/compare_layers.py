@@ -29,8 +29,6 @@ FLAGS = flags.FLAGS
 
 @cli.user_errors_exit
 def main(argv):
-  if len(argv) > 1:
-    raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
   exp = get_experiment(FLAGS.experiment)
   model = build_model(exp, FLAGS.dataset)
   variables = import_keras_weights(model, FLAGS.keras_weights)

@@ -23,8 +23,6 @@ FLAGS = flags.FLAGS
 
 @cli.user_errors_exit
 def main(argv):
-  if len(argv) > 1:
-    raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
   config, model, state, epoch = load_run(FLAGS.workdir, FLAGS.checkpoint)
   dataset = load_dataset(config.dataset, data_dir=FLAGS.data_dir or config.data_dir)
   metrics, predictions = evaluate(make_steps(model), state.variables,

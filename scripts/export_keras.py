@@ -18,8 +18,6 @@ FLAGS = flags.FLAGS
 
 @cli.user_errors_exit
 def main(argv):
-  if len(argv) > 1:
-    raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
   config, model, state, epoch = load_run(FLAGS.workdir, FLAGS.checkpoint)
   export_keras(model, state.variables, FLAGS.output)
   print(f"wrote {FLAGS.output} ({config.experiment}, {FLAGS.checkpoint} checkpoint, epoch {epoch})")

@@ -23,8 +23,6 @@ FLAGS = flags.FLAGS
 
 @cli.user_errors_exit
 def main(argv):
-  if len(argv) > 1:
-    raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
   config = resolve_config(FLAGS.experiment, dataset=FLAGS.dataset)
   model = build_model(config.experiment, config.dataset)
   variables = import_keras_weights(model, FLAGS.keras_weights)

@@ -26,8 +26,6 @@ FLAGS = flags.FLAGS
 
 @cli.user_errors_exit
 def main(argv):
-  if len(argv) > 1:
-    raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
   config, model, state, _ = load_run(FLAGS.workdir, FLAGS.checkpoint)
   try:
     x = np.load(FLAGS.inputs, allow_pickle=False)

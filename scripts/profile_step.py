@@ -118,8 +118,6 @@ def format_table(r: dict) -> str:
 
 @cli.user_errors_exit
 def main(argv):
-  if len(argv) > 1:
-    raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
   result = profile(FLAGS.experiment, FLAGS.dataset, FLAGS.batch_size, FLAGS.precision,
                    FLAGS.steps, FLAGS.trace_dir, FLAGS.hlo_dir)
   print(json.dumps(result, indent=2) if FLAGS.json else format_table(result))

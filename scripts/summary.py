@@ -19,8 +19,6 @@ FLAGS = flags.FLAGS
 
 @cli.user_errors_exit
 def main(argv):
-  if len(argv) > 1:
-    raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
   summary = summarize(build_model(FLAGS.experiment, FLAGS.dataset))
   if FLAGS.json:
     print(json.dumps({"experiment": FLAGS.experiment, **summary}, indent=2))

@@ -35,8 +35,6 @@ OVERRIDES = ("dataset", "data_dir", "download", "epochs", "batch_size", "eval_ba
 
 @cli.user_errors_exit
 def main(argv):
-  if len(argv) > 1:
-    raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
   logging.set_verbosity(logging.INFO)
   config = resolve_config(FLAGS.experiment, **{k: FLAGS[k].value for k in OVERRIDES})
   workdir = FLAGS.workdir or f"runs/{config.experiment}"

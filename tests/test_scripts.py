@@ -78,3 +78,8 @@ def test_train_end_to_end_then_resume(tmp_path):
   # A different batch size in the same directory is refused, naming the setting.
   other = script("train.py", *args[:-1], "--batch_size=16", check=False)
   assert other.returncode == 2 and "batch_size: 32 -> 16" in other.stderr
+
+
+def test_stray_arguments_are_refused():
+  result = script("summary.py", "--experiment=mlp_baseline", "oops", check=False)
+  assert result.returncode == 2 and "unexpected arguments: oops" in result.stderr
