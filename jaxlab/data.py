@@ -287,11 +287,21 @@ def _tfds_read(sources: dict, info: DatasetInfo) -> dict[str, np.ndarray]:
   return arrays
 
 
+def tfds_roots(data_dir: str | None) -> list[pathlib.Path]:
+  """Where a TFDS-prepared copy may be: `data_dir`, then TFDS's data folder."""
+  roots = [pathlib.Path(data_dir)] if data_dir else []
+  roots.append(pathlib.Path(os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")).expanduser())
+  return roots
+
+
 def _find_tfds(info: DatasetInfo, data_dir: str | None) -> Found | None:
   """A TFDS-prepared copy (array_record format) in `data_dir` or TFDS's own data folder.
 
-  `download=False` keeps TFDS off the network, so a missing copy fails at once.
+  TFDS is asked only when a folder of that name exists there (so a machine without any copy
+  never imports TFDS), and with `download=False`, which keeps it off the network.
   """
+  if not any((root / info.tfds_name).is_dir() for root in tfds_roots(data_dir)):
+    return None
   try:
     sources = _tfds_source(info, data_dir, download=False)
     if any(len(s) == 0 for s in sources.values()):

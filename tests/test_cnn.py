@@ -1,6 +1,7 @@
 """The conv family: conv and pooling against float64 NumPy, every CNN experiment's step, L2,
 mixed precision, and a small CNN that overfits."""
 
+import os
 import pathlib
 
 import jax
@@ -105,6 +106,8 @@ def test_l2_term_in_the_logged_loss(tmp_path):
 @pytest.mark.parametrize("name", CNN_EXPERIMENTS)
 def test_one_train_step_of_every_cnn_experiment(name):
   dataset_name = build_model(name).input_shape() == (32, 32, 3) and "cifar10" or "fashion_mnist"
+  tfds_dir = pathlib.Path(os.environ["TFDS_DATA_DIR"])  # The tests' own, empty but for this:
+  (tfds_dir / dataset_name).mkdir(parents=True, exist_ok=True)
   with tfds.testing.mock_data(num_examples=4):
     ds = load_dataset(dataset_name, use_cache=False, debian_dir=pathlib.Path("/nonexistent"))
   model = build_model(name, dataset_name)
