@@ -186,7 +186,7 @@ from keras.layers import Conv2D, Flatten, MaxPooling2D  # noqa: E402
 
 
 def alexnet(bn=True, conv_dropout=None, dense_dropout=0.5, l2=None, dense_activation="tanh",
-            pool_stride=False):
+            pool_stride=False, input_shape=(28, 28, 1)):
   """The report's AlexNet code; its variants differ only in the marked places."""
   reg = dict(kernel_regularizer=regularizers.l2(l2)) if l2 else {}
   pad = dict(padding="same") if pool_stride else {}
@@ -217,7 +217,7 @@ def alexnet(bn=True, conv_dropout=None, dense_dropout=0.5, l2=None, dense_activa
     if dense_dropout:
       model.add(Dropout(dense_dropout))
     model.add(Dense(10, activation="softmax"))
-  return _sequential((28, 28, 1), body)
+  return _sequential(input_shape, body)
 
 
 def vgg(input_shape, bn=True, conv_dropout=None, dense_dropout=0.5, deep_head=False):
@@ -248,6 +248,24 @@ def vgg(input_shape, bn=True, conv_dropout=None, dense_dropout=0.5, deep_head=Fa
 
 
 SHRINKING = [0.1, 0.2, 0.3, 0.4, 0.5]
+LAB04_BUILDERS = {
+    "alexnet": lambda shape: alexnet(input_shape=shape),
+    "alexnet_no_bn": lambda shape: alexnet(bn=False, input_shape=shape),
+    "alexnet_no_dense_dropout": lambda shape: alexnet(dense_dropout=None, input_shape=shape),
+    "alexnet_conv_dropout": lambda shape: alexnet(conv_dropout=[0.25] * 3, input_shape=shape),
+    "alexnet_l2": lambda shape: alexnet(conv_dropout=[0.1, 0.1, 0.4], l2=0.01,
+                                        dense_activation="relu", input_shape=shape),
+    "alexnet_pool_stride": lambda shape: alexnet(pool_stride=True, input_shape=shape),
+    "vgg_fashion_mnist": lambda shape: vgg(shape),
+    "vgg_cifar10": lambda shape: vgg(shape),
+    "vgg_cifar10_dropout04": lambda shape: vgg(shape, dense_dropout=0.4),
+    "vgg_cifar10_many_dropouts": lambda shape: vgg(shape, conv_dropout=[0.5] * 5),
+    "vgg_cifar10_shrinking_dropouts": lambda shape: vgg(shape, conv_dropout=SHRINKING),
+    "vgg_cifar10_dropouts_no_bn": lambda shape: vgg(shape, bn=False, conv_dropout=SHRINKING),
+    "vgg_cifar10_deep_head": lambda shape: vgg(shape, conv_dropout=SHRINKING, deep_head=True),
+}
+"""Each Lab 04 architecture for any input shape: the report's code with `input_shape` changed."""
+
 LAB04 = {
     "alexnet": lambda: alexnet(),
     "alexnet_no_bn": lambda: alexnet(bn=False),

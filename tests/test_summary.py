@@ -42,3 +42,15 @@ def test_format_summary_lists_layers_and_totals():
   assert f"Total params: {summary['total_params']:,}" in text
   assert f"Non-trainable params: {summary['non_trainable_params']:,}" in text
   assert len(text.splitlines()) == len(summary["layers"]) + 9
+
+
+@pytest.mark.parametrize("name", sorted(keras_models.LAB04_BUILDERS))
+@pytest.mark.parametrize("dataset,shape", [("fashion_mnist", (28, 28, 1)), ("cifar10", (32, 32, 3))])
+def test_cnn_block_shapes_match_keras_for_both_input_sizes(name, dataset, shape):
+  reference = keras_models.LAB04_BUILDERS[name](shape)
+  summary = summarize(build_model(name, dataset))
+  assert summary["input_shape"] == [None, *shape]
+  expected = [(type(l).__name__, tuple(l.output.shape[1:]), l.count_params())
+              for l in reference.layers]
+  got = [(l["type"], tuple(l["output_shape"][1:]), l["params"]) for l in summary["layers"]]
+  assert got == expected
