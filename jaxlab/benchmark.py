@@ -18,7 +18,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from jaxlab.models import PlanModel, iter_ops
+from jaxlab.models import PlanModel
 from jaxlab.optim import make_optimizer
 from jaxlab.summary import forward_flops, layer_output_shapes
 

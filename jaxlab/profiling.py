@@ -11,11 +11,10 @@ import json
 import pathlib
 import statistics
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 
 class CompileCounter:

@@ -12,7 +12,6 @@ import json
 import pathlib
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
@@ -58,7 +57,6 @@ def profile(experiment: str, dataset: str | None, batch_size: int | None, precis
 
   evaluate, eval_stats = profiling.compile_stats(compiled_steps.eval_step, state.variables, images,
                                                  labels)
-  variables = holder[0].variables
   results = {}
   for name, stats, run, flops in (("train_step", train_stats, run_train, 3 * model_flops),
                                   ("eval_step", eval_stats,
@@ -73,7 +71,6 @@ def profile(experiment: str, dataset: str | None, batch_size: int | None, precis
       path = pathlib.Path(hlo_dir)
       path.mkdir(parents=True, exist_ok=True)
       (path / f"{experiment}.{name}.hlo.txt").write_text(stats.hlo_text)
-  del variables
   peak = profiling.matmul_peak_flops(PRECISIONS[precision])
   for r in results.values():
     # XLA's count misses work done in library calls (cuDNN convolutions on a GPU), so the

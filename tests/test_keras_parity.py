@@ -162,6 +162,7 @@ def test_script_errors_are_one_line(tmp_path):
   assert "Dense layers with weights but the model has" in bad.stderr
   good = script("import_keras.py", "--experiment=mlp_halving", f"--keras_weights={weights}",
                 f"--workdir={tmp_path / 'run'}")
+  assert f"run directory: {tmp_path / 'run'}" in good.stdout
   np.save(tmp_path / "bad.npy", np.zeros((3, 28, 28, 1), np.float32))
   shape = script("predict.py", f"--workdir={tmp_path / 'run'}", f"--inputs={tmp_path / 'bad.npy'}",
                  f"--output={tmp_path / 'p.npy'}", check=False)

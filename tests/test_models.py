@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from jaxlab.models import (MLP, BN_EPSILON, BN_MOMENTUM, Conv, ConvBlock, ConvNet, Dense,
-                           MaxPool, Parallel, iter_ops, l2_coefficients)
+                           Parallel, iter_ops, l2_coefficients)
 
 jax.config.update("jax_enable_x64", False)
 RTOL = 1e-5  # float32 arithmetic against a float64 reference.

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from jaxlab import profiling
-from jaxlab.benchmark import bench_keras, markdown, run_benchmark
+from jaxlab.benchmark import markdown, run_benchmark
 from jaxlab.config import build_model, resolve_config
 from jaxlab.train import train_and_evaluate
 from datafiles import synthetic_dataset

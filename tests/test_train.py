@@ -9,9 +9,8 @@ import pytest
 from jaxlab import checkpoint
 from jaxlab.config import build_model, resolve_config
 from jaxlab.metrics import read_jsonl
-from jaxlab.models import MLP, Dense
 from jaxlab.optim import make_optimizer
-from jaxlab.train import (TrainState, chunk_lengths, create_train_state, l2_penalty, make_steps, train_and_evaluate,
+from jaxlab.train import (chunk_lengths, create_train_state, l2_penalty, make_steps, train_and_evaluate,
                           train_epoch)
 from datafiles import synthetic_dataset
 
