@@ -414,13 +414,23 @@ def train_and_evaluate(config: TrainConfig, workdir: str | pathlib.Path,
     write_summary("running" if epoch < config.epochs else "completed")
     for callback in callbacks:
       callback(epoch, record, state)
-  evaluations = {}
-  for which, path in (("final", run.last), ("best", run.best)):
-    restored = checkpoint.restore(path, {"epoch": 0, "state": state})
-    metrics, predictions = evaluate(steps, restored["state"].variables, test_images, test_labels,
+  # The in-memory state is the last checkpoint's; the best one is read back only when it is
+  # another epoch (the best checkpoint is written on strict improvement: the first maximum).
+  final_epoch = history[-1]["epoch"]
+  best_epoch = max(history, key=lambda r: r["val_accuracy"])["epoch"]
+
+  def report(variables: dict, epoch: int, path: pathlib.Path) -> dict[str, Any]:
+    metrics, predictions = evaluate(steps, variables, test_images, test_labels,
                                     config.eval_batch_size)
-    evaluations[which] = {"epoch": int(restored["epoch"]), "split": "test",
-                          "checkpoint": str(path.relative_to(run.root)),
-                          **evaluation.report(dataset.test_labels, predictions,
-                                              dataset.info.class_names, metrics["loss"])}
+    return {"epoch": epoch, "split": "test", "checkpoint": str(path.relative_to(run.root)),
+            **evaluation.report(dataset.test_labels, predictions, dataset.info.class_names,
+                                metrics["loss"])}
+
+  evaluations = {"final": report(state.variables, final_epoch, run.last)}
+  if best_epoch == final_epoch:
+    evaluations["best"] = {**evaluations["final"],
+                           "checkpoint": str(run.best.relative_to(run.root))}
+  else:
+    restored = checkpoint.restore(run.best, {"epoch": 0, "state": state})
+    evaluations["best"] = report(restored["state"].variables, int(restored["epoch"]), run.best)
   return write_summary("completed", evaluations)

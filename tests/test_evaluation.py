@@ -28,14 +28,17 @@ def test_confusion_matrix_counts_pairs():
   assert r["per_class_accuracy"]["b"] is None  # No example of class b: no accuracy.
 
 
-def test_metrics_json_holds_final_and_best_reports(tmp_path):
-  config = resolve_config("mlp_baseline", dataset="fashion_mnist", epochs=2, batch_size=32,
-                          eval_batch_size=50, steps_per_dispatch=4)
+# At lr 1e-3 the last epoch is the best; at 0.3 training degrades, so the best checkpoint is
+# an earlier one and its report comes from that checkpoint.
+@pytest.mark.parametrize("learning_rate", [1e-3, 0.3])
+def test_metrics_json_holds_final_and_best_reports(tmp_path, learning_rate):
+  config = resolve_config("mlp_baseline", dataset="fashion_mnist", epochs=3, batch_size=32,
+                          eval_batch_size=50, steps_per_dispatch=4, learning_rate=learning_rate)
   ds = synthetic_dataset("fashion_mnist", n_test=130)
   summary = train_and_evaluate(config, tmp_path, dataset=ds)
   names = DATASETS.get("fashion_mnist").class_names
   history = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-  for which, epoch in (("final", 2), ("best", summary["best_epoch"])):
+  for which, epoch in (("final", 3), ("best", summary["best_epoch"])):
     r = summary["evaluation"][which]
     matrix = np.array(r["confusion_matrix"])
     assert matrix.shape == (10, 10) and matrix.sum() == 130 == r["examples"]
