@@ -160,10 +160,10 @@ def machine() -> dict[str, Any]:
         break
   except OSError:
     pass
-  device = jax.devices()[0]
-  return {"cpu": cpu, "cpu_count": os.cpu_count(), "backend": jax.default_backend(),
-          "device": getattr(device, "device_kind", str(device)), "jax": jax.__version__,
-          "python": platform.python_version()}
+  from jaxlab.train import environment
+
+  return {"cpu": cpu, "cpu_count": os.cpu_count(), "python": platform.python_version(),
+          **environment()}
 
 
 PEERS: dict[str, Callable[..., list[float]]] = {

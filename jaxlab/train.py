@@ -291,16 +291,15 @@ def train_epoch(steps: Steps, state: TrainState, images: jax.Array, labels: jax.
 # ----------------------------------------------------------------------------- the run
 
 
-def _environment() -> dict[str, Any]:
+def environment() -> dict[str, Any]:
+  """jaxlab and JAX versions, and the backend and device the computation runs on."""
   device = jax.devices()[0]
   return {"jaxlab": jaxlab.__version__, "jax": jax.__version__, "backend": jax.default_backend(),
           "device": getattr(device, "device_kind", str(device)), "device_count": jax.device_count()}
 
 
 def _check_resume(run: RunDir, config: TrainConfig) -> None:
-  import json
-
-  old = json.loads(run.config.read_text()).get("config", {})
+  old = run.read_config().to_json()
   new = config.to_json()
   changed = [k for k in new if k not in RESUMABLE_CHANGES and old.get(k) != new[k]]
   if changed:
@@ -336,7 +335,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str | pathlib.Path,
                           "data": {"source": dataset.source,
                                    "train_examples": int(len(dataset.train_labels)),
                                    "validation_examples": int(len(dataset.test_labels))},
-                          "environment": _environment()})
+                          "environment": environment()})
 
   tx = make_optimizer(config.optimizer, config.learning_rate)
   state = create_train_state(model, tx, config.seed)

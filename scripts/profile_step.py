@@ -21,7 +21,7 @@ from jaxlab.experiment import get_experiment
 from jaxlab.data import DATASETS
 from jaxlab.optim import make_optimizer
 from jaxlab.summary import forward_flops
-from jaxlab.train import create_train_state, make_steps
+from jaxlab.train import create_train_state, environment, make_steps
 
 cli.define_experiment_flags()
 flags.DEFINE_integer("batch_size", None, "Batch size. Default: the experiment's.")
@@ -82,10 +82,8 @@ def profile(experiment: str, dataset: str | None, batch_size: int | None, precis
   if trace_dir:
     profiling.write_trace(run_train, trace_dir)
     top = profiling.top_ops(trace_dir)
-  device = jax.devices()[0]
   return {"experiment": experiment, "dataset": info.name, "batch_size": batch_size,
-          "precision": precision, "backend": jax.default_backend(),
-          "device": getattr(device, "device_kind", str(device)),
+          "precision": precision, **environment(),
           "matmul_peak_flops_per_second": peak, **results,
           **({"trace_top_ops": top} if top is not None else {})}
 
