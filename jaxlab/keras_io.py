@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxlab.models import BN_EPSILON, BN_MOMENTUM, Op, PlanModel
+from jaxlab.models import BN_EPSILON, BN_MOMENTUM, KERAS_TYPES, Op, PlanModel
 
 
 def import_keras():
@@ -181,7 +181,7 @@ def import_keras_weights(model: PlanModel, path: str) -> dict[str, Any]:
     theirs = file_layers.get(kind, [])
     if len(ours) != len(theirs):
       raise KerasWeightsError(
-          f"{path} has {len(theirs)} {KERAS_NAMES[kind]} layers with weights but the model has "
+          f"{path} has {len(theirs)} {KERAS_TYPES[kind]} layers with weights but the model has "
           f"{len(ours)}")
     for op, (name, arrays) in zip(ours, theirs):
       if kind == "batch_normalization":
@@ -201,9 +201,6 @@ def import_keras_weights(model: PlanModel, path: str) -> dict[str, Any]:
         target = params if collection == "params" else stats
         target.setdefault(op.name, {})[var] = np.asarray(array, np.float32)
   return {"params": params, "batch_stats": stats}
-
-
-KERAS_NAMES = {"dense": "Dense", "conv2d": "Conv2D", "batch_normalization": "BatchNormalization"}
 
 
 def export_keras(model: PlanModel, variables: dict[str, Any], path: str):

@@ -17,10 +17,13 @@ def abstract_variables(model: PlanModel) -> dict[str, Any]:
   return jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
 
 
-def layer_output_shapes(model: PlanModel) -> dict[str, tuple[int, ...]]:
-  """Layer name -> output shape of one example, from the captured intermediates."""
+def layer_output_shapes(model: PlanModel, variables: Any = None) -> dict[str, tuple[int, ...]]:
+  """Layer name -> output shape of one example, from the captured intermediates.
+
+  `variables` may be `abstract_variables(model)` when the caller has it already."""
   x = jax.ShapeDtypeStruct((1,) + model.input_shape(), jnp.float32)
-  variables = abstract_variables(model)
+  if variables is None:
+    variables = abstract_variables(model)
 
   def run(v, x):
     _, state = model.apply(v, x, capture_intermediates=True, mutable=["intermediates"])
@@ -41,7 +44,7 @@ def summarize(model: PlanModel) -> dict[str, Any]:
   variables = abstract_variables(model)
   params = variables.get("params", {})
   stats = variables.get("batch_stats", {})
-  shapes = layer_output_shapes(model)
+  shapes = layer_output_shapes(model, variables)
   layers = []
   for op in iter_ops(model.plan()):
     trainable, non_trainable = _count(params.get(op.name, {})), _count(stats.get(op.name, {}))
@@ -66,12 +69,13 @@ def summarize(model: PlanModel) -> dict[str, Any]:
 def forward_flops(model: PlanModel) -> int:
   """Multiply-add FLOPs (2 per MAC) of one example's forward pass through the Dense and Conv2D
   layers, the layers that dominate the cost; training costs about 3 times this."""
-  variables = abstract_variables(model)["params"]
-  shapes = layer_output_shapes(model)
+  variables = abstract_variables(model)
+  shapes = layer_output_shapes(model, variables)
+  params = variables["params"]
   total = 0
   for op in iter_ops(model.plan()):
     if op.kind in ("dense", "conv2d"):
-      kernel = variables[op.name]["kernel"].shape
+      kernel = params[op.name]["kernel"].shape
       positions = int(np.prod(shapes[op.name][:-1]))  # 1 for Dense, H*W for Conv2D.
       total += 2 * int(np.prod(kernel)) * positions
   return total
