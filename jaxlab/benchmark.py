@@ -1,10 +1,13 @@
 """Side-by-side training benchmark: jaxlab's loop, Keras 3 `fit` (JAX backend), PyTorch eager.
 
 All three train the same architecture (built from the same plan), with the same batch size,
-optimizer (Adam, Keras's defaults) and random data of the right shape, in one process. Each
-reports seconds per epoch: the median over the timed epochs after one warm-up epoch (which
-holds compilation). The FLOP floor is the epoch's Dense/Conv2D FLOPs over a matrix-multiply
-peak measured in the same run.
+optimizer (Adam, Keras's defaults) and random data of the right shape, in one process. Each loop
+is set up once and warmed up with one epoch (which holds compilation); then the timed epochs
+run in rounds, one epoch of every loop per round, the loops' order rotating from round to round.
+Interleaving puts every loop under the same machine conditions (a VM's speed drifts over a
+run), so the per-round ratios are paired comparisons. Each loop reports the median of its
+epochs; the FLOP floor is the epoch's Dense/Conv2D FLOPs over a matrix-multiply peak measured in
+the same run.
 """
 
 from __future__ import annotations
@@ -30,27 +33,36 @@ def random_data(model: PlanModel, examples: int, num_classes: int, seed: int = 0
   return images, labels
 
 
-def bench_jaxlab(model: PlanModel, images, labels, batch_size: int, epochs: int,
-                 steps_per_dispatch: int = 50) -> list[float]:
-  """Seconds of each epoch of jaxlab's own loop (the first is the warm-up)."""
+# An epoch runner trains one more epoch each call and returns that epoch's seconds.
+EpochRunner = Callable[[], float]
+
+
+def jaxlab_runner(model: PlanModel, images, labels, batch_size: int,
+                  steps_per_dispatch: int = 50) -> EpochRunner:
+  """jaxlab's own loop: `train_epoch` with its compiled, scanned and donated steps."""
   from jaxlab.train import create_train_state, make_steps, train_epoch
 
   steps = make_steps(model)
   state = create_train_state(model, make_optimizer("adam", 1e-3), seed=0)
   x, y = jax.device_put(images), jax.device_put(labels)
   key = jax.random.PRNGKey(1)
-  times = []
-  for epoch in range(epochs):
+  epoch = 0
+
+  def run() -> float:
+    nonlocal state, epoch
     start = time.perf_counter()
     # train_epoch returns host floats of the epoch's metrics: the device has finished.
     state, _ = train_epoch(steps, state, x, y, batch_size, jax.random.fold_in(key, epoch),
                            steps_per_dispatch)
-    times.append(time.perf_counter() - start)
-  return times
+    epoch += 1
+    return time.perf_counter() - start
+
+  return run
 
 
-def bench_keras(model: PlanModel, images, labels, batch_size: int, epochs: int) -> list[float]:
-  """Seconds of each epoch of Keras 3 `model.fit` (the first is the warm-up)."""
+def keras_runner(model: PlanModel, images, labels, batch_size: int) -> EpochRunner:
+  """Keras 3 `model.fit`, one epoch per call; a callback times the epoch itself (Keras keeps
+  the compiled train function between calls)."""
   from jaxlab.keras_io import import_keras, to_keras
 
   keras = import_keras()
@@ -59,17 +71,21 @@ def bench_keras(model: PlanModel, images, labels, batch_size: int, epochs: int) 
               loss="sparse_categorical_crossentropy", metrics=["accuracy"])
   x = (images.astype(np.float32) / 255.0).reshape((len(images),) + model.input_shape())
   y = labels.astype(np.int32)
-  times: list[float] = []
 
   class Timer(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
       self.start = time.perf_counter()
 
     def on_epoch_end(self, epoch, logs=None):
-      times.append(time.perf_counter() - self.start)
+      self.seconds = time.perf_counter() - self.start
 
-  net.fit(x, y, batch_size=batch_size, epochs=epochs, verbose=0, shuffle=True, callbacks=[Timer()])
-  return times
+  timer = Timer()
+
+  def run() -> float:
+    net.fit(x, y, batch_size=batch_size, epochs=1, verbose=0, shuffle=True, callbacks=[timer])
+    return timer.seconds
+
+  return run
 
 
 def to_torch(model: PlanModel):
@@ -120,8 +136,8 @@ def to_torch(model: PlanModel):
   return build(model.plan(), model.input_shape())
 
 
-def bench_torch(model: PlanModel, images, labels, batch_size: int, epochs: int) -> list[float]:
-  """Seconds of each epoch of a plain PyTorch eager loop on the CPU (first is the warm-up)."""
+def torch_runner(model: PlanModel, images, labels, batch_size: int) -> EpochRunner:
+  """A plain PyTorch eager loop on the CPU."""
   import torch
 
   torch.manual_seed(0)
@@ -133,9 +149,9 @@ def bench_torch(model: PlanModel, images, labels, batch_size: int, epochs: int) 
   if x.ndim == 4:
     x = x.permute(0, 3, 1, 2).contiguous()  # NHWC -> NCHW, PyTorch's layout.
   y = torch.from_numpy(labels.astype(np.int64))
-  times = []
   net.train()
-  for _ in range(epochs):
+
+  def run() -> float:
     start = time.perf_counter()
     order = torch.randperm(len(y))
     correct = 0
@@ -147,8 +163,9 @@ def bench_torch(model: PlanModel, images, labels, batch_size: int, epochs: int) 
       loss.backward()
       optimizer.step()
       correct += (out.argmax(1) == y[idx]).sum().item()  # As Keras and jaxlab track accuracy.
-    times.append(time.perf_counter() - start)
-  return times
+    return time.perf_counter() - start
+
+  return run
 
 
 def machine() -> dict[str, Any]:
@@ -166,10 +183,17 @@ def machine() -> dict[str, Any]:
           **environment()}
 
 
-PEERS: dict[str, Callable[..., list[float]]] = {
-    "keras_fit": bench_keras,
-    "torch_eager": bench_torch,
+PEERS: dict[str, Callable[..., EpochRunner]] = {
+    "keras_fit": keras_runner,
+    "torch_eager": torch_runner,
 }
+
+
+def rotation(names: list[str], round_index: int) -> list[str]:
+  """The loops' order in one round: rotated by the round's index, so over the rounds every
+  loop runs in every position (none always follows the same neighbour)."""
+  k = round_index % len(names) if names else 0
+  return names[k:] + names[:k]
 
 
 def run_benchmark(model: PlanModel, num_classes: int, batch_size: int, examples: int,
@@ -178,33 +202,44 @@ def run_benchmark(model: PlanModel, num_classes: int, batch_size: int, examples:
   """Times jaxlab and each peer; returns the JSON-ready results with ratios and the floor."""
   from jaxlab import profiling
 
-  images, labels = random_data(model, examples, num_classes)
-  runs = {"jaxlab": lambda: bench_jaxlab(model, images, labels, batch_size, epochs + 1)}
   for name in peers:
     if name not in PEERS:
       raise ValueError(f"unknown peer {name!r}; known: {', '.join(PEERS)}")
-    runs[name] = lambda f=PEERS[name]: f(model, images, labels, batch_size, epochs + 1)
+  images, labels = random_data(model, examples, num_classes)
+  makers = {"jaxlab": jaxlab_runner, **{name: PEERS[name] for name in peers}}
+  runners: dict[str, EpochRunner] = {}
   results: dict[str, Any] = {}
-  for name, run in runs.items():
-    log(f"timing {name}: 1 warm-up epoch + {epochs} epochs of {examples} examples")
+  for name, make in makers.items():
+    log(f"setting up {name} and timing its warm-up epoch ({examples} examples)")
     try:
-      times = run()
+      runners[name] = make(model, images, labels, batch_size)
     except ImportError as e:
       log(f"  skipped: {e}")
       results[name] = {"skipped": str(e)}
       continue
-    results[name] = {"warmup_seconds": times[0], "epoch_seconds": times[1:],
-                     "median_epoch_seconds": statistics.median(times[1:])}
-    log(f"  median {results[name]['median_epoch_seconds']:.3f} s/epoch")
+    results[name] = {"warmup_seconds": runners[name](), "epoch_seconds": []}
+  for i in range(epochs):
+    order = rotation(list(runners), i)
+    for name in order:
+      results[name]["epoch_seconds"].append(runners[name]())
+    log(f"round {i + 1}/{epochs} ({', '.join(order)}): " + ", ".join(
+        f"{name} {results[name]['epoch_seconds'][-1]:.3f} s" for name in runners))
+  for name in runners:
+    results[name]["median_epoch_seconds"] = statistics.median(results[name]["epoch_seconds"])
   if peak_flops is None:
     peak_flops = profiling.matmul_peak_flops(model.dtype)
   flops_per_epoch = 3 * forward_flops(model) * examples
   floor = flops_per_epoch / peak_flops
   jaxlab_seconds = results["jaxlab"]["median_epoch_seconds"]
-  ratios = {name: jaxlab_seconds / r["median_epoch_seconds"]
-            for name, r in results.items() if name != "jaxlab" and "median_epoch_seconds" in r}
+  ratios = {name: jaxlab_seconds / results[name]["median_epoch_seconds"]
+            for name in runners if name != "jaxlab"}
+  # Paired: jaxlab's epoch over the peer's epoch of the same round.
+  round_ratios = {name: [a / b for a, b in zip(results["jaxlab"]["epoch_seconds"],
+                                              results[name]["epoch_seconds"])]
+                  for name in ratios}
   return {"machine": machine(), "batch_size": batch_size, "examples": examples,
           "timed_epochs": epochs, "results": results, "ratios_jaxlab_over_peer": ratios,
+          "round_ratios_jaxlab_over_peer": round_ratios,
           "flops_per_epoch": flops_per_epoch, "matmul_peak_flops_per_second": peak_flops,
           "flop_floor_seconds": floor, "jaxlab_fraction_of_floor": floor / jaxlab_seconds}
 
@@ -215,14 +250,22 @@ def markdown(result: dict[str, Any], title: str) -> str:
            f"Machine: {m['cpu']}, {m['cpu_count']} CPU cores; JAX {m['jax']} on {m['backend']} "
            f"({m['device']}); Python {m['python']}.", "",
            f"Batch {result['batch_size']}, {result['examples']:,} random examples per epoch; "
-           f"median of {result['timed_epochs']} epochs after one warm-up epoch.", "",
-           "| loop | seconds per epoch (median) | jaxlab / this |", "| --- | --- | --- |"]
+           f"median of {result['timed_epochs']} epochs after one warm-up epoch, the loops' "
+           "epochs interleaved in rounds.", "",
+           "| loop | seconds per epoch (median) | jaxlab / this (ratio of medians) "
+           "| jaxlab / this, per round (median, min-max) |",
+           "| --- | --- | --- | --- |"]
   for name, r in result["results"].items():
     if "median_epoch_seconds" not in r:
-      lines.append(f"| {name} | skipped ({r['skipped']}) | |")
+      lines.append(f"| {name} | skipped ({r['skipped']}) | | |")
       continue
-    ratio = "1" if name == "jaxlab" else f"{result['ratios_jaxlab_over_peer'][name]:.2f}"
-    lines.append(f"| {name} | {r['median_epoch_seconds']:.3f} | {ratio} |")
+    if name == "jaxlab":
+      lines.append(f"| {name} | {r['median_epoch_seconds']:.3f} | 1 | |")
+      continue
+    rounds = result["round_ratios_jaxlab_over_peer"][name]
+    lines.append(f"| {name} | {r['median_epoch_seconds']:.3f} | "
+                 f"{result['ratios_jaxlab_over_peer'][name]:.2f} | "
+                 f"{statistics.median(rounds):.2f} ({min(rounds):.2f}-{max(rounds):.2f}) |")
   lines += ["", f"FLOP floor: {result['flops_per_epoch'] / 1e9:.1f} GFLOP per epoch over a "
                 f"measured matmul peak of {result['matmul_peak_flops_per_second'] / 1e9:.1f} "
                 f"GFLOP/s = {result['flop_floor_seconds']:.3f} s per epoch; jaxlab runs at "

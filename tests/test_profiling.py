@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from jaxlab import profiling
+from jaxlab import benchmark
 from jaxlab.benchmark import markdown, run_benchmark
 from jaxlab.config import build_model, resolve_config
 from jaxlab.train import train_and_evaluate
@@ -31,6 +32,28 @@ def test_profile_step_json(tmp_path, experiment, batch):
   assert 2.5 < train["xla_flops"] / (train["model_flops"] / 3) < 4.0
   traces = list((tmp_path / "trace").rglob("*.xplane.pb"))
   assert traces and traces[0].stat().st_size > 0
+  breakdown = result["trace_breakdown"]
+  assert breakdown["matmul_microseconds"] > 0 and breakdown["other_microseconds"] > 0
+  assert 0 < breakdown["matmul_fraction"] < 1
+
+
+def _hlo(f, *args) -> str:
+  return jax.jit(f).lower(*args).compile().as_text()
+
+
+def test_matmul_instructions_finds_dots_and_fusions_that_hold_them():
+  x, w = np.ones((8, 16), np.float32), np.ones((16, 4), np.float32)
+  hlo = _hlo(lambda x, w: jax.numpy.tanh(x @ w) * 2 + 1, x, w)
+  matmuls = profiling.matmul_instructions(hlo)
+  assert matmuls, hlo
+  for name in matmuls:  # Each is a dot, or a fusion whose computation holds one.
+    line = next(l for l in hlo.splitlines()
+                if l.split("=")[0].split()[-1:] == [f"%{name}"])
+    assert " dot(" in line or " fusion(" in line, line
+  assert not profiling.matmul_instructions(_hlo(lambda x: jax.numpy.tanh(x) * 2 + x.sum(), x))
+  conv = _hlo(lambda x, k: jax.lax.conv(x, k, (1, 1), "SAME"), np.ones((1, 2, 8, 8), np.float32),
+              np.ones((3, 2, 3, 3), np.float32))
+  assert profiling.matmul_instructions(conv)
 
 
 def test_profile_step_table():
@@ -90,6 +113,34 @@ def test_benchmark_runs_jaxlab_and_keras_on_a_tiny_setting():
       a * b for a, b in [(784, 512), (512, 256), (256, 128), (128, 64), (64, 32), (32, 10)]))
   table = markdown(result, "tiny")
   assert "| jaxlab |" in table and "| keras_fit |" in table and "FLOP floor" in table
+
+
+def test_benchmark_interleaves_the_loops_epochs_in_rotating_rounds(monkeypatch):
+  calls = []
+
+  def fake(name):
+    def make(model, images, labels, batch_size):
+      def run():
+        calls.append(name)
+        return float(len(calls))  # The call's position: 1, 2, 3, ...
+      return run
+    return make
+
+  monkeypatch.setattr(benchmark, "jaxlab_runner", fake("jaxlab"))
+  monkeypatch.setitem(benchmark.PEERS, "keras_fit", fake("keras"))
+  monkeypatch.setitem(benchmark.PEERS, "torch_eager", fake("torch"))
+  result = run_benchmark(build_model("mlp_halving"), 10, 32, 64, 3, ["keras_fit", "torch_eager"],
+                         peak_flops=1e9, log=lambda s: None)
+  assert calls == ["jaxlab", "keras", "torch",  # Warm-up epochs, then three rotated rounds.
+                   "jaxlab", "keras", "torch", "keras", "torch", "jaxlab", "torch", "jaxlab",
+                   "keras"]
+  r = result["results"]
+  assert r["jaxlab"]["warmup_seconds"] == 1 and r["jaxlab"]["epoch_seconds"] == [4, 9, 11]
+  assert r["keras_fit"]["epoch_seconds"] == [5, 7, 12]
+  assert r["torch_eager"]["median_epoch_seconds"] == 8
+  assert result["ratios_jaxlab_over_peer"] == {"keras_fit": 9 / 7, "torch_eager": 9 / 8}
+  assert result["round_ratios_jaxlab_over_peer"]["keras_fit"] == [4 / 5, 9 / 7, 11 / 12]
+  assert "| keras_fit | 7.000 | 1.29 | 0.92 (0.80-1.29) |" in markdown(result, "fake")
 
 
 def test_benchmark_rejects_unknown_peer():
