@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
+import re
 import statistics
 import time
 from typing import Any, Callable
@@ -117,16 +118,16 @@ def write_trace(run: Callable[[], Any], trace_dir: str | pathlib.Path, steps: in
 
 # Host-side wrappers in a trace: they contain the device work rather than being part of it.
 _WRAPPERS = ("ThunkExecutor", "PjitFunction", "Execute", "$", "step", "ParseArguments",
-             "Handle inputs", "CreateOutputs", "train", "TfrtCpu", "PjRt")
+             "Handle inputs", "CreateOutputs", "train", "TfrtCpu", "PjRt", "CommonPjRt",
+             "SlinkyThreadPool")
 
 
-def top_ops(trace_dir: str | pathlib.Path, n: int = 15) -> list[dict[str, Any]]:
-  """The `n` costliest operations of a `jax.profiler` trace, by total time.
+def _device_events(trace_dir: str | pathlib.Path):
+  """(name, microseconds, args) of the device work in the newest trace under `trace_dir`.
 
   On a GPU these are the kernels on the device's streams; on the CPU, XLA's thunks (fusions,
   dots, convolutions). Host-side wrappers (dispatch, Python frames) are left out.
   """
-  import collections
   import gzip
 
   files = sorted(pathlib.Path(trace_dir).rglob("*.trace.json.gz"))
@@ -136,8 +137,6 @@ def top_ops(trace_dir: str | pathlib.Path, n: int = 15) -> list[dict[str, Any]]:
   processes = {e["pid"]: e["args"]["name"] for e in events
                if e.get("ph") == "M" and e.get("name") == "process_name"}
   device_pids = {pid for pid, name in processes.items() if "/device:" in name}
-  total: collections.Counter = collections.Counter()
-  calls: collections.Counter = collections.Counter()
   for e in events:
     if e.get("ph") != "X":
       continue
@@ -146,8 +145,81 @@ def top_ops(trace_dir: str | pathlib.Path, n: int = 15) -> list[dict[str, Any]]:
         continue
     elif e["name"].startswith(_WRAPPERS):
       continue
-    total[e["name"]] += e.get("dur", 0)
-    calls[e["name"]] += 1
+    yield e["name"], e.get("dur", 0), e.get("args") or {}
+
+
+def top_ops(trace_dir: str | pathlib.Path, n: int = 15) -> list[dict[str, Any]]:
+  """The `n` costliest operations of a `jax.profiler` trace, by total time."""
+  import collections
+
+  total: collections.Counter = collections.Counter()
+  calls: collections.Counter = collections.Counter()
+  for name, us, _ in _device_events(trace_dir):
+    total[name] += us
+    calls[name] += 1
   grand = sum(total.values()) or 1
   return [{"name": name, "microseconds": us, "calls": calls[name], "fraction": us / grand}
           for name, us in total.most_common(n)]
+
+
+# Library calls that multiply matrices or convolve: custom-call targets in HLO, kernel names in
+# GPU traces.
+_LIBRARY_MATMUL = re.compile(r"gemm|conv|cublas|cudnn|xmma|cutlass", re.IGNORECASE)
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([^\s(]+)\s*\(.*\{\s*$")
+_INSTRUCTION = re.compile(r"^\s+(?:ROOT\s+)?%?([^\s=]+)\s*=\s*.*?\s([a-z][\w-]*)\((.*)$")
+
+
+def matmul_instructions(hlo_text: str) -> set[str]:
+  """Names of the optimized HLO's instructions that multiply matrices or convolve: dots and
+  convolutions, library calls for them (custom calls), and fusions whose computation holds one
+  (on the CPU, XLA's YNNPACK dot fusions). Loops and calls are not counted: the instructions
+  inside them are, where they appear in a trace."""
+  computations: dict[str, list[tuple[str, str, str]]] = {}
+  current: list[tuple[str, str, str]] | None = None
+  for line in hlo_text.splitlines():
+    header = _COMPUTATION.match(line)
+    if header:
+      current = computations.setdefault(header.group(1), [])
+      continue
+    instruction = _INSTRUCTION.match(line)
+    if instruction and current is not None:
+      current.append(instruction.groups())
+
+  def is_matmul(opcode: str, rest: str, seen: frozenset) -> bool:
+    if opcode in ("dot", "convolution"):
+      return True
+    if opcode == "custom-call":
+      target = re.search(r'custom_call_target="([^"]*)"', rest)
+      return bool(target and _LIBRARY_MATMUL.search(target.group(1)))
+    if opcode == "fusion":
+      called = re.search(r"calls=%?([^\s,}]+)", rest)
+      if called and called.group(1) not in seen:
+        name = called.group(1)
+        return any(is_matmul(op, r, seen | {name}) for _, op, r in computations.get(name, ()))
+    return False
+
+  return {name for body in computations.values() for name, opcode, rest in body
+          if is_matmul(opcode, rest, frozenset())}
+
+
+def op_breakdown(trace_dir: str | pathlib.Path, hlo_text: str) -> dict[str, float]:
+  """How a trace's device time splits between matrix multiplies (and convolutions) and the
+  rest. Events are matched to `hlo_text`'s instructions by name (or by their `hlo_op`
+  argument); on a GPU, library kernels are also recognized by name (gemm, conv, ...).
+
+  The times are sums of the operations' durations: on the CPU, XLA runs independent
+  operations at the same time (a layer's two backward matmuls, for one), so each of those
+  lasts longer than it would alone and the sum exceeds the wall time. Tracing also adds a
+  small cost to every operation, which weighs most on the many small non-matmul ones.
+  """
+  matmuls = matmul_instructions(hlo_text)
+  matmul = other = 0.0
+  for name, us, args in _device_events(trace_dir):
+    op = args.get("hlo_op", name)
+    if op in matmuls or name in matmuls or _LIBRARY_MATMUL.search(name):
+      matmul += us
+    else:
+      other += us
+  total = matmul + other
+  return {"matmul_microseconds": matmul, "other_microseconds": other,
+          "matmul_fraction": matmul / total if total else 0.0}

@@ -78,14 +78,15 @@ def profile(experiment: str, dataset: str | None, batch_size: int | None, precis
     flops = max(r["xla_flops"], r["model_flops"])
     r["flops_per_second"] = flops / r["median_step_seconds"]
     r["fraction_of_peak"] = r["flops_per_second"] / peak
-  top = None
+  trace = {}
   if trace_dir:
     profiling.write_trace(run_train, trace_dir)
-    top = profiling.top_ops(trace_dir)
+    trace = {"trace_top_ops": profiling.top_ops(trace_dir),
+             "trace_breakdown": profiling.op_breakdown(trace_dir, train_stats.hlo_text)}
   return {"experiment": experiment, "dataset": info.name, "batch_size": batch_size,
           "precision": precision, **environment(),
           "matmul_peak_flops_per_second": peak, **results,
-          **({"trace_top_ops": top} if top is not None else {})}
+          **trace}
 
 
 def format_table(r: dict) -> str:
@@ -104,6 +105,11 @@ def format_table(r: dict) -> str:
           ("TFLOP/s",) + tuple(f"{r[s]['flops_per_second'] / 1e12:.3f}" for s in ("train_step", "eval_step")),
           ("fraction of peak",) + tuple(f"{r[s]['fraction_of_peak']:.1%}" for s in ("train_step", "eval_step"))]
   lines += [f"{a:<22}{b:>14}{c:>14}" for a, b, c in rows]
+  if r.get("trace_breakdown"):
+    b = r["trace_breakdown"]
+    lines.append(f"traced device time of 5 train steps: {b['matmul_fraction']:.1%} in matrix "
+                 f"multiplies and convolutions ({b['matmul_microseconds'] / 1e3:.3f} ms), "
+                 f"{b['other_microseconds'] / 1e3:.3f} ms in the rest")
   if r.get("trace_top_ops"):
     lines.append("costliest operations in the trace of 5 train steps:")
     lines += [f"  {op['fraction']:6.1%} {op['microseconds'] / 1e3:9.3f} ms {op['calls']:5d}x  "
