@@ -143,6 +143,18 @@ def test_benchmark_interleaves_the_loops_epochs_in_rotating_rounds(monkeypatch):
   assert "| keras_fit | 7.000 | 1.29 | 0.92 (0.80-1.29) |" in markdown(result, "fake")
 
 
+def test_benchmark_floor_uses_the_best_peak_measured_after_each_round(monkeypatch):
+  monkeypatch.setattr(benchmark, "jaxlab_runner", lambda *args: lambda: 2.0)
+  peaks = iter([3e9, 5e9, 4e9])
+  monkeypatch.setattr(profiling, "matmul_peak_flops", lambda dtype: next(peaks))
+  model = build_model("mlp_halving")
+  result = run_benchmark(model, 10, 32, 64, 3, [], log=lambda s: None)
+  assert result["matmul_peak_measurements"] == [3e9, 5e9, 4e9]
+  assert result["matmul_peak_flops_per_second"] == 5e9
+  assert result["flop_floor_seconds"] == pytest.approx(result["flops_per_epoch"] / 5e9)
+  assert "best of 3 matmul peak measurements" in markdown(result, "fake")
+
+
 def test_benchmark_rejects_unknown_peer():
   with pytest.raises(ValueError, match="unknown peer 'tf'; known: keras_fit, torch_eager"):
     run_benchmark(build_model("mlp_halving"), 10, 32, 64, 1, ["tf"], peak_flops=1e9,
