@@ -271,7 +271,7 @@ def markdown(result: dict[str, Any], title: str) -> str:
     lines.append(f"| {name} | {r['median_epoch_seconds']:.3f} | "
                  f"{result['ratios_jaxlab_over_peer'][name]:.2f} | "
                  f"{statistics.median(rounds):.2f} ({min(rounds):.2f}-{max(rounds):.2f}) |")
-  peaks = result.get("matmul_peak_measurements") or []
+  peaks = result["matmul_peak_measurements"]
   source = (f"the best of {len(peaks)} matmul peak measurements (one per round; lowest "
             f"{min(peaks) / 1e9:.1f})" if peaks else "a given matmul peak")
   lines += ["", f"FLOP floor: {result['flops_per_epoch'] / 1e9:.1f} GFLOP per epoch over "

@@ -122,8 +122,12 @@ _WRAPPERS = ("ThunkExecutor", "PjitFunction", "Execute", "$", "step", "ParseArgu
              "SlinkyThreadPool")
 
 
-def _device_events(trace_dir: str | pathlib.Path):
-  """(name, microseconds, args) of the device work in the newest trace under `trace_dir`.
+Event = tuple[str, float, dict[str, Any]]  # (name, microseconds, args) of one traced operation.
+
+
+def device_events(trace_dir: str | pathlib.Path) -> list[Event]:
+  """The device work in the newest trace under `trace_dir`, read once for `top_ops` and
+  `op_breakdown`.
 
   On a GPU these are the kernels on the device's streams; on the CPU, XLA's thunks (fusions,
   dots, convolutions). Host-side wrappers (dispatch, Python frames) are left out.
@@ -133,10 +137,12 @@ def _device_events(trace_dir: str | pathlib.Path):
   files = sorted(pathlib.Path(trace_dir).rglob("*.trace.json.gz"))
   if not files:
     raise FileNotFoundError(f"no *.trace.json.gz under {trace_dir}")
-  events = json.load(gzip.open(files[-1]))["traceEvents"]
+  with gzip.open(files[-1]) as f:
+    events = json.load(f)["traceEvents"]
   processes = {e["pid"]: e["args"]["name"] for e in events
                if e.get("ph") == "M" and e.get("name") == "process_name"}
   device_pids = {pid for pid, name in processes.items() if "/device:" in name}
+  found = []
   for e in events:
     if e.get("ph") != "X":
       continue
@@ -145,16 +151,17 @@ def _device_events(trace_dir: str | pathlib.Path):
         continue
     elif e["name"].startswith(_WRAPPERS):
       continue
-    yield e["name"], e.get("dur", 0), e.get("args") or {}
+    found.append((e["name"], e.get("dur", 0), e.get("args") or {}))
+  return found
 
 
-def top_ops(trace_dir: str | pathlib.Path, n: int = 15) -> list[dict[str, Any]]:
-  """The `n` costliest operations of a `jax.profiler` trace, by total time."""
+def top_ops(events: list[Event], n: int = 15) -> list[dict[str, Any]]:
+  """The `n` costliest operations of a trace's `device_events`, by total time."""
   import collections
 
   total: collections.Counter = collections.Counter()
   calls: collections.Counter = collections.Counter()
-  for name, us, _ in _device_events(trace_dir):
+  for name, us, _ in events:
     total[name] += us
     calls[name] += 1
   grand = sum(total.values()) or 1
@@ -202,8 +209,8 @@ def matmul_instructions(hlo_text: str) -> set[str]:
           if is_matmul(opcode, rest, frozenset())}
 
 
-def op_breakdown(trace_dir: str | pathlib.Path, hlo_text: str) -> dict[str, float]:
-  """How a trace's device time splits between matrix multiplies (and convolutions) and the
+def op_breakdown(events: list[Event], hlo_text: str) -> dict[str, float]:
+  """How a trace's device time (its `device_events`) splits between matrix multiplies (and convolutions) and the
   rest. Events are matched to `hlo_text`'s instructions by name (or by their `hlo_op`
   argument); on a GPU, library kernels are also recognized by name (gemm, conv, ...).
 
@@ -214,7 +221,7 @@ def op_breakdown(trace_dir: str | pathlib.Path, hlo_text: str) -> dict[str, floa
   """
   matmuls = matmul_instructions(hlo_text)
   matmul = other = 0.0
-  for name, us, args in _device_events(trace_dir):
+  for name, us, args in events:
     op = args.get("hlo_op", name)
     if op in matmuls or name in matmuls or _LIBRARY_MATMUL.search(name):
       matmul += us

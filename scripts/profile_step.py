@@ -81,8 +81,9 @@ def profile(experiment: str, dataset: str | None, batch_size: int | None, precis
   trace = {}
   if trace_dir:
     profiling.write_trace(run_train, trace_dir)
-    trace = {"trace_top_ops": profiling.top_ops(trace_dir),
-             "trace_breakdown": profiling.op_breakdown(trace_dir, train_stats.hlo_text)}
+    events = profiling.device_events(trace_dir)
+    trace = {"trace_top_ops": profiling.top_ops(events),
+             "trace_breakdown": profiling.op_breakdown(events, train_stats.hlo_text)}
   return {"experiment": experiment, "dataset": info.name, "batch_size": batch_size,
           "precision": precision, **environment(),
           "matmul_peak_flops_per_second": peak, **results,
