@@ -41,7 +41,8 @@ EpochRunner = Callable[[], float]
 def jaxlab_runner(model: PlanModel, images, labels, batch_size: int,
                   steps_per_dispatch: int = 50) -> EpochRunner:
   """jaxlab's own loop: `train_epoch` with its compiled, scanned and donated steps."""
-  from jaxlab.train import create_train_state, make_steps, train_epoch
+  from jaxlab.state import create_train_state
+  from jaxlab.steps import make_steps, train_epoch
 
   steps = make_steps(model)
   state = create_train_state(model, make_optimizer("adam", 1e-3), seed=0)
@@ -178,7 +179,7 @@ def machine() -> dict[str, Any]:
         break
   except OSError:
     pass
-  from jaxlab.train import environment
+  from jaxlab.rundir import environment
 
   return {"cpu": cpu, "cpu_count": os.cpu_count(), "python": platform.python_version(),
           **environment()}

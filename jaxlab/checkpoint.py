@@ -10,23 +10,13 @@ import jax
 import numpy as np
 from flax import serialization
 
+from jaxlab.metrics import write_atomic
+
 T = TypeVar("T")
 
 
 class CheckpointError(Exception):
   """A checkpoint that is missing or does not fit the model it is restored into."""
-
-
-def write_atomic(path: str | os.PathLike, data: bytes) -> None:
-  """Writes `data` to `path` so that a crash leaves either the old file or the new one."""
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(path.name + ".tmp")
-  with open(tmp, "wb") as f:
-    f.write(data)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
 
 
 def save(path: str | os.PathLike, target: Any) -> None:

@@ -1,4 +1,4 @@
-"""Run-directory metrics: one JSON line per epoch, and a JSON summary, both crash-safe."""
+"""Run-directory files: atomic writes, one JSON line per epoch, JSON summaries (no JAX here)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,18 @@ import os
 import pathlib
 from typing import Any
 
-from jaxlab.checkpoint import write_atomic
+
+
+def write_atomic(path: str | os.PathLike, data: bytes) -> None:
+  """Writes `data` to `path` so that a crash leaves either the old file or the new one."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(path.name + ".tmp")
+  with open(tmp, "wb") as f:
+    f.write(data)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

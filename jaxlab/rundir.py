@@ -1,16 +1,23 @@
-"""Run directories: their files, and rebuilding a run's model and state from them alone."""
+"""Run directories: their files, the run's bookkeeping (config.json, metrics.json), and
+rebuilding a run's model and state from the directory alone."""
 
 from __future__ import annotations
 
 import json
 import pathlib
+import statistics
 from typing import Any
 
+import jax
 from flax import serialization
 
-from jaxlab import checkpoint
-from jaxlab.config import TrainConfig, build_model, validate
-from jaxlab.models import PlanModel
+import jaxlab
+from jaxlab import checkpoint, metrics
+from jaxlab.config import RESUMABLE_CHANGES, TrainConfig, build_model, validate
+from jaxlab.models import PlanModel, describe
+from jaxlab.optim import make_optimizer
+from jaxlab.state import create_train_state
+from jaxlab.summary import summarize
 
 CHECKPOINTS = ("last", "best")
 
@@ -41,11 +48,58 @@ class RunDir:
     return config
 
 
+def environment() -> dict[str, Any]:
+  """jaxlab and JAX versions, and the backend and device the computation runs on."""
+  device = jax.devices()[0]
+  return {"jaxlab": jaxlab.__version__, "jax": jax.__version__, "backend": jax.default_backend(),
+          "device": getattr(device, "device_kind", str(device)), "device_count": jax.device_count()}
+
+
+def check_resume(run: RunDir, config: TrainConfig) -> None:
+  """Refuses to resume a run whose saved configuration computes something else than `config`."""
+  old = run.read_config().to_json()
+  new = config.to_json()
+  changed = [k for k in new if k not in RESUMABLE_CHANGES and old.get(k) != new[k]]
+  if changed:
+    diffs = ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in changed)
+    raise ValueError(f"{run.root} holds a run with a different configuration ({diffs}); "
+                     "use another --workdir, or the same settings to resume it")
+
+
+def write_config(run: RunDir, config: TrainConfig, model: PlanModel,
+                 data: dict[str, Any]) -> None:
+  """config.json: the resolved settings, the layer plan, the data and the environment."""
+  metrics.write_json(run.config, {"config": config.to_json(), "model": describe(model),
+                                  "data": data, "environment": environment()})
+
+
+def write_summary(run: RunDir, config: TrainConfig, history: list[dict[str, Any]],
+                  counts: dict[str, int], status: str,
+                  evaluations: dict[str, Any] | None = None) -> dict[str, Any]:
+  """metrics.json from the epochs' records: final and best accuracy, timings, checkpoints."""
+  final = history[-1] if history else {}
+  best_record = max(history, key=lambda r: r["val_accuracy"]) if history else {}
+  out = {
+      "experiment": config.experiment, "dataset": config.dataset, "status": status,
+      "epochs_completed": len(history), "epochs": config.epochs,
+      "final_val_accuracy": final.get("val_accuracy"), "final_val_loss": final.get("val_loss"),
+      "best_val_accuracy": best_record.get("val_accuracy"),
+      "best_epoch": best_record.get("epoch"),
+      **{k: counts[k] for k in ("total_params", "trainable_params", "non_trainable_params")},
+      "total_seconds": sum(r["epoch_seconds"] + r["eval_seconds"] for r in history),
+      "median_epoch_seconds": (statistics.median(r["epoch_seconds"] for r in history)
+                               if history else None),
+      "checkpoints": {"last": str(run.last.relative_to(run.root)),
+                      "best": str(run.best.relative_to(run.root))},
+  }
+  if evaluations:
+    out["evaluation"] = evaluations
+  metrics.write_json(run.metrics_json, out)
+  return out
+
+
 def load_run(workdir: str | pathlib.Path, which: str = "best") -> tuple[TrainConfig, PlanModel, Any, int]:
   """(config, model, train state, epoch) of a run directory's `which` checkpoint."""
-  from jaxlab.optim import make_optimizer
-  from jaxlab.train import create_train_state
-
   run = RunDir(workdir)
   config = run.read_config()
   model = build_model(config.experiment, config.dataset, config.precision)
@@ -62,12 +116,6 @@ def write_imported_run(workdir: str | pathlib.Path, config: TrainConfig, variabl
   Every script that reads run directories works on it; `scripts/train.py` with the same settings
   trains on from the imported weights.
   """
-  from jaxlab import metrics
-  from jaxlab.models import describe
-  from jaxlab.optim import make_optimizer
-  from jaxlab.summary import summarize
-  from jaxlab.train import create_train_state
-
   run = RunDir(workdir)
   if run.config.exists():
     raise FileExistsError(f"{run.root} already holds a run; import into a new --workdir")

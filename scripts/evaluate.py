@@ -11,7 +11,7 @@ from absl import app, flags
 from jaxlab import cli, evaluation
 from jaxlab.data import load_dataset
 from jaxlab.rundir import load_run
-from jaxlab.train import evaluate, make_steps
+from jaxlab.steps import evaluate, make_steps
 
 flags.DEFINE_string("workdir", None, "Run directory written by scripts/train.py.")
 flags.DEFINE_enum("checkpoint", "best", ["best", "last"], "Which checkpoint to evaluate.")

@@ -21,7 +21,9 @@ from jaxlab.experiment import get_experiment
 from jaxlab.data import DATASETS
 from jaxlab.optim import make_optimizer
 from jaxlab.summary import forward_flops
-from jaxlab.train import create_train_state, environment, make_steps
+from jaxlab.rundir import environment
+from jaxlab.state import create_train_state
+from jaxlab.steps import make_steps
 
 cli.define_experiment_flags()
 flags.DEFINE_integer("batch_size", None, "Batch size. Default: the experiment's.")

@@ -16,7 +16,9 @@ from jaxlab.experiment import experiment_names
 from jaxlab.metrics import read_jsonl
 from jaxlab.models import Conv, ConvBlock, ConvNet, Dense, MaxPool
 from jaxlab.optim import make_optimizer
-from jaxlab.train import create_train_state, l2_penalty, make_steps, train_and_evaluate
+from jaxlab.state import create_train_state
+from jaxlab.steps import l2_penalty, make_steps
+from jaxlab.train import train_and_evaluate
 from datafiles import synthetic_dataset
 
 CNN_EXPERIMENTS = [n for n in experiment_names() if not n.startswith("mlp_")]

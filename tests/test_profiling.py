@@ -10,6 +10,7 @@ from jaxlab import profiling
 from jaxlab import benchmark
 from jaxlab.benchmark import markdown, run_benchmark
 from jaxlab.config import build_model, resolve_config
+from jaxlab.hooks import OnEpochEnd
 from jaxlab.train import train_and_evaluate
 from datafiles import synthetic_dataset
 from test_scripts import script
@@ -78,7 +79,7 @@ def test_epochs_after_the_first_do_not_compile(tmp_path):
   counts = []
   with profiling.CompileCounter() as counter:
     train_and_evaluate(config, tmp_path, dataset=ds,
-                       callbacks=[lambda epoch, record, state: counts.append(counter.count)])
+                       hooks=[OnEpochEnd(lambda epoch, record, state: counts.append(counter.count))])
   assert counts[0] > 0 and counts[1] == counts[2] == counts[0]
 
 

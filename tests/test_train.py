@@ -10,8 +10,10 @@ from jaxlab import checkpoint
 from jaxlab.config import build_model, resolve_config
 from jaxlab.metrics import read_jsonl
 from jaxlab.optim import make_optimizer
-from jaxlab.train import (chunk_lengths, create_train_state, l2_penalty, make_steps, train_and_evaluate,
-                          train_epoch)
+from jaxlab.hooks import OnEpochEnd
+from jaxlab.state import create_train_state
+from jaxlab.steps import chunk_lengths, l2_penalty, make_steps, train_epoch
+from jaxlab.train import train_and_evaluate
 from datafiles import synthetic_dataset
 
 SMALL = dict(dataset="mnist", epochs=3, batch_size=32, steps_per_dispatch=4, eval_batch_size=64)
@@ -95,7 +97,7 @@ def crash_after(epoch):
   def callback(e, record, state):
     if e == epoch:
       raise Crash(f"killed after epoch {e}")
-  return callback
+  return OnEpochEnd(callback)
 
 
 @pytest.mark.parametrize("experiment", ["mlp_dropout", "mlp_parallel_paths"])
@@ -107,12 +109,12 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, experiment):
   def keep(e, record, state):
     final["state"] = jax.tree_util.tree_map(np.asarray, state)
 
-  train_and_evaluate(config, tmp_path / "straight", dataset=ds, callbacks=[keep])
+  train_and_evaluate(config, tmp_path / "straight", dataset=ds, hooks=[OnEpochEnd(keep)])
   straight = leaves(final.pop("state"))
   with pytest.raises(Crash):
-    train_and_evaluate(config, tmp_path / "resumed", dataset=ds, callbacks=[crash_after(1)])
+    train_and_evaluate(config, tmp_path / "resumed", dataset=ds, hooks=[crash_after(1)])
   assert len(read_jsonl(tmp_path / "resumed" / "metrics.jsonl")) == 1
-  summary = train_and_evaluate(config, tmp_path / "resumed", dataset=ds, callbacks=[keep])
+  summary = train_and_evaluate(config, tmp_path / "resumed", dataset=ds, hooks=[OnEpochEnd(keep)])
   resumed = leaves(final.pop("state"))
   for a, b in zip(resumed, straight):
     np.testing.assert_array_equal(a, b)
@@ -127,7 +129,7 @@ def test_metrics_after_the_checkpoint_are_rerun(tmp_path):
   config = resolve_config("mlp_baseline", **SMALL)
   ds = synthetic_dataset()
   with pytest.raises(Crash):
-    train_and_evaluate(config, tmp_path, dataset=ds, callbacks=[crash_after(2)])
+    train_and_evaluate(config, tmp_path, dataset=ds, hooks=[crash_after(2)])
   # A crash between writing epoch 3's metrics line and its checkpoint: a stray line 3.
   lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
   (tmp_path / "metrics.jsonl").write_text("\n".join(lines + [lines[-1].replace(
@@ -136,7 +138,7 @@ def test_metrics_after_the_checkpoint_are_rerun(tmp_path):
   shutil.copy(tmp_path / "checkpoints" / "last.msgpack", tmp_path / "keep.msgpack")
   # Roll the checkpoint back to epoch 1 by resuming a copy that crashed there.
   with pytest.raises(Crash):
-    train_and_evaluate(config, tmp_path / "one", dataset=ds, callbacks=[crash_after(1)])
+    train_and_evaluate(config, tmp_path / "one", dataset=ds, hooks=[crash_after(1)])
   shutil.copy(tmp_path / "one" / "checkpoints" / "last.msgpack",
               tmp_path / "checkpoints" / "last.msgpack")
   train_and_evaluate(config, tmp_path, dataset=ds)
