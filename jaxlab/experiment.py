@@ -1,12 +1,25 @@
-"""Experiments: a named architecture with its data set and training defaults."""
+"""Experiments and labs: a named architecture with its data set and training defaults, and the
+modules (labs) that declare them.
+
+A lab is a Python module whose top-level code calls `register(Experiment(...))` once per
+experiment: the built-in ones are `experiments/lab02.py`, `experiments/lab04_alexnet.py` and
+`experiments/lab04_vgg.py`; a user's own file with the same calls is a lab too
+(`load_lab("path/to/my_lab.py")`). This module never imports `experiments` statically: it loads
+a lab's module by name (as big_vision looks models up by module name), so declarations only
+look down at the library.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib
+import importlib.util
+import pathlib
+import sys
 
 from jaxlab.models import PlanModel
-from jaxlab.registry import Registry
+from jaxlab.registry import Registry, UnknownNameError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,25 +37,116 @@ class Experiment:
   seed_accuracy: str = ""  # The validation accuracy the report gives (final / best).
 
 
+@dataclasses.dataclass(frozen=True)
+class Lab:
+  """A module of experiment declarations, and the experiments it declared, in its order."""
+
+  name: str
+  module: str  # The module's name in sys.modules.
+  path: str  # Its file.
+  experiments: tuple[str, ...]
+
+
 EXPERIMENTS: Registry[Experiment] = Registry("experiment")
+BUILTIN_LABS = {"lab02": "experiments.lab02", "lab04_alexnet": "experiments.lab04_alexnet",
+                "lab04_vgg": "experiments.lab04_vgg"}
+_DECLARED_IN: dict[str, tuple[str, str]] = {}  # experiment name -> (module name, file)
+_FILE_LABS: dict[pathlib.Path, Lab] = {}
+
+
+def _declaring_module() -> tuple[str, str]:
+  """(name, file) of the module whose top-level code is running: the lab being imported.
+
+  Walking up to the nearest module-level frame attributes an experiment to the file that
+  declared it even when a helper in another module (`experiments/lab04_common.py`, or a user's
+  import of it) makes the `register` call."""
+  frame = sys._getframe(2)
+  while frame is not None and frame.f_code.co_name != "<module>":
+    frame = frame.f_back
+  if frame is None:
+    return "", ""
+  return frame.f_globals.get("__name__", ""), frame.f_globals.get("__file__") or ""
 
 
 def register(experiment: Experiment) -> Experiment:
+  """Adds `experiment` to the catalog; a name that is already taken fails naming both places."""
+  module, path = _declaring_module()
+  if experiment.name in EXPERIMENTS:
+    _, other = _DECLARED_IN.get(experiment.name, ("", "?"))
+    raise ValueError(f"experiment name {experiment.name!r} declared in {path or module} is "
+                     f"already taken (declared in {other}); choose another name")
+  _DECLARED_IN[experiment.name] = (module, path)
   return EXPERIMENTS.register(experiment.name, experiment)
 
 
-def _load_declarations() -> None:
-  # The declarations live in the top-level `experiments` package, one module per lab;
-  # importing it registers them.
-  importlib.import_module("experiments")
+def _load_builtin_labs() -> None:
+  for module in BUILTIN_LABS.values():
+    importlib.import_module(module)
 
 
-def get_experiment(name: str) -> Experiment:
-  """The experiment called `name`; an unknown name raises an error listing the known ones."""
-  _load_declarations()
+def _lab_of_module(name: str, module: str, path: str) -> Lab:
+  names = tuple(n for n, (m, _) in _DECLARED_IN.items() if m == module)
+  if not names:
+    raise ValueError(f"lab {path} declares no experiments; a lab calls "
+                     "jaxlab.experiment.register(Experiment(...)) at its top level, as "
+                     "experiments/lab02.py does")
+  return Lab(name, module, path, names)
+
+
+def load_lab(spec: str) -> Lab:
+  """A built-in lab by name (`lab02`, `lab04_alexnet`, `lab04_vgg`), or a user's lab file by
+  path (`my_lab.py`), loaded once per process; the built-in labs are loaded first, so a user's
+  name that is already taken fails naming both files."""
+  _load_builtin_labs()
+  if spec in BUILTIN_LABS:
+    module = sys.modules[BUILTIN_LABS[spec]]
+    return _lab_of_module(spec, module.__name__, module.__file__)
+  if not spec.endswith(".py"):
+    raise UnknownNameError(f"unknown lab {spec!r}; known labs: {', '.join(BUILTIN_LABS)}, "
+                           "or the path of a Python file that declares experiments")
+  path = pathlib.Path(spec).resolve()
+  if path in _FILE_LABS:
+    return _FILE_LABS[path]
+  if not path.is_file():
+    raise FileNotFoundError(f"lab file {spec} does not exist")
+  # A module name of its own per file, so two users' `my_lab.py` never collide in sys.modules.
+  module_name = f"jaxlab_labs.{path.stem}_{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
+  module_spec = importlib.util.spec_from_file_location(module_name, path)
+  module = importlib.util.module_from_spec(module_spec)
+  sys.modules[module_name] = module
+  try:
+    module_spec.loader.exec_module(module)
+  except BaseException:
+    del sys.modules[module_name]
+    raise
+  _FILE_LABS[path] = lab = _lab_of_module(path.stem, module_name, str(path))
+  return lab
+
+
+def describe_experiment(name: str) -> dict[str, str]:
+  """Where experiment `name` comes from, for config.json: its lab, the file that declared it
+  (so that any script can read back a run of a user's lab), and the report's own figure."""
+  exp = get_experiment(name)
+  module, path = _DECLARED_IN.get(name, ("", ""))
+  lab = next((lab for lab, m in BUILTIN_LABS.items() if m == module),
+             pathlib.Path(path).stem if path else "")
+  return {"name": name, "lab": lab, "declared_in": path, "report": exp.report,
+          "seed_accuracy": exp.seed_accuracy, "seed_dataset": exp.dataset}
+
+
+def get_experiment(name: str, declared_in: str | None = None) -> Experiment:
+  """The experiment called `name`; an unknown name raises an error listing the known ones.
+
+  `declared_in`, a lab file, is loaded first if `name` is not a built-in experiment."""
+  _load_builtin_labs()
+  if name not in EXPERIMENTS and declared_in:
+    if not pathlib.Path(declared_in).is_file():
+      raise FileNotFoundError(f"experiment {name!r} was declared in {declared_in}, which no "
+                              "longer exists")
+    load_lab(declared_in)
   return EXPERIMENTS.get(name)
 
 
 def experiment_names() -> list[str]:
-  _load_declarations()
+  _load_builtin_labs()
   return EXPERIMENTS.names()

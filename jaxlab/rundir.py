@@ -14,6 +14,7 @@ from flax import serialization
 import jaxlab
 from jaxlab import checkpoint, metrics
 from jaxlab.config import RESUMABLE_CHANGES, TrainConfig, build_model, validate
+from jaxlab.experiment import describe_experiment, get_experiment
 from jaxlab.models import PlanModel, describe
 from jaxlab.optim import make_optimizer
 from jaxlab.state import create_train_state
@@ -43,8 +44,11 @@ class RunDir:
     """The run's resolved configuration, from config.json."""
     if not self.config.is_file():
       raise FileNotFoundError(f"{self.root} is not a run directory: it has no config.json")
-    config = TrainConfig(**json.loads(self.config.read_text())["config"])
+    saved = json.loads(self.config.read_text())
+    config = TrainConfig(**saved["config"])
     validate(config)
+    # An experiment of a user's lab file: load that file, so the name means what it meant.
+    get_experiment(config.experiment, saved.get("experiment", {}).get("declared_in"))
     return config
 
 
@@ -68,9 +72,12 @@ def check_resume(run: RunDir, config: TrainConfig) -> None:
 
 def write_config(run: RunDir, config: TrainConfig, model: PlanModel,
                  data: dict[str, Any]) -> None:
-  """config.json: the resolved settings, the layer plan, the data and the environment."""
-  metrics.write_json(run.config, {"config": config.to_json(), "model": describe(model),
-                                  "data": data, "environment": environment()})
+  """config.json: the resolved settings, where the experiment comes from, the layer plan, the
+  data and the environment."""
+  metrics.write_json(run.config, {"config": config.to_json(),
+                                  "experiment": describe_experiment(config.experiment),
+                                  "model": describe(model), "data": data,
+                                  "environment": environment()})
 
 
 def write_summary(run: RunDir, config: TrainConfig, history: list[dict[str, Any]],
