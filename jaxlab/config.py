@@ -17,23 +17,39 @@ from jaxlab.optim import OPTIMIZERS
 PRECISIONS = {"float32": jnp.float32, "bf16": jnp.bfloat16}
 
 
+def _setting(help_text: str, **kwargs: Any) -> Any:
+  """A TrainConfig field; its help text is the help of the flag that overrides it (jaxlab.cli)."""
+  return dataclasses.field(metadata={"help": help_text}, **kwargs)
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-  """Everything that decides what a run computes. Saved as config.json in the run directory."""
+  """Everything that decides what a run computes. Saved as config.json in the run directory.
 
-  experiment: str
-  dataset: str
-  epochs: int
-  batch_size: int
-  optimizer: str
-  learning_rate: float
-  seed: int = 0
-  train_limit: int | None = None  # Use only the first N training examples.
-  precision: str = "float32"  # Compute dtype; parameters, optimizer state and loss stay float32.
-  eval_batch_size: int = 1000
-  steps_per_dispatch: int = 50  # Train steps run by one compiled call (a `lax.scan`).
-  data_dir: str | None = None
-  download: bool = False
+  Every field but `experiment` is also a command-line flag of the training scripts, generated
+  from this class (`jaxlab.cli.define_config_flags`), with the help text given here."""
+
+  experiment: str = _setting("Experiment name from the catalog (see README).")
+  dataset: str = _setting("Data set: mnist, fashion_mnist or cifar10. Default: the "
+                          "experiment's own.")
+  epochs: int = _setting("Epochs to train; a larger value extends a finished run. Default: "
+                         "the experiment's.")
+  batch_size: int = _setting("Training batch size. Default: the experiment's.")
+  optimizer: str = _setting("adam, sgd, momentum, nadam or rmsprop. Default: the "
+                            "experiment's (adam).")
+  learning_rate: float = _setting("Learning rate. Default: the experiment's (1e-3).")
+  seed: int = _setting("Seed of initialization, shuffling and dropout. Default: 0.", default=0)
+  train_limit: int | None = _setting("Use only the first N training examples. Default: all.",
+                                     default=None)
+  precision: str = _setting("float32, or bf16 (bfloat16 compute; float32 parameters, optimizer "
+                            "state and loss). Default: float32.", default="float32")
+  eval_batch_size: int = _setting("Validation batch size. Default: 1000.", default=1000)
+  steps_per_dispatch: int = _setting("Train steps per compiled call (one lax.scan). Default: "
+                                     "50.", default=50)
+  data_dir: str | None = _setting("Directory with the data set's raw files or a TFDS-prepared "
+                                  "copy (see README).", default=None)
+  download: bool = _setting("Let TFDS download and prepare the data set (needs network and "
+                            "TensorFlow).", default=False)
 
   def to_json(self) -> dict[str, Any]:
     return dataclasses.asdict(self)

@@ -16,8 +16,7 @@ import numpy as np
 from absl import app, flags
 
 from jaxlab import cli, profiling
-from jaxlab.config import PRECISIONS, build_model
-from jaxlab.experiment import get_experiment
+from jaxlab.config import PRECISIONS, TrainConfig, build_model, resolve_config
 from jaxlab.data import DATASETS
 from jaxlab.optim import make_optimizer
 from jaxlab.summary import forward_flops
@@ -25,9 +24,8 @@ from jaxlab.rundir import environment
 from jaxlab.state import create_train_state
 from jaxlab.steps import make_steps
 
-cli.define_experiment_flags()
-flags.DEFINE_integer("batch_size", None, "Batch size. Default: the experiment's.")
-flags.DEFINE_enum("precision", "float32", list(PRECISIONS), "Compute precision.")
+cli.define_experiment_flag()
+OVERRIDES = cli.define_config_flags(["dataset", "batch_size", "precision"])
 flags.DEFINE_integer("steps", 50, "Timed steps (after 3 warm-up steps).", lower_bound=1)
 flags.DEFINE_bool("json", False, "Print JSON instead of a table.")
 flags.DEFINE_string("trace_dir", None, "Write a jax.profiler trace of 5 train steps here.")
@@ -35,16 +33,15 @@ flags.DEFINE_string("hlo_dir", None, "Write the optimized HLO of both steps here
 FLAGS = flags.FLAGS
 
 
-def profile(experiment: str, dataset: str | None, batch_size: int | None, precision: str,
-            steps: int, trace_dir: str | None = None, hlo_dir: str | None = None) -> dict:
-  exp = get_experiment(experiment)
-  info = DATASETS.get(dataset or exp.dataset)
-  batch_size = batch_size or exp.batch_size
-  if batch_size < 1:
-    raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
-  model = build_model(exp, info, precision)
+def profile(config: TrainConfig, steps: int, trace_dir: str | None = None,
+            hlo_dir: str | None = None) -> dict:
+  """Compiles and times `config`'s train and eval steps on random data of its shape."""
+  experiment, batch_size, precision = config.experiment, config.batch_size, config.precision
+  info = DATASETS.get(config.dataset)
+  model = build_model(experiment, info, precision)
   compiled_steps = make_steps(model)
-  state = create_train_state(model, make_optimizer(exp.optimizer, exp.learning_rate), seed=0)
+  state = create_train_state(model, make_optimizer(config.optimizer, config.learning_rate),
+                             seed=config.seed)
   rng = np.random.default_rng(0)
   images = jax.device_put(rng.integers(0, 256, (batch_size,) + info.image_shape, np.uint8))
   labels = jax.device_put(rng.integers(0, info.num_classes, (batch_size,), np.uint8))
@@ -122,8 +119,8 @@ def format_table(r: dict) -> str:
 
 @cli.user_errors_exit
 def main(argv):
-  result = profile(FLAGS.experiment, FLAGS.dataset, FLAGS.batch_size, FLAGS.precision,
-                   FLAGS.steps, FLAGS.trace_dir, FLAGS.hlo_dir)
+  config = resolve_config(FLAGS.experiment, **cli.config_overrides(OVERRIDES))
+  result = profile(config, FLAGS.steps, FLAGS.trace_dir, FLAGS.hlo_dir)
   print(json.dumps(result, indent=2) if FLAGS.json else format_table(result))
 
 
