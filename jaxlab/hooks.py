@@ -9,9 +9,10 @@ callbacks and CLU's periodic actions are. A hook overrides the methods it needs:
   on_chunk_end(steps, totals)         as each compiled call's metric sums reach the host
   on_epoch_end(epoch, record, state)  after validation; `record` is the metrics.jsonl line
   on_run_end(summary)                 after the final evaluation; `summary` is metrics.json
+  close()                             always, last, also when the run fails or is interrupted
 
-Hooks run in list order; `default_hooks` puts the files first, so a later hook (a user's)
-sees an epoch already on disk.
+Hooks run in list order; `jaxlab.train.default_hooks` puts the files first, so a later hook
+(a user's) sees an epoch already on disk.
 """
 
 from __future__ import annotations
@@ -62,6 +63,9 @@ class Hook:
   def on_run_end(self, summary: dict[str, Any]) -> None:
     pass
 
+  def close(self) -> None:
+    pass
+
 
 def epoch_line(record: dict[str, Any]) -> str:
   return (f"loss={record['train_loss']:.4f} accuracy={record['train_accuracy']:.4f} "
@@ -92,6 +96,10 @@ class ProgressBar(Hook):
   def on_epoch_end(self, epoch: int, record: dict[str, Any], state: TrainState) -> None:
     if self._bar is not None:
       self._bar.set_postfix_str(epoch_line(record), refresh=False)
+      self.close()
+
+  def close(self) -> None:
+    if self._bar is not None:
       self._bar.close()
       self._bar = None
 
@@ -138,9 +146,3 @@ class OnEpochEnd(Hook):
 
   def on_epoch_end(self, epoch: int, record: dict[str, Any], state: TrainState) -> None:
     self.fn(epoch, record, state)
-
-
-def default_hooks(progress: bool) -> list[Hook]:
-  """The hooks of every run: the bar, then the files, in the order a crash can tolerate (the
-  metrics line before the checkpoint: lines after the checkpoint are dropped on resume)."""
-  return [ProgressBar(progress), MetricsLog(), Checkpoints(), SummaryFile()]

@@ -34,6 +34,7 @@ class RunDir:
     self.checkpoints = self.root / "checkpoints"
     self.last = self.checkpoints / "last.msgpack"
     self.best = self.checkpoints / "best.msgpack"
+    self.tensorboard = self.root / "tensorboard"
 
   def checkpoint(self, which: str) -> pathlib.Path:
     if which not in CHECKPOINTS:

@@ -23,13 +23,21 @@ from absl import logging
 from jaxlab import checkpoint, evaluation
 from jaxlab.config import TrainConfig, build_model
 from jaxlab.data import Dataset, load_dataset
-from jaxlab.hooks import Hook, RunInfo, default_hooks
+from jaxlab.hooks import Checkpoints, Hook, MetricsLog, ProgressBar, RunInfo, SummaryFile
 from jaxlab.metrics import read_jsonl, write_jsonl
 from jaxlab.optim import make_optimizer
 from jaxlab.rundir import RunDir, check_resume, write_config, write_summary
 from jaxlab.state import TrainState, create_train_state, seed_keys
 from jaxlab.steps import Steps, evaluate, make_steps, train_epoch
 from jaxlab.summary import summarize
+from jaxlab.tensorboard import TensorBoard
+
+
+def default_hooks(progress: bool) -> list[Hook]:
+  """The hooks of every run: the bar, then the files, in the order a crash can tolerate (the
+  metrics line before the checkpoint: lines after the checkpoint are dropped on resume), then
+  the TensorBoard events (rewritten from metrics.jsonl at every start)."""
+  return [ProgressBar(progress), MetricsLog(), Checkpoints(), SummaryFile(), TensorBoard()]
 
 
 def _final_evaluations(run: RunDir, steps: Steps, state: TrainState, history: list[dict],
@@ -105,39 +113,44 @@ def train_and_evaluate(config: TrainConfig, workdir: str | pathlib.Path,
                                          "non_trainable_params")})
   show = sys.stderr.isatty() if progress is None else progress
   hooks = [*default_hooks(show), *hooks]
-  for hook in hooks:
-    hook.on_run_start(info)
-
-  def on_chunk(n: int, totals: dict[str, float]) -> None:
+  try:
     for hook in hooks:
-      hook.on_chunk_end(n, totals)
+      hook.on_run_start(info)
 
-  for epoch in range(start_epoch + 1, config.epochs + 1):
-    for hook in hooks:
-      hook.on_epoch_start(epoch)
-    t0 = time.perf_counter()
-    state, train_metrics = train_epoch(steps, state, train_images, train_labels, config.batch_size,
-                                       jax.random.fold_in(shuffle_key, epoch),
-                                       config.steps_per_dispatch, on_chunk,
-                                       first_step=(epoch - 1) * steps_per_epoch)
-    t1 = time.perf_counter()
-    val_metrics, _ = evaluate(steps, state.variables, test_images, test_labels,
-                              config.eval_batch_size)
-    t2 = time.perf_counter()
-    record = {"epoch": epoch, "step": int(state.step),
-              "train_loss": train_metrics["loss"], "train_data_loss": train_metrics["data_loss"],
-              "train_l2_loss": train_metrics["l2_loss"],
-              "train_accuracy": train_metrics["accuracy"],
-              "val_loss": val_metrics["loss"], "val_accuracy": val_metrics["accuracy"],
-              "learning_rate": config.learning_rate,
-              "epoch_seconds": t1 - t0, "eval_seconds": t2 - t1, "time": time.time()}
-    history.append(record)
-    for hook in hooks:
-      hook.on_epoch_end(epoch, record, state)
+    def on_chunk(n: int, totals: dict[str, float]) -> None:
+      for hook in hooks:
+        hook.on_chunk_end(n, totals)
 
-  evaluations = _final_evaluations(run, steps, state, history, dataset, test_images, test_labels,
-                                   config.eval_batch_size)
-  summary = write_summary(run, config, history, info.counts, "completed", evaluations)
-  for hook in hooks:
-    hook.on_run_end(summary)
-  return summary
+    for epoch in range(start_epoch + 1, config.epochs + 1):
+      for hook in hooks:
+        hook.on_epoch_start(epoch)
+      t0 = time.perf_counter()
+      state, train_metrics = train_epoch(steps, state, train_images, train_labels,
+                                         config.batch_size, jax.random.fold_in(shuffle_key, epoch),
+                                         config.steps_per_dispatch, on_chunk,
+                                         first_step=(epoch - 1) * steps_per_epoch)
+      t1 = time.perf_counter()
+      val_metrics, _ = evaluate(steps, state.variables, test_images, test_labels,
+                                config.eval_batch_size)
+      t2 = time.perf_counter()
+      record = {"epoch": epoch, "step": int(state.step),
+                "train_loss": train_metrics["loss"],
+                "train_data_loss": train_metrics["data_loss"],
+                "train_l2_loss": train_metrics["l2_loss"],
+                "train_accuracy": train_metrics["accuracy"],
+                "val_loss": val_metrics["loss"], "val_accuracy": val_metrics["accuracy"],
+                "learning_rate": config.learning_rate,
+                "epoch_seconds": t1 - t0, "eval_seconds": t2 - t1, "time": time.time()}
+      history.append(record)
+      for hook in hooks:
+        hook.on_epoch_end(epoch, record, state)
+
+    evaluations = _final_evaluations(run, steps, state, history, dataset, test_images,
+                                     test_labels, config.eval_batch_size)
+    summary = write_summary(run, config, history, info.counts, "completed", evaluations)
+    for hook in hooks:
+      hook.on_run_end(summary)
+    return summary
+  finally:
+    for hook in hooks:
+      hook.close()

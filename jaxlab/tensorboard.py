@@ -1,0 +1,80 @@
+"""TensorBoard event files, written with TensorBoard's own package (no TensorFlow).
+
+The layout is that of Keras's TensorBoard callback, so `tensorboard --logdir DIR` overlays
+train and validation curves and compares every run under DIR:
+
+  RUN/tensorboard/train/       epoch_loss, epoch_accuracy, epoch_learning_rate, epoch_seconds
+  RUN/tensorboard/validation/  epoch_loss, epoch_accuracy
+
+One point per epoch, at step = the epoch number (1, 2, ...) as in metrics.jsonl, with the
+epoch's end as its wall time. The values are metrics.jsonl's: `epoch_loss` under train is
+`train_loss` (data loss plus L2), under validation `val_loss`.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from tensorboard.compat.proto import event_pb2, summary_pb2
+from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+from jaxlab.hooks import Hook, RunInfo
+from jaxlab.state import TrainState
+
+# TensorBoard tag -> metrics.jsonl field, for each of the two event directories.
+TAGS = {
+    "train": {"epoch_loss": "train_loss", "epoch_accuracy": "train_accuracy",
+              "epoch_learning_rate": "learning_rate", "epoch_seconds": "epoch_seconds"},
+    "validation": {"epoch_loss": "val_loss", "epoch_accuracy": "val_accuracy"},
+}
+
+
+def scalar_event(tag: str, value: float, step: int, wall_time: float) -> event_pb2.Event:
+  return event_pb2.Event(wall_time=wall_time, step=step, summary=summary_pb2.Summary(
+      value=[summary_pb2.Summary.Value(tag=tag, simple_value=float(value))]))
+
+
+class TensorBoard(Hook):
+  """Writes each epoch's record as TensorBoard scalars.
+
+  At every start the event files are written anew from the run's history (metrics.jsonl as
+  kept on resume), so a resumed run holds each epoch exactly once: an epoch trained after the
+  last checkpoint, and trained again after a crash, is not written twice, and none is lost."""
+
+  def __init__(self):
+    self._writers: dict[str, EventFileWriter] = {}
+
+  def on_run_start(self, info: RunInfo) -> None:
+    super().on_run_start(info)
+    self.close()
+    for split in TAGS:
+      directory = info.run.tensorboard / split
+      directory.mkdir(parents=True, exist_ok=True)
+      for old in directory.glob("events.out.tfevents.*"):
+        old.unlink()
+      self._writers[split] = EventFileWriter(str(directory))
+    for record in info.history:
+      self._write(record)
+    self._flush()
+
+  def _write(self, record: dict[str, Any]) -> None:
+    wall_time = record.get("time", time.time())
+    for split, tags in TAGS.items():
+      for tag, key in tags.items():
+        if record.get(key) is not None:
+          self._writers[split].add_event(scalar_event(tag, record[key], record["epoch"],
+                                                      wall_time))
+
+  def _flush(self) -> None:
+    for writer in self._writers.values():
+      writer.flush()
+
+  def on_epoch_end(self, epoch: int, record: dict[str, Any], state: TrainState) -> None:
+    self._write(record)
+    self._flush()
+
+  def close(self) -> None:
+    for writer in self._writers.values():
+      writer.close()
+    self._writers = {}
