@@ -1,0 +1,203 @@
+"""Running a lab: each (experiment, seed) as one ordinary run directory, all in one process.
+
+  DIR/lab.json                 the lab, its settings, and every run's status
+  DIR/EXPERIMENT/seed_S/       a run directory, as `scripts/train.py` writes one
+
+Runs are trained by `train_and_evaluate`, as `scripts/train.py` trains them; in one process a
+data set is loaded once and an architecture's steps are compiled once. A finished run is
+skipped, an interrupted one resumes, and a failing one is recorded with its one-line error
+while the lab goes on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import pathlib
+import sys
+import time
+import traceback
+from typing import Any, Callable, Sequence
+
+from absl import logging
+
+from jaxlab.cli import USER_ERRORS
+from jaxlab.config import RESUMABLE_CHANGES, TrainConfig, resolve_config
+from jaxlab.data import Dataset, load_dataset
+from jaxlab.experiment import Lab
+from jaxlab.metrics import write_json
+from jaxlab.rundir import RunDir
+from jaxlab.train import train_and_evaluate
+
+LAB_FILE = "lab.json"
+
+
+def run_path(experiment: str, seed: int) -> str:
+  """A run's directory, relative to the lab's."""
+  return f"{experiment}/seed_{seed}"
+
+
+def _now() -> str:
+  return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _finished(run: RunDir, config: TrainConfig) -> bool:
+  """Whether `run` already holds `config` trained to the end (so it need not be touched)."""
+  try:
+    summary = json.loads(run.metrics_json.read_text())
+    saved = json.loads(run.config.read_text())["config"]
+  except (OSError, ValueError, KeyError):
+    return False
+  same = all(saved.get(k) == v for k, v in config.to_json().items() if k not in RESUMABLE_CHANGES)
+  return (same and summary.get("status") == "completed" and "evaluation" in summary
+          and summary.get("epochs_completed", 0) >= config.epochs)
+
+
+def _one_line(error: BaseException) -> str:
+  message = error.args[0] if isinstance(error, LookupError) and error.args else error
+  text = " ".join(str(message).split()) or type(error).__name__
+  return text if isinstance(error, USER_ERRORS) else f"{type(error).__name__}: {text}"
+
+
+@dataclasses.dataclass
+class LabRun:
+  """One (experiment, seed) of a lab and what became of it."""
+
+  experiment: str
+  seed: int
+  config: TrainConfig
+  status: str = "pending"  # pending, running, completed or failed.
+  error: str | None = None
+  final_val_accuracy: float | None = None
+  best_val_accuracy: float | None = None
+  seconds: float | None = None
+
+  @property
+  def path(self) -> str:
+    return run_path(self.experiment, self.seed)
+
+  def to_json(self) -> dict[str, Any]:
+    out = {"experiment": self.experiment, "seed": self.seed, "dataset": self.config.dataset,
+           "epochs": self.config.epochs, "path": self.path, "status": self.status}
+    for key in ("error", "final_val_accuracy", "best_val_accuracy", "seconds"):
+      if getattr(self, key) is not None:
+        out[key] = getattr(self, key)
+    return out
+
+
+def plan_lab(lab: Lab, experiments: Sequence[str] | None, seeds: Sequence[int],
+             overrides: dict[str, Any]) -> list[LabRun]:
+  """The lab's runs, experiment by experiment in the lab's order, each config resolved (and
+  checked) before anything is trained: a bad setting fails the lab at once."""
+  chosen = list(lab.experiments) if not experiments else list(experiments)
+  unknown = [name for name in chosen if name not in lab.experiments]
+  if unknown:
+    raise ValueError(f"experiment {unknown[0]!r} is not in lab {lab.name}; its experiments: "
+                     f"{', '.join(lab.experiments)}")
+  if len(set(chosen)) != len(chosen) or len(set(seeds)) != len(seeds):
+    raise ValueError(f"each experiment and seed may be given once, got experiments {chosen} and "
+                     f"seeds {list(seeds)}")
+  if not seeds:
+    raise ValueError("at least one seed is needed (--seeds=0,1,2)")
+  return [LabRun(name, seed, resolve_config(name, **{**overrides, "seed": seed}))
+          for name in chosen for seed in seeds]
+
+
+class LabRunner:
+  """Trains a planned lab into `workdir`, keeping DIR/lab.json current after every change."""
+
+  def __init__(self, lab: Lab, workdir: str | pathlib.Path, runs: list[LabRun],
+               settings: dict[str, Any], progress: bool | None = None,
+               say: Callable[[str], None] | None = None):
+    self.lab, self.runs, self.settings, self.progress = lab, runs, settings, progress
+    self.root = pathlib.Path(workdir)
+    if self.root.exists() and not self.root.is_dir():
+      raise ValueError(f"--workdir {self.root} is a file, not a directory")
+    self.say = say or (lambda line: print(line, file=sys.stderr, flush=True))
+    self._datasets: dict[tuple, Dataset | Exception] = {}
+    self._others: list[dict[str, Any]] = []
+    self.started = _now()
+    self._check_previous()
+
+  def _check_previous(self) -> None:
+    """A lab directory holds one lab with one set of settings; runs of other experiments or
+    seeds that an earlier invocation recorded are kept in lab.json."""
+    path = self.root / LAB_FILE
+    if not path.is_file():
+      return
+    previous = json.loads(path.read_text())
+    if previous.get("lab") != self.lab.name:
+      raise ValueError(f"{self.root} holds lab {previous.get('lab')!r}, not {self.lab.name!r}; "
+                       "use another --workdir")
+    old, new = previous.get("settings", {}), self.settings
+    changed = sorted(k for k in set(old) | set(new)
+                     if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k))
+    if changed:
+      diffs = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
+      raise ValueError(f"{self.root} holds lab {self.lab.name} run with other settings ({diffs}); "
+                       "use another --workdir, or the same settings to resume it")
+    self.started = previous.get("started", self.started)
+    mine = {r.path for r in self.runs}
+    self._others = [r for r in previous.get("runs", []) if r.get("path") not in mine]
+
+  def write(self) -> dict[str, Any]:
+    record = {"lab": self.lab.name, "source": self.lab.path, "settings": self.settings,
+              "experiments": list(dict.fromkeys(r.experiment for r in self.runs)),
+              "seeds": list(dict.fromkeys(r.seed for r in self.runs)),
+              "started": self.started, "updated": _now(),
+              "runs": [r.to_json() for r in self.runs] + self._others}
+    write_json(self.root / LAB_FILE, record)
+    return record
+
+  def _dataset(self, config: TrainConfig) -> Dataset:
+    key = (config.dataset, config.data_dir, config.download)
+    if key not in self._datasets:
+      try:
+        self._datasets[key] = load_dataset(config.dataset, data_dir=config.data_dir,
+                                           download=config.download)
+      except Exception as e:  # Every run of a missing data set fails alike, without retrying.
+        self._datasets[key] = e
+    found = self._datasets[key]
+    if isinstance(found, Exception):
+      raise found
+    return found
+
+  def run(self) -> dict[str, Any]:
+    self.root.mkdir(parents=True, exist_ok=True)
+    self.write()
+    n = len(self.runs)
+    for i, lab_run in enumerate(self.runs, 1):
+      run_dir = RunDir(self.root / lab_run.path)
+      head = f"[{self.lab.name}] run {i}/{n}: {lab_run.experiment} seed {lab_run.seed}"
+      if _finished(run_dir, lab_run.config):
+        self._completed(lab_run, json.loads(run_dir.metrics_json.read_text()))
+        self.say(f"{head}: finished earlier, skipped")
+        self.write()
+        continue
+      lab_run.status, lab_run.error = "running", None
+      self.write()
+      self.say(f"{head} -> {run_dir.root}")
+      t0 = time.perf_counter()
+      try:
+        summary = train_and_evaluate(lab_run.config, run_dir.root,
+                                     dataset=self._dataset(lab_run.config),
+                                     progress=self.progress)
+      except Exception as e:  # A failing run is recorded; the lab goes on.
+        lab_run.status, lab_run.error = "failed", _one_line(e)
+        if not isinstance(e, USER_ERRORS):
+          logging.error("%s failed:\n%s", head, traceback.format_exc())
+        self.say(f"{head}: FAILED: {lab_run.error}")
+      else:
+        self._completed(lab_run, summary)
+        lab_run.seconds = time.perf_counter() - t0
+        self.say(f"{head}: final validation accuracy {lab_run.final_val_accuracy:.4f} "
+                 f"(best {lab_run.best_val_accuracy:.4f}), {lab_run.seconds:.2f} s")
+      self.write()
+    return self.write()
+
+  @staticmethod
+  def _completed(lab_run: LabRun, summary: dict[str, Any]) -> None:
+    lab_run.status, lab_run.error = "completed", None
+    lab_run.final_val_accuracy = summary.get("final_val_accuracy")
+    lab_run.best_val_accuracy = summary.get("best_val_accuracy")

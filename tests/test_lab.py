@@ -1,0 +1,233 @@
+"""Labs: declarations loaded by name or from a user's file, and whole labs run, killed, resumed
+and reported, as a user runs them (scripts/run_lab.py, scripts/report.py)."""
+
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from jaxlab.experiment import load_lab
+from jaxlab.lab import plan_lab
+from jaxlab.report import build_report
+from datafiles import write_idx_dataset
+from test_scripts import ROOT, script
+
+TINY_LAB = """
+from jaxlab.experiment import Experiment, register
+from jaxlab.models import MLP, Dense
+
+register(Experiment(name="{a}", dataset="mnist", epochs=2, batch_size=32,
+                    model=MLP(layers=(Dense(32, "relu", batch_norm=True, dropout=0.2),))))
+register(Experiment(name="{b}", dataset="{b_dataset}", epochs=2, batch_size=32,
+                    model=MLP(layers=(Dense(16, "relu"), Dense(16, "relu", batch_norm=True)))))
+"""
+
+
+def write_lab(path, a, b, b_dataset="mnist"):
+  path.write_text(textwrap.dedent(TINY_LAB.format(a=a, b=b, b_dataset=b_dataset)))
+  return path
+
+
+def test_builtin_labs_split_the_catalog():
+  names = {lab: load_lab(lab).experiments for lab in ("lab02", "lab04_alexnet", "lab04_vgg")}
+  assert len(names["lab02"]) == 14 and names["lab02"][0] == "mlp_baseline"
+  assert names["lab04_alexnet"][0] == "alexnet" and len(names["lab04_alexnet"]) == 6
+  assert names["lab04_vgg"][:2] == ("vgg_fashion_mnist", "vgg_cifar10")
+  assert len(names["lab04_vgg"]) == 7
+
+
+def test_user_lab_file(tmp_path):
+  lab = load_lab(str(write_lab(tmp_path / "my_lab.py", "user_lab_a", "user_lab_b")))
+  assert (lab.name, lab.experiments) == ("my_lab", ("user_lab_a", "user_lab_b"))
+  assert load_lab(str(tmp_path / "my_lab.py")) is lab  # Loaded once per process.
+  runs = plan_lab(lab, None, [0, 3], {"epochs": 1})
+  assert [(r.experiment, r.seed, r.config.epochs) for r in runs] == [
+      ("user_lab_a", 0, 1), ("user_lab_a", 3, 1), ("user_lab_b", 0, 1), ("user_lab_b", 3, 1)]
+
+
+def test_a_taken_name_fails_naming_both_files(tmp_path):
+  path = write_lab(tmp_path / "clash.py", "user_clash_a", "mlp_baseline")
+  with pytest.raises(ValueError, match=r"experiment name 'mlp_baseline' declared in .*clash\.py "
+                     r"is already taken \(declared in .*experiments/lab02\.py\)"):
+    load_lab(str(path))
+
+
+@pytest.mark.parametrize("spec,error,match", [
+    ("lab99", LookupError, "unknown lab 'lab99'; known labs: lab02, lab04_alexnet, lab04_vgg"),
+    ("nowhere/lab.py", FileNotFoundError, "lab file nowhere/lab.py does not exist"),
+])
+def test_unknown_labs(spec, error, match):
+  with pytest.raises(error, match=match):
+    load_lab(spec)
+
+
+def test_a_file_without_experiments_is_not_a_lab(tmp_path):
+  (tmp_path / "empty_lab.py").write_text("X = 1\n")
+  with pytest.raises(ValueError, match="declares no experiments"):
+    load_lab(str(tmp_path / "empty_lab.py"))
+
+
+def test_bad_plans_fail_before_training():
+  lab = load_lab("lab02")
+  with pytest.raises(ValueError, match="experiment 'alexnet' is not in lab lab02; its "
+                     "experiments: mlp_baseline, mlp_deep"):
+    plan_lab(lab, ["mlp_baseline", "alexnet"], [0], {})
+  with pytest.raises(ValueError, match="each experiment and seed may be given once"):
+    plan_lab(lab, None, [1, 1], {})
+  with pytest.raises(ValueError, match="learning_rate must be a positive number, got -1.0"):
+    plan_lab(lab, None, [0], {"learning_rate": -1.0})
+
+
+def run_lab_args(lab_file, workdir, data, *extra):
+  return ["--lab=" + str(lab_file), f"--workdir={workdir}", f"--data_dir={data}", "--seeds=0,1",
+          "--steps_per_dispatch=2", "--eval_batch_size=32", *extra]
+
+
+def lab_status(workdir):
+  return {r["path"]: r["status"] for r in json.loads((workdir / "lab.json").read_text())["runs"]}
+
+
+def kill_when(args, line_start, timeout=240):
+  """Starts run_lab.py and SIGKILLs it as soon as it prints a line starting with `line_start`."""
+  process = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "run_lab.py"), *args],
+                             cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+  seen = []
+  try:
+    for line in process.stderr:
+      seen.append(line)
+      if line.startswith(line_start):
+        process.send_signal(signal.SIGKILL)
+        break
+  finally:
+    process.wait(timeout=timeout)
+  assert process.returncode == -signal.SIGKILL, "".join(seen[-20:])
+
+
+def test_lab_killed_resumed_and_reported(tmp_path):
+  data = tmp_path / "data"
+  write_idx_dataset(data, n_train=160, n_test=48)
+  lab_file = write_lab(tmp_path / "two.py", "lab_test_bn_dropout", "lab_test_plain")
+  workdir = tmp_path / "lab"
+  args = run_lab_args(lab_file, workdir, data)
+  # Killed as the third run (the second experiment's first seed) starts compiling.
+  kill_when(args, "[two] run 3/4: lab_test_plain seed 0 ->")
+  status = lab_status(workdir)
+  assert status == {"lab_test_bn_dropout/seed_0": "completed",
+                    "lab_test_bn_dropout/seed_1": "completed",
+                    "lab_test_plain/seed_0": "running", "lab_test_plain/seed_1": "pending"}
+  # A partial lab reports every run: completed ones in the numbers, the others listed.
+  partial = build_report(workdir, tmp_path / "partial")
+  assert {r["path"]: r["status"] for r in partial["runs"]} == {
+      "lab_test_bn_dropout/seed_0": "completed", "lab_test_bn_dropout/seed_1": "completed",
+      "lab_test_plain/seed_0": "running", "lab_test_plain/seed_1": "missing"}
+  assert partial["experiments"][1]["final_val_accuracy"]["n"] == 0
+  assert "`lab_test_plain/seed_1`: missing" in (tmp_path / "partial" / "report.md").read_text()
+  finished = (workdir / "lab_test_bn_dropout" / "seed_0" / "metrics.jsonl").read_bytes()
+
+  rerun = script("run_lab.py", *args)
+  assert "run 1/4: lab_test_bn_dropout seed 0: finished earlier, skipped" in rerun.stderr
+  assert "run 3/4: lab_test_plain seed 0 ->" in rerun.stderr
+  assert set(lab_status(workdir).values()) == {"completed"}
+  assert (workdir / "lab_test_bn_dropout" / "seed_0" / "metrics.jsonl").read_bytes() == finished
+  summaries = {}
+  for experiment in ("lab_test_bn_dropout", "lab_test_plain"):
+    for seed in (0, 1):
+      run = workdir / experiment / f"seed_{seed}"
+      lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+      assert [l["epoch"] for l in lines] == [1, 2]
+      assert json.loads((run / "config.json").read_text())["config"]["seed"] == seed
+      summaries[experiment, seed] = json.loads((run / "metrics.json").read_text())
+  assert "| lab_test_plain | mnist |" in rerun.stdout  # The results table at the end.
+
+  out = tmp_path / "report"
+  script("report.py", f"--runs={workdir}", f"--out={out}")
+  document = json.loads((out / "report.json").read_text())
+  assert [row["experiment"] for row in document["experiments"]] == ["lab_test_bn_dropout",
+                                                                     "lab_test_plain"]
+  markdown = (out / "report.md").read_text()
+  for row in document["experiments"]:
+    mine = [summaries[row["experiment"], seed] for seed in (0, 1)]
+    assert row["seeds"] == [0, 1] and row["epochs"] == 2
+    assert row["params"] == mine[0]["total_params"]
+    for key in ("final_val_accuracy", "best_val_accuracy"):
+      values = [m[key] for m in mine]
+      assert row[key]["per_seed"] == {"0": values[0], "1": values[1]}
+      assert row[key]["mean"] == pytest.approx(statistics.fmean(values), abs=1e-15)
+      assert row[key]["std"] == pytest.approx(statistics.stdev(values), abs=1e-15)
+      cell = f"{statistics.fmean(values):.4f} ± {statistics.stdev(values):.4f} (n=2)"
+      assert cell in next(l for l in markdown.splitlines()
+                          if l.startswith(f"| {row['experiment']} |")), cell
+    matrices = [m["evaluation"]["final"]["confusion_matrix"] for m in mine]
+    np.testing.assert_allclose(row["confusion"]["matrix"], np.mean(matrices, axis=0))
+    assert (out / row["confusion"]["file"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  base = [summaries["lab_test_bn_dropout", s]["final_val_accuracy"] for s in (0, 1)]
+  other = [summaries["lab_test_plain", s]["final_val_accuracy"] for s in (0, 1)]
+  expected_p = stats.ttest_ind(other, base, equal_var=False).pvalue
+  p = document["experiments"][1]["p_value_vs_baseline"]
+  assert (p is None and np.isnan(expected_p)) or p == pytest.approx(expected_p)
+  for name in ("val_accuracy", "val_loss", "top5_val_accuracy", "top5_val_loss",
+               "train_vs_validation"):
+    assert document["figures"][name] == f"{name}.png"
+    assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert document["samples"] == [{"dataset": "mnist", "file": "samples_mnist.png",
+                                  "source": f"IDX files in {data}"}]
+  assert (out / "samples_mnist.png").stat().st_size > 1000
+  page = (out / "report.html").read_text()
+  images = markdown.count("](")
+  assert page.count("<img src='data:image/png;base64,") == images == 8
+  assert "src='http" not in page and "href=" not in page
+
+
+def test_a_failing_run_beside_a_passing_one(tmp_path):
+  data = tmp_path / "data"
+  write_idx_dataset(data, n_train=64, n_test=32)
+  lab_file = write_lab(tmp_path / "half.py", "lab_test_ok", "lab_test_no_data",
+                       b_dataset="cifar10")
+  workdir = tmp_path / "lab"
+  result = script("run_lab.py", *run_lab_args(lab_file, workdir, data, "--seeds=0"),
+                  check=False)
+  assert result.returncode == 1, result.stderr
+  runs = {r["path"]: r for r in json.loads((workdir / "lab.json").read_text())["runs"]}
+  assert runs["lab_test_ok/seed_0"]["status"] == "completed"
+  failed = runs["lab_test_no_data/seed_0"]
+  assert failed["status"] == "failed"
+  assert failed["error"].startswith("data set 'cifar10' was not found")
+  assert "\n" not in failed["error"]
+  assert "failed: lab_test_no_data/seed_0: data set 'cifar10' was not found" in result.stdout
+  document = build_report(workdir, tmp_path / "report")
+  assert {r["path"]: r["status"] for r in document["runs"]} == {
+      "lab_test_ok/seed_0": "completed", "lab_test_no_data/seed_0": "failed"}
+  assert "`lab_test_no_data/seed_0`: failed: data set 'cifar10' was not found" in (
+      tmp_path / "report" / "report.md").read_text()
+
+
+def test_report_imports_nothing_of_training():
+  code = ("import sys, jaxlab.report; "
+          "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'flax', 'optax') "
+          "or m in ('jaxlab.train', 'jaxlab.steps', 'jaxlab.state', 'jaxlab.models')); "
+          "print(bad); sys.exit(1 if bad else 0)")
+  result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+  assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--lab=lab77", "--workdir={tmp}/w"], "unknown lab 'lab77'"),
+    (["--lab=lab02", "--workdir={tmp}/w", "--seeds=0,x"], "--seeds must be integers"),
+    (["--lab=lab02", "--workdir={tmp}/w", "--epochs=0"], "epochs must be a positive integer"),
+    (["--lab=lab02", "--workdir={tmp}/w", "--experiments=mlp_baseline,vgg_cifar10"],
+     "experiment 'vgg_cifar10' is not in lab lab02"),
+    (["--lab=lab02", "--workdir={tmp}/file.txt"], "is a file, not a directory"),
+])
+def test_run_lab_bad_input(tmp_path, args, message):
+  (tmp_path / "file.txt").write_text("x")
+  result = script("run_lab.py", *[a.format(tmp=tmp_path) for a in args], check=False)
+  assert result.returncode == 2 and message in result.stderr, result.stderr
+  assert "Traceback" not in result.stderr

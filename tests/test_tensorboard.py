@@ -1,0 +1,81 @@
+"""TensorBoard event files: read back with TensorBoard's own reader, equal to metrics.jsonl."""
+
+import shutil
+
+import numpy as np
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from jaxlab.config import resolve_config
+from jaxlab.hooks import OnEpochEnd
+from jaxlab.metrics import read_jsonl
+from jaxlab.train import train_and_evaluate
+from datafiles import synthetic_dataset
+
+SMALL = dict(dataset="mnist", epochs=3, batch_size=32, steps_per_dispatch=4, eval_batch_size=64)
+EXPECTED = {"train": {"epoch_loss": "train_loss", "epoch_accuracy": "train_accuracy",
+                      "epoch_learning_rate": "learning_rate", "epoch_seconds": "epoch_seconds"},
+            "validation": {"epoch_loss": "val_loss", "epoch_accuracy": "val_accuracy"}}
+
+
+class Crash(Exception):
+  pass
+
+
+def crash_after(epoch):
+  def fn(e, record, state):
+    if e == epoch:
+      raise Crash
+  return OnEpochEnd(fn)
+
+
+def assert_events_equal_metrics(run):
+  """Every tag holds one point per epoch of metrics.jsonl, equal to it in float32 (the type of
+  a TensorBoard scalar), read without TensorBoard's purging of re-written steps."""
+  history = read_jsonl(run / "metrics.jsonl")
+  assert history, "no metrics"
+  for split, tags in EXPECTED.items():
+    directory = run / "tensorboard" / split
+    assert len(list(directory.glob("events.out.tfevents.*"))) == 1, split
+    events = EventAccumulator(str(directory), purge_orphaned_data=False)
+    events.Reload()
+    assert set(events.Tags()["scalars"]) == set(tags), split
+    for tag, key in tags.items():
+      points = events.Scalars(tag)
+      assert [p.step for p in points] == [r["epoch"] for r in history], (split, tag)
+      assert [p.value for p in points] == [np.float32(r[key]) for r in history], (split, tag)
+      assert [p.wall_time for p in points] == pytest.approx([r["time"] for r in history])
+
+
+def test_events_match_metrics_also_after_a_resume(tmp_path):
+  config = resolve_config("mlp_dropout", **SMALL)
+  ds = synthetic_dataset()
+  with pytest.raises(Crash):
+    train_and_evaluate(config, tmp_path, dataset=ds, hooks=[crash_after(1)])
+  assert_events_equal_metrics(tmp_path)
+  train_and_evaluate(config, tmp_path, dataset=ds)
+  assert [r["epoch"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2, 3]
+  assert_events_equal_metrics(tmp_path)
+
+
+def test_an_epoch_trained_twice_is_written_once(tmp_path):
+  """A crash after epoch 2 was written everywhere but its checkpoint was lost: the resumed run
+  trains epoch 2 again, and the events hold the new epoch 2 once."""
+  config = resolve_config("mlp_baseline", **SMALL)
+  ds = synthetic_dataset()
+  saved = tmp_path / "epoch1.msgpack"
+
+  def keep_epoch_1(epoch, record, state):
+    if epoch == 1:
+      shutil.copy(tmp_path / "run" / "checkpoints" / "last.msgpack", saved)
+
+  with pytest.raises(Crash):
+    train_and_evaluate(config, tmp_path / "run", dataset=ds,
+                       hooks=[OnEpochEnd(keep_epoch_1), crash_after(2)])
+  shutil.copy(saved, tmp_path / "run" / "checkpoints" / "last.msgpack")
+  first_epoch_2 = read_jsonl(tmp_path / "run" / "metrics.jsonl")[1]
+  train_and_evaluate(config, tmp_path / "run", dataset=ds)
+  history = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+  assert [r["epoch"] for r in history] == [1, 2, 3]
+  assert history[1]["time"] != first_epoch_2["time"]  # Epoch 2 really was trained again.
+  assert_events_equal_metrics(tmp_path / "run")
