@@ -59,6 +59,12 @@ class TrainConfig:
 RESUMABLE_CHANGES = ("epochs", "data_dir", "download")
 
 
+def changed_settings(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+  """"k: old -> new" for each setting that differs and would change what a run computes."""
+  keys = [k for k in dict.fromkeys([*old, *new]) if k not in RESUMABLE_CHANGES]
+  return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+
+
 def resolve_config(experiment: str, **overrides: Any) -> TrainConfig:
   """The experiment's defaults, with every override that is not None applied and checked."""
   exp = get_experiment(experiment)

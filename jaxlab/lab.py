@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 from absl import logging
 
 from jaxlab.cli import USER_ERRORS
-from jaxlab.config import RESUMABLE_CHANGES, TrainConfig, resolve_config
+from jaxlab.config import TrainConfig, changed_settings, resolve_config
 from jaxlab.data import Dataset, load_dataset
 from jaxlab.experiment import Lab
 from jaxlab.metrics import write_json
@@ -49,8 +49,8 @@ def _finished(run: RunDir, config: TrainConfig) -> bool:
     saved = json.loads(run.config.read_text())["config"]
   except (OSError, ValueError, KeyError):
     return False
-  same = all(saved.get(k) == v for k, v in config.to_json().items() if k not in RESUMABLE_CHANGES)
-  return (same and summary.get("status") == "completed" and "evaluation" in summary
+  return (not changed_settings(saved, config.to_json()) and summary.get("status") == "completed"
+          and "evaluation" in summary
           and summary.get("epochs_completed", 0) >= config.epochs)
 
 
@@ -130,13 +130,11 @@ class LabRunner:
     if previous.get("lab") != self.lab.name:
       raise ValueError(f"{self.root} holds lab {previous.get('lab')!r}, not {self.lab.name!r}; "
                        "use another --workdir")
-    old, new = previous.get("settings", {}), self.settings
-    changed = sorted(k for k in set(old) | set(new)
-                     if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k))
+    changed = changed_settings(previous.get("settings", {}), self.settings)
     if changed:
-      diffs = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
-      raise ValueError(f"{self.root} holds lab {self.lab.name} run with other settings ({diffs}); "
-                       "use another --workdir, or the same settings to resume it")
+      raise ValueError(f"{self.root} holds lab {self.lab.name} with other settings "
+                       f"({', '.join(changed)}); use another --workdir, or the same settings to "
+                       "resume it")
     self.started = previous.get("started", self.started)
     mine = {r.path for r in self.runs}
     self._others = [r for r in previous.get("runs", []) if r.get("path") not in mine]

@@ -13,7 +13,7 @@ from flax import serialization
 
 import jaxlab
 from jaxlab import checkpoint, metrics
-from jaxlab.config import RESUMABLE_CHANGES, TrainConfig, build_model, validate
+from jaxlab.config import TrainConfig, build_model, changed_settings, validate
 from jaxlab.experiment import describe_experiment, get_experiment
 from jaxlab.models import PlanModel, describe
 from jaxlab.optim import make_optimizer
@@ -62,13 +62,11 @@ def environment() -> dict[str, Any]:
 
 def check_resume(run: RunDir, config: TrainConfig) -> None:
   """Refuses to resume a run whose saved configuration computes something else than `config`."""
-  old = run.read_config().to_json()
-  new = config.to_json()
-  changed = [k for k in new if k not in RESUMABLE_CHANGES and old.get(k) != new[k]]
+  changed = changed_settings(run.read_config().to_json(), config.to_json())
   if changed:
-    diffs = ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in changed)
-    raise ValueError(f"{run.root} holds a run with a different configuration ({diffs}); "
-                     "use another --workdir, or the same settings to resume it")
+    raise ValueError(f"{run.root} holds a run with a different configuration "
+                     f"({', '.join(changed)}); use another --workdir, or the same settings to "
+                     "resume it")
 
 
 def write_config(run: RunDir, config: TrainConfig, model: PlanModel,

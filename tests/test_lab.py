@@ -14,7 +14,7 @@ import pytest
 from scipy import stats
 
 from jaxlab.experiment import load_lab
-from jaxlab.lab import plan_lab
+from jaxlab.lab import LabRunner, plan_lab
 from jaxlab.report import build_report
 from datafiles import write_idx_dataset
 from test_scripts import ROOT, script
@@ -205,6 +205,13 @@ def test_a_failing_run_beside_a_passing_one(tmp_path):
   document = build_report(workdir, tmp_path / "report")
   assert {r["path"]: r["status"] for r in document["runs"]} == {
       "lab_test_ok/seed_0": "completed", "lab_test_no_data/seed_0": "failed"}
+  # The lab directory refuses other settings, naming them; more epochs are allowed.
+  lab = load_lab(str(lab_file))
+  settings = json.loads((workdir / "lab.json").read_text())["settings"]
+  with pytest.raises(ValueError, match=r"holds lab half with other settings \(batch_size: None "
+                     r"-> 16\)"):
+    LabRunner(lab, workdir, plan_lab(lab, None, [0], {}), {**settings, "batch_size": 16})
+  LabRunner(lab, workdir, plan_lab(lab, None, [0], {}), {**settings, "epochs": 3})
   assert "`lab_test_no_data/seed_0`: failed: data set 'cifar10' was not found" in (
       tmp_path / "report" / "report.md").read_text()
 
