@@ -148,5 +148,7 @@ def get_experiment(name: str, declared_in: str | None = None) -> Experiment:
 
 
 def experiment_names() -> list[str]:
+  """The catalog: every experiment of the built-in labs (not those of users' lab files)."""
   _load_builtin_labs()
-  return EXPERIMENTS.names()
+  builtin = set(BUILTIN_LABS.values())
+  return [name for name in EXPERIMENTS.names() if _DECLARED_IN.get(name, ("",))[0] in builtin]

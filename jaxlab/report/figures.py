@@ -11,6 +11,7 @@ import matplotlib
 matplotlib.use("Agg")  # No display: files only.
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from jaxlab.report.runs import Group  # noqa: E402
 
@@ -37,6 +38,7 @@ def _colors(n: int) -> list:
 def _draw(ax, x: np.ndarray, values: np.ndarray, color, label: str, style: str = "-") -> None:
   """The mean over seeds as a line, and the range over seeds as a band where there are several."""
   ax.plot(x, values.mean(0), style, color=color, label=label, linewidth=1.6, marker=".")
+  ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # Epochs are whole numbers.
   if len(values) > 1:
     ax.fill_between(x, values.min(0), values.max(0), color=color, alpha=0.18, linewidth=0)
 
