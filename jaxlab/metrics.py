@@ -3,48 +3,96 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import pathlib
+import threading
 from typing import Any
 
+from absl import logging
 
 
 def write_atomic(path: str | os.PathLike, data: bytes) -> None:
-  """Writes `data` to `path` so that a crash leaves either the old file or the new one."""
+  """Writes `data` to `path` so that a crash at any moment leaves the old file or the new one:
+  a temporary file, flushed and fsynced, renamed over `path`, then the directory fsynced so the
+  rename itself survives a power cut. On an error (a full disk) the temporary file is removed
+  and the old file is left as it was."""
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(path.name + ".tmp")
-  with open(tmp, "wb") as f:
-    f.write(data)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  tmp = path.with_name(f"{path.name}.tmp{os.getpid()}-{threading.get_native_id()}")
+  try:
+    with open(tmp, "wb") as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    tmp.unlink(missing_ok=True)
+    raise
+  fsync_directory(path.parent)
+
+
+def fsync_directory(directory: str | os.PathLike) -> None:
+  fd = os.open(directory, os.O_RDONLY)
+  try:
+    os.fsync(fd)
+  finally:
+    os.close(fd)
+
+
+def finite_json(obj: Any) -> Any:
+  """`obj` with every NaN or infinite float replaced by None: strict JSON readers (jq, most
+  languages' parsers) reject `NaN` and `Infinity`, which Python's json writes by default."""
+  if isinstance(obj, float) and not math.isfinite(obj):
+    return None
+  if isinstance(obj, dict):
+    return {k: finite_json(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [finite_json(v) for v in obj]
+  return obj
+
+
+def dumps(obj: Any, **kwargs: Any) -> str:
+  """Strict JSON: non-finite numbers become null."""
+  return json.dumps(finite_json(obj), allow_nan=False, **kwargs)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-  write_atomic(path, (json.dumps(obj, indent=2) + "\n").encode())
+  write_atomic(path, (dumps(obj, indent=2) + "\n").encode())
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
-  """The records of a JSON-lines file; a torn last line (a crash mid-write) is dropped."""
+  """The records of a JSON-lines file. A line that is not JSON (the half-written last line of a
+  crash) is skipped and reported, not fatal."""
   path = pathlib.Path(path)
   if not path.exists():
     return []
   records = []
-  for line in path.read_text().splitlines():
+  lines = path.read_text().splitlines()
+  for number, line in enumerate(lines, 1):
     try:
       records.append(json.loads(line))
     except json.JSONDecodeError:
-      break
+      where = "its last line" if number == len(lines) else f"line {number}"
+      logging.warning("%s: skipped %s, which is not complete JSON (a write cut short?): %.60r",
+                      path, where, line)
   return records
 
 
 def write_jsonl(path: str | os.PathLike, records: list[dict[str, Any]]) -> None:
-  write_atomic(path, "".join(json.dumps(r) + "\n" for r in records).encode())
+  write_atomic(path, "".join(dumps(r) + "\n" for r in records).encode())
 
 
 def append_jsonl(path: str | os.PathLike, record: dict[str, Any]) -> None:
-  with open(path, "a") as f:
-    f.write(json.dumps(record) + "\n")
+  """Appends one record as a line, fsynced. After a torn line left by an earlier crash a
+  newline comes first, so the new record is a line of its own."""
+  path = pathlib.Path(path)
+  with open(path, "ab") as f:
+    if f.tell() > 0:
+      with open(path, "rb") as r:
+        r.seek(-1, os.SEEK_END)
+        if r.read(1) != b"\n":
+          f.write(b"\n")
+    f.write((dumps(record) + "\n").encode())
     f.flush()
     os.fsync(f.fileno())
