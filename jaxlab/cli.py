@@ -1,32 +1,48 @@
-"""Shared pieces of the absl entry points in scripts/: common flags and clean error exits."""
+"""Shared pieces of the absl entry points in scripts/: common flags and clean error exits.
+
+Exit statuses of every script: 0 success; 1 the work ran but did not all succeed (a lab with a
+failed run, layers that diverge); 2 bad input (a flag, a file, a full disk: one line
+`error: ...`); 3 a NaN or infinite loss stopped training; 75 stopped by SIGTERM or SIGINT after
+saving a checkpoint (the same command resumes).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
 import logging as std_logging
+import shlex
 import sys
 import types
 import typing
 from typing import Any, Callable, Iterable
 
-from absl import flags
+from absl import app, flags
 
-from jaxlab.checkpoint import CheckpointError
-from jaxlab.config import TrainConfig
 from jaxlab.data import DataError
+from jaxlab.errors import CheckpointError, NonFiniteError
+from jaxlab.preemption import EXIT_PREEMPTED, Preempted
 
 # JAX logs at INFO that it found no TPU library on every start; that is not news to a user.
 std_logging.getLogger("jax._src.xla_bridge").setLevel(std_logging.WARNING)
 
-# Errors a user causes with a flag or a file: shown as one line, not as a traceback.
-USER_ERRORS = (LookupError, ValueError, DataError, CheckpointError, FileNotFoundError,
-               FileExistsError, ImportError)
+# Errors a user causes with a flag or a file (or the machine, with a full disk): shown as one
+# line, not as a traceback.
+USER_ERRORS = (LookupError, ValueError, DataError, CheckpointError, OSError, ImportError)
+EXIT_BAD_INPUT = 2
+EXIT_NONFINITE = 3
+
+
+def one_line(error: BaseException) -> str:
+  """An error's message on one line (a LookupError's without the quotes KeyError adds)."""
+  message = error.args[0] if isinstance(error, LookupError) and error.args else error
+  return " ".join(str(message).split())
 
 
 def user_errors_exit(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
   """Wraps an absl `main` so that a user error (stray positional arguments among them) prints
-  `error: ...` and exits with status 2."""
+  `error: ...` and exits with status 2, a NaN stop with 3, and a stop on a signal prints where
+  it stopped and how to resume, and exits with 75."""
 
   @functools.wraps(main)
   def wrapped(argv: list[str]) -> None:
@@ -34,12 +50,32 @@ def user_errors_exit(main: Callable[[list[str]], None]) -> Callable[[list[str]],
       if len(argv) > 1:
         raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
       main(argv)
+    except Preempted as e:
+      print(f"{e}\nresume with the same command: python {shlex.join(sys.argv)}",
+            file=sys.stderr)
+      sys.exit(EXIT_PREEMPTED)
+    except NonFiniteError as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(EXIT_NONFINITE)
     except USER_ERRORS as e:
-      message = e.args[0] if isinstance(e, LookupError) and e.args else e
-      print(f"error: {message}", file=sys.stderr)
-      sys.exit(2)
+      print(f"error: {one_line(e)}", file=sys.stderr)
+      sys.exit(EXIT_BAD_INPUT)
 
   return wrapped
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, but a bad flag is one `error:` line and status 2, as other bad input."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    print(f"error: {one_line(e)} (see --help)", file=sys.stderr)
+    sys.exit(EXIT_BAD_INPUT)
+
+
+def run(main: Callable[[list[str]], None]) -> None:
+  """`absl.app.run` with jaxlab's handling of bad flags (see `_parse_flags`)."""
+  app.run(main, flags_parser=_parse_flags)
 
 
 _DEFINE = {int: flags.DEFINE_integer, float: flags.DEFINE_float, str: flags.DEFINE_string,
@@ -59,6 +95,8 @@ def define_config_flags(names: Iterable[str] | None = None,
   and help text, defaulting to None: "not given, keep the experiment's default". The settings
   are declared once, in TrainConfig; every script that overrides them shares these flags.
   Returns the flags' names, for `config_overrides`."""
+  from jaxlab.config import TrainConfig  # Here: scripts that never train need no JAX.
+
   hints = typing.get_type_hints(TrainConfig)
   fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
   names = tuple(n for n in (names or [n for n in fields if n != "experiment"])
@@ -75,6 +113,8 @@ def config_overrides(names: Iterable[str]) -> dict[str, Any]:
 
 def define_experiment_flag() -> None:
   """--experiment, required."""
+  from jaxlab.config import TrainConfig
+
   help_text = next(f for f in dataclasses.fields(TrainConfig) if f.name == "experiment")
   flags.DEFINE_string("experiment", None, help_text.metadata["help"])
   flags.mark_flag_as_required("experiment")

@@ -15,6 +15,7 @@ from jaxlab.models import MLP, ConvNet, PlanModel
 from jaxlab.optim import OPTIMIZERS
 
 PRECISIONS = {"float32": jnp.float32, "bf16": jnp.bfloat16}
+NAN_POLICIES = ("stop", "skip")
 
 
 def _setting(help_text: str, **kwargs: Any) -> Any:
@@ -50,13 +51,27 @@ class TrainConfig:
                                   "copy (see README).", default=None)
   download: bool = _setting("Let TFDS download and prepare the data set (needs network and "
                             "TensorFlow).", default=False)
+  checkpoint_every_steps: int = _setting(
+      "Also save a checkpoint inside an epoch every N train steps (at the first compiled-call "
+      "boundary at or after N steps); 0: only by time. Default: 0.", default=0)
+  checkpoint_every_secs: float = _setting(
+      "Also save a checkpoint inside an epoch when this many seconds have passed since the "
+      "last one, so a long epoch is never lost; 0: off. Default: 600.", default=600.0)
+  keep_checkpoints: int = _setting("How many of the newest checkpoints to keep (besides the "
+                                   "best). Default: 2.", default=2)
+  nan_policy: str = _setting("On a NaN or infinite loss or gradient: stop (the run ends with an "
+                             "error; its last good checkpoints stay) or skip (that step's "
+                             "update is dropped and counted in skipped_steps). Default: stop.",
+                             default="stop")
 
   def to_json(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
 
 
-# Fields that may differ when a run is resumed: more epochs extend it, the rest say where data is.
-RESUMABLE_CHANGES = ("epochs", "data_dir", "download")
+# Fields that may differ when a run is resumed: more epochs extend it, where the data is, when
+# checkpoints are written, and what a NaN does (a run stopped by one can go on skipping).
+RESUMABLE_CHANGES = ("epochs", "data_dir", "download", "checkpoint_every_steps",
+                     "checkpoint_every_secs", "keep_checkpoints", "nan_policy")
 
 
 def changed_settings(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -85,7 +100,8 @@ def resolve_config(experiment: str, **overrides: Any) -> TrainConfig:
 def validate(config: TrainConfig) -> None:
   DATASETS.get(config.dataset)
   OPTIMIZERS.get(config.optimizer)
-  for name in ("epochs", "batch_size", "eval_batch_size", "steps_per_dispatch"):
+  for name in ("epochs", "batch_size", "eval_batch_size", "steps_per_dispatch",
+               "keep_checkpoints"):
     value = getattr(config, name)
     if not isinstance(value, int) or value < 1:
       raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -95,6 +111,15 @@ def validate(config: TrainConfig) -> None:
     raise ValueError(f"learning_rate must be a positive number, got {config.learning_rate!r}")
   if config.precision not in PRECISIONS:
     raise ValueError(f"unknown precision {config.precision!r}; known: {', '.join(PRECISIONS)}")
+  if config.nan_policy not in NAN_POLICIES:
+    raise ValueError(f"unknown nan_policy {config.nan_policy!r}; known: "
+                     f"{', '.join(NAN_POLICIES)}")
+  if not (isinstance(config.checkpoint_every_steps, int) and config.checkpoint_every_steps >= 0):
+    raise ValueError(f"checkpoint_every_steps must be 0 or a positive integer, got "
+                     f"{config.checkpoint_every_steps!r}")
+  if not (config.checkpoint_every_secs >= 0 and math.isfinite(config.checkpoint_every_secs)):
+    raise ValueError(f"checkpoint_every_secs must be 0 or a positive number, got "
+                     f"{config.checkpoint_every_secs!r}")
 
 
 def build_model(experiment: Experiment | str, dataset: DatasetInfo | str | None = None,

@@ -7,9 +7,15 @@ callbacks and CLU's periodic actions are. A hook overrides the methods it needs:
   on_run_start(info)                  after set-up and resumption, before the first epoch
   on_epoch_start(epoch)
   on_chunk_end(steps, totals)         as each compiled call's metric sums reach the host
+  wants_state(step) -> bool           at each step boundary inside an epoch: True asks for
+  on_step_boundary(epoch, state, sums)  this call, with the state after global step `step`
   on_epoch_end(epoch, record, state)  after validation; `record` is the metrics.jsonl line
+  flush()                             before the final evaluation: finish pending writes
   on_run_end(summary)                 after the final evaluation; `summary` is metrics.json
   close()                             always, last, also when the run fails or is interrupted
+
+A step boundary is the end of a compiled call (`--steps_per_dispatch` steps); asking for the
+state there costs one wait for the device, so hooks ask only when they need it.
 
 Hooks run in list order; `jaxlab.train.default_hooks` puts the files first, so a later hook
 (a user's) sees an epoch already on disk.
@@ -19,15 +25,18 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import time
 from typing import Any, Callable
 
 from absl import logging
 
-from jaxlab import checkpoint
+from jaxlab import checkpoint, preemption
 from jaxlab.config import TrainConfig
+from jaxlab.errors import NonFiniteError
 from jaxlab.metrics import append_jsonl
 from jaxlab.rundir import RunDir, write_summary
 from jaxlab.state import TrainState
+from jaxlab.steps import train_sums_zeros
 
 
 @dataclasses.dataclass
@@ -41,6 +50,8 @@ class RunInfo:
   start_epoch: int  # The epoch the run resumed after (0 for a fresh run).
   steps_per_epoch: int
   counts: dict[str, int]  # total_params, trainable_params, non_trainable_params.
+  start_step: int = 0  # The global step it resumed at (inside epoch start_epoch + 1).
+  meta: dict[str, Any] = dataclasses.field(default_factory=dict)  # For its checkpoints.
 
 
 class Hook:
@@ -57,7 +68,16 @@ class Hook:
   def on_chunk_end(self, steps: int, totals: dict[str, float]) -> None:
     pass
 
+  def wants_state(self, step: int) -> bool:
+    return False
+
+  def on_step_boundary(self, epoch: int, state: TrainState, sums: dict[str, Any]) -> None:
+    pass
+
   def on_epoch_end(self, epoch: int, record: dict[str, Any], state: TrainState) -> None:
+    pass
+
+  def flush(self) -> None:
     pass
 
   def on_run_end(self, summary: dict[str, Any]) -> None:
@@ -68,8 +88,13 @@ class Hook:
 
 
 def epoch_line(record: dict[str, Any]) -> str:
-  return (f"loss={record['train_loss']:.4f} accuracy={record['train_accuracy']:.4f} "
-          f"val_loss={record['val_loss']:.4f} val_accuracy={record['val_accuracy']:.4f}")
+  """The record in one line; a mean of no steps (all skipped) shows as `-`."""
+  fields = (("loss", "train_loss"), ("accuracy", "train_accuracy"), ("val_loss", "val_loss"),
+            ("val_accuracy", "val_accuracy"))
+  line = " ".join(f"{name}={record[key]:.4f}" if record[key] is not None else f"{name}=-"
+                  for name, key in fields)
+  return line + (f" skipped_steps={record['skipped_steps']}" if record.get("skipped_steps")
+                 else "")
 
 
 class ProgressBar(Hook):
@@ -114,19 +139,110 @@ class MetricsLog(Hook):
 
 
 class Checkpoints(Hook):
-  """Saves the train state as checkpoints/last.msgpack after every epoch, and as
-  checkpoints/best.msgpack when validation accuracy strictly improves (the first maximum)."""
+  """Saves the train state at every epoch's end, and inside epochs every
+  `checkpoint_every_steps` steps or `checkpoint_every_secs` seconds, whichever comes first, and
+  at the next step boundary after a stop was requested (`jaxlab.preemption`).
+
+  Each save copies the state to the host at the boundary; serializing and writing happen in a
+  background thread (`checkpoint.AsyncWriter`, one save in flight) while training goes on. The
+  newest `keep_checkpoints` step checkpoints are kept, and checkpoints/best.msgpack is rewritten
+  when validation accuracy strictly improves (the first maximum)."""
+
+  def __init__(self, background: bool = True):
+    self.background = background
+    self.writer: checkpoint.AsyncWriter | None = None
 
   def on_run_start(self, info: RunInfo) -> None:
     super().on_run_start(info)
-    self.best = max((r["val_accuracy"] for r in info.history), default=-1.0)
+    for stale in info.run.checkpoints.glob("*.tmp*"):  # Left by a process killed mid-write.
+      stale.unlink(missing_ok=True)
+    self.writer = checkpoint.AsyncWriter(self.background)
+    self.best = max((r["val_accuracy"] for r in info.history
+                     if r.get("val_accuracy") is not None), default=-1.0)
+    self.saved_step, self.saved_time = info.start_step, time.monotonic()
+
+  def wants_state(self, step: int) -> bool:
+    config = self.info.config
+    return (preemption.requested()
+            or bool(config.checkpoint_every_steps
+                    and step - self.saved_step >= config.checkpoint_every_steps)
+            or bool(config.checkpoint_every_secs
+                    and time.monotonic() - self.saved_time >= config.checkpoint_every_secs))
+
+  def on_step_boundary(self, epoch: int, state: TrainState, sums: dict[str, Any]) -> None:
+    self.save(state, sums, epoch - 1, best=False)
 
   def on_epoch_end(self, epoch: int, record: dict[str, Any], state: TrainState) -> None:
-    payload = {"epoch": epoch, "state": state}
-    if record["val_accuracy"] > self.best:
+    improved = record["val_accuracy"] is not None and record["val_accuracy"] > self.best
+    if improved:
       self.best = record["val_accuracy"]
-      checkpoint.save(self.info.run.best, payload)
-    checkpoint.save(self.info.run.last, payload)
+    self.save(state, train_sums_zeros(), epoch, best=improved)
+
+  def save(self, state: TrainState, sums: dict[str, Any], epochs_done: int, best: bool) -> None:
+    host = checkpoint.to_host({"state": state, "sums": dict(sums)})
+    step = int(host["state"].step)
+    run = self.info.run
+    paths = [run.step_checkpoint(step)] + ([run.best] if best else [])
+    meta = {**self.info.meta, "step": step, "epoch": epochs_done, "time": time.time()}
+    self.writer.save(paths, host, meta, after=lambda: self._prune(step))
+    self.saved_step, self.saved_time = step, time.monotonic()
+
+  def _prune(self, newest: int) -> None:
+    """Removes all but the newest `keep_checkpoints` step checkpoints (never `newest`)."""
+    keep = self.info.config.keep_checkpoints
+    for path in self.info.run.step_checkpoints()[keep:]:
+      if path != self.info.run.step_checkpoint(newest):
+        path.unlink(missing_ok=True)
+
+  def flush(self) -> None:
+    if self.writer is not None:
+      self.writer.wait()
+
+  def close(self) -> None:
+    if self.writer is not None:
+      writer, self.writer = self.writer, None
+      writer.close()
+
+
+class NonFiniteGuard(Hook):
+  """Stops the run (`NonFiniteError`, naming the epoch and step) as soon as a step's loss or
+  gradient is not finite, under nan_policy=stop: the state that step produced is never saved,
+  so the last checkpoints stay good. Under nan_policy=skip the steps were dropped on the device
+  and are counted in the record's `skipped_steps`."""
+
+  def on_epoch_start(self, epoch: int) -> None:
+    self.epoch = epoch
+
+  def on_chunk_end(self, steps: int, totals: dict[str, Any]) -> None:
+    if totals["nonfinite"] and self.info.config.nan_policy == "stop":
+      step = totals["first_nonfinite"]
+      in_epoch = step - (self.epoch - 1) * self.info.steps_per_epoch + 1
+      raise NonFiniteError(
+          f"non-finite loss or gradient at epoch {self.epoch}, step {in_epoch} of "
+          f"{self.info.steps_per_epoch} (global step {step + 1}); the run stopped, and the "
+          f"checkpoints it saved before that step stay in {self.info.run.checkpoints}. Lower "
+          "--learning_rate, or resume with --nan_policy=skip to drop such steps")
+
+
+class StopOnSignal(Hook):
+  """After a stop was requested (SIGTERM, SIGINT), raises `Preempted` at the next step
+  boundary or epoch end; `Checkpoints`, earlier in the list, has saved the position by then."""
+
+  def wants_state(self, step: int) -> bool:
+    return preemption.requested()
+
+  def on_step_boundary(self, epoch: int, state: TrainState, sums: dict[str, Any]) -> None:
+    step = int(state.step)
+    in_epoch = step - (epoch - 1) * self.info.steps_per_epoch
+    self._stop(f"in epoch {epoch} after step {in_epoch} of {self.info.steps_per_epoch}", step)
+
+  def on_epoch_end(self, epoch: int, record: dict[str, Any], state: TrainState) -> None:
+    if preemption.requested():
+      self._stop(f"after epoch {epoch}", int(state.step))
+
+  def _stop(self, where: str, step: int) -> None:
+    raise preemption.Preempted(f"stopped {where} (global step {step}); its checkpoint is "
+                               f"{self.info.run.step_checkpoint(step)}")
 
 
 class SummaryFile(Hook):
@@ -135,7 +251,8 @@ class SummaryFile(Hook):
   def on_epoch_end(self, epoch: int, record: dict[str, Any], state: TrainState) -> None:
     info = self.info
     write_summary(info.run, info.config, info.history, info.counts,
-                  "running" if epoch < info.config.epochs else "completed")
+                  "running" if epoch < info.config.epochs else "completed",
+                  last=info.run.step_checkpoint(int(state.step)))
 
 
 class OnEpochEnd(Hook):

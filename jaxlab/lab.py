@@ -22,7 +22,8 @@ from typing import Any, Callable, Sequence
 
 from absl import logging
 
-from jaxlab.cli import USER_ERRORS
+from jaxlab import preemption
+from jaxlab.cli import USER_ERRORS, one_line
 from jaxlab.config import TrainConfig, changed_settings, resolve_config
 from jaxlab.data import Dataset, load_dataset
 from jaxlab.experiment import Lab
@@ -55,8 +56,7 @@ def _finished(run: RunDir, config: TrainConfig) -> bool:
 
 
 def _one_line(error: BaseException) -> str:
-  message = error.args[0] if isinstance(error, LookupError) and error.args else error
-  text = " ".join(str(message).split()) or type(error).__name__
+  text = one_line(error) or type(error).__name__
   return text if isinstance(error, USER_ERRORS) else f"{type(error).__name__}: {text}"
 
 
@@ -168,6 +168,8 @@ class LabRunner:
     for i, lab_run in enumerate(self.runs, 1):
       run_dir = RunDir(self.root / lab_run.path)
       head = f"[{self.lab.name}] run {i}/{n}: {lab_run.experiment} seed {lab_run.seed}"
+      if preemption.requested():
+        raise preemption.Preempted(f"[{self.lab.name}] stopped before run {i}/{n}")
       if _finished(run_dir, lab_run.config):
         self._completed(lab_run, json.loads(run_dir.metrics_json.read_text()))
         self.say(f"{head}: finished earlier, skipped")
@@ -181,6 +183,9 @@ class LabRunner:
         summary = train_and_evaluate(lab_run.config, run_dir.root,
                                      dataset=self._dataset(lab_run.config),
                                      progress=self.progress)
+      except preemption.Preempted as e:  # The lab stops; the run resumes next time.
+        self.write()
+        raise preemption.Preempted(f"{head}: {e}") from None
       except Exception as e:  # A failing run is recorded; the lab goes on.
         lab_run.status, lab_run.error = "failed", _one_line(e)
         if not isinstance(e, USER_ERRORS):

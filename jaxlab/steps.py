@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxlab.config import NAN_POLICIES
 from jaxlab.models import PlanModel, l2_coefficients
 from jaxlab.state import TrainState
 
@@ -46,9 +47,19 @@ def _sum_metrics(logits: jax.Array, labels: jax.Array) -> Metrics:
           "count": jnp.asarray(labels.shape[0], jnp.int32)}
 
 
-def make_train_step(model: PlanModel) -> Callable[[TrainState, jax.Array, jax.Array],
-                                                  tuple[TrainState, Metrics]]:
-  """One optimizer step on a batch of uint8 images and integer labels (not jitted)."""
+NO_STEP = np.iinfo(np.int32).max  # `first_nonfinite` of a chunk whose steps were all finite.
+
+
+def make_train_step(model: PlanModel, nan_policy: str = "stop") -> Callable[
+    [TrainState, jax.Array, jax.Array], tuple[TrainState, Metrics]]:
+  """One optimizer step on a batch of uint8 images and integer labels (not jitted).
+
+  A step is non-finite when its loss or its gradient norm is NaN or infinite. Its metrics are
+  left out of the sums and counted in `nonfinite`, with the step number in `first_nonfinite`;
+  under `nan_policy="skip"` its update is dropped too (the step number still advances), under
+  "stop" the caller stops the run (`jaxlab.hooks.NonFiniteGuard`)."""
+  if nan_policy not in NAN_POLICIES:
+    raise ValueError(f"unknown nan_policy {nan_policy!r}; known: {', '.join(NAN_POLICIES)}")
   coefficients = l2_coefficients(model)
 
   def train_step(state: TrainState, images: jax.Array, labels: jax.Array):
@@ -63,12 +74,19 @@ def make_train_step(model: PlanModel) -> Callable[[TrainState, jax.Array, jax.Ar
       reg = l2_penalty(params, coefficients)
       return data_loss + reg, (logits, reg, updates.get("batch_stats", {}))
 
-    (_, (logits, reg, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+    (loss, (logits, reg, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params)
-    state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
+    if nan_policy == "skip":
+      kept = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+      new_state = kept.replace(step=new_state.step)
     metrics = _sum_metrics(logits, labels)
     metrics["l2_sum"] = reg * labels.shape[0]
-    return state, metrics
+    metrics = {k: jnp.where(finite, v, jnp.zeros_like(v)) for k, v in metrics.items()}
+    metrics["nonfinite"] = (~finite).astype(jnp.int32)
+    metrics["first_nonfinite"] = jnp.where(finite, NO_STEP, state.step).astype(jnp.int32)
+    return new_state, metrics
 
   return train_step
 
@@ -85,7 +103,14 @@ def make_eval_step(model: PlanModel) -> Callable[[dict, jax.Array, jax.Array],
 
 
 def _add(a: Metrics, b: Metrics) -> Metrics:
-  return jax.tree_util.tree_map(jnp.add, a, b)
+  """Metric sums of two spans of steps: counts and sums add, the first bad step is the least."""
+  return {k: (jnp.minimum if k == "first_nonfinite" else jnp.add)(a[k], b[k]) for k in a}
+
+
+def train_sums_zeros() -> dict[str, float | int]:
+  """The host-side sums of no train step (a Python number per metric)."""
+  return {"loss_sum": 0.0, "l2_sum": 0.0, "correct": 0, "count": 0, "nonfinite": 0,
+          "first_nonfinite": int(NO_STEP)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,10 +124,10 @@ class Steps:
 
 
 @functools.lru_cache(maxsize=64)
-def make_steps(model: PlanModel) -> Steps:
+def make_steps(model: PlanModel, nan_policy: str = "stop") -> Steps:
   """The compiled steps of `model`, made once per model (per process), so that a second run of
   the same architecture reuses the compiled code instead of compiling it again."""
-  train_step = make_train_step(model)
+  train_step = make_train_step(model, nan_policy)
   eval_step = make_eval_step(model)
 
   @functools.partial(jax.jit, donate_argnums=0, static_argnames="length")
@@ -115,8 +140,8 @@ def make_steps(model: PlanModel) -> Steps:
       state, metrics = train_step(state, images[idx], labels[idx])
       return (state, _add(sums, metrics)), None
 
-    zeros = {"loss_sum": jnp.zeros((), jnp.float32), "l2_sum": jnp.zeros((), jnp.float32),
-             "correct": jnp.zeros((), jnp.int32), "count": jnp.zeros((), jnp.int32)}
+    zeros = {k: jnp.asarray(v, jnp.float32 if isinstance(v, float) else jnp.int32)
+             for k, v in train_sums_zeros().items()}
     (state, sums), _ = jax.lax.scan(body, (state, zeros), chunk)
     return state, sums
 
@@ -175,40 +200,77 @@ def evaluate(steps: Steps, variables: dict, images: jax.Array, labels: jax.Array
           np.asarray(jnp.concatenate(preds)))
 
 
+def epoch_chunks(num_examples: int, batch_size: int,
+                 steps_per_dispatch: int) -> list[tuple[int, int, int]]:
+  """(part, start, length) of every compiled call of an epoch, in order: `part` 0 is the full
+  batches, 1 the smaller last batch. A chunk's first step in the epoch is the sum of the
+  lengths before it; those sums are the only places an epoch can be resumed from."""
+  full, rest = divmod(num_examples, batch_size)
+  chunks = [(0, start, length)
+            for start, length in (chunk_lengths(full, steps_per_dispatch) if full else [])]
+  return chunks + [(1 if full else 0, 0, 1)] * bool(rest)
+
+
 def train_epoch(steps: Steps, state: TrainState, images: jax.Array, labels: jax.Array,
                 batch_size: int, shuffle_key: jax.Array, steps_per_dispatch: int,
-                on_chunk: Callable[[int, dict[str, float]], None] | None = None,
-                first_step: int = 0) -> tuple[TrainState, dict[str, float]]:
+                on_chunk: Callable[[int, dict[str, Any]], None] | None = None,
+                first_step: int = 0, start: int = 0, totals: dict[str, Any] | None = None,
+                wants_state: Callable[[int], bool] | None = None,
+                on_state: Callable[[TrainState, dict[str, Any]], None] | None = None,
+                ) -> tuple[TrainState, dict[str, Any]]:
   """One pass over the training split in the order `permutation(shuffle_key)`.
 
   `on_chunk(steps, totals)` is called as each compiled call's metric sums reach the host, with
-  the number of steps it ran and the epoch's running sums. `first_step` numbers the steps in
-  profiler traces (`StepTraceAnnotation`).
+  the number of steps it ran and the epoch's running sums. `first_step` is the global number of
+  the epoch's first step (for profiler traces and `wants_state`).
+
+  Resuming inside an epoch: `start` steps of it are done already, with the sums `totals`
+  (`start` must be a chunk boundary, as every saved position is). At each chunk boundary but
+  the epoch's last, `wants_state(global_step)` may ask for the state: the queue is drained and
+  `on_state(state, totals)` sees the state and the sums of exactly the steps so far (a
+  checkpoint, a preemption). Otherwise the host reads a chunk's sums only after it has queued
+  the next chunk, so reading them never stalls the device.
   """
   order = jax.random.permutation(shuffle_key, images.shape[0])
+  parts = split_batches(order, batch_size)
+  chunks = epoch_chunks(images.shape[0], batch_size, steps_per_dispatch)
+  boundaries = list(np.cumsum([0] + [length for _, _, length in chunks]))
+  if start not in boundaries[:-1]:
+    raise ValueError(f"step {start} of the epoch is not a chunk boundary ({boundaries[:6]}...): "
+                     "a position saved with other --steps_per_dispatch or --batch_size")
   pending: list[tuple[int, Metrics]] = []
-  totals = {"loss_sum": 0.0, "l2_sum": 0.0, "correct": 0, "count": 0}
+  totals = dict(totals or train_sums_zeros())
 
   def drain(keep: int) -> None:
     # Read back all but the newest `keep` chunks: those are still queued on the device.
     while len(pending) > keep:
       n, sums = pending.pop(0)
       for k, v in jax.device_get(sums).items():
-        totals[k] += v.item()
+        totals[k] = min(totals[k], v.item()) if k == "first_nonfinite" else totals[k] + v.item()
       if on_chunk:
         on_chunk(n, totals)
 
-  step = first_step
-  for batches in split_batches(order, batch_size):
-    for start, length in chunk_lengths(batches.shape[0], steps_per_dispatch):
-      with jax.profiler.StepTraceAnnotation("train", step_num=step):
-        state, sums = steps.train_chunk(state, images, labels, batches, start, length=length)
-      step += length
-      pending.append((length, sums))
+  for (part, chunk_start, length), done in zip(chunks, boundaries[1:]):
+    if done <= start:
+      continue
+    with jax.profiler.StepTraceAnnotation("train", step_num=first_step + done - length):
+      state, sums = steps.train_chunk(state, images, labels, parts[part], chunk_start,
+                                      length=length)
+    pending.append((length, sums))
+    if done < boundaries[-1] and wants_state and wants_state(first_step + done):
+      drain(keep=0)
+      if on_state:
+        on_state(state, totals)
+    else:
       drain(keep=1)
   drain(keep=0)
+  return state, epoch_metrics(totals)
+
+
+def epoch_metrics(totals: dict[str, Any]) -> dict[str, Any]:
+  """The epoch's means from its sums (None where every step was skipped)."""
   count = totals["count"]
-  return state, {"loss": (totals["loss_sum"] + totals["l2_sum"]) / count,
-                 "data_loss": totals["loss_sum"] / count,
-                 "l2_loss": totals["l2_sum"] / count,
-                 "accuracy": totals["correct"] / count}
+  mean = (lambda x: x / count) if count else (lambda x: None)
+  return {"loss": mean(totals["loss_sum"] + totals["l2_sum"]),
+          "data_loss": mean(totals["loss_sum"]), "l2_loss": mean(totals["l2_sum"]),
+          "accuracy": mean(totals["correct"]), "skipped_steps": totals["nonfinite"]}

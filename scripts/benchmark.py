@@ -9,7 +9,7 @@ Writes the results as JSON (--json_out) and as a Markdown table (--markdown_out)
 import json
 import pathlib
 
-from absl import app, flags
+from absl import flags
 
 from jaxlab import cli
 from jaxlab.benchmark import PEERS, markdown, run_benchmark
@@ -52,4 +52,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -10,7 +10,7 @@ relative error per layer; exits with status 1 if a layer diverges beyond --rtol.
 import sys
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from jaxlab import cli
 from jaxlab.compare import capture, compare
@@ -49,4 +49,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -6,7 +6,7 @@
 import json
 
 import jax
-from absl import app, flags
+from absl import flags
 
 from jaxlab import cli, evaluation
 from jaxlab.data import load_dataset
@@ -41,4 +41,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -3,7 +3,7 @@
   python scripts/export_keras.py --workdir=DIR --output=model.keras [--checkpoint=best|last]
 """
 
-from absl import app, flags
+from absl import flags
 
 from jaxlab import cli
 from jaxlab.keras_io import export_keras
@@ -24,4 +24,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -7,7 +7,7 @@ order with every shape checked; the checkpoints (epoch 0) hold the imported para
 BatchNorm statistics, so evaluate.py, predict.py and train.py work on DIR.
 """
 
-from absl import app, flags
+from absl import flags
 
 from jaxlab import cli
 from jaxlab.config import build_model, resolve_config
@@ -31,4 +31,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -10,7 +10,7 @@ import pathlib
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from jaxlab import cli
 from jaxlab.rundir import load_run
@@ -48,4 +48,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -13,7 +13,7 @@ import pathlib
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from jaxlab import cli, profiling
 from jaxlab.config import PRECISIONS, TrainConfig, build_model, resolve_config
@@ -125,4 +125,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -6,7 +6,7 @@ Writes OUT/report.md (with its PNG figures), OUT/report.html (one self-contained
 OUT/report.json (the table as data). Reads run directories only.
 """
 
-from absl import app, flags
+from absl import flags
 
 from jaxlab import cli
 from jaxlab.report import build_report
@@ -29,4 +29,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -4,14 +4,15 @@
       [--experiments=mlp_baseline,mlp_dropout] [--seeds=0,1,2] [--epochs=...] ...
 
 Writes DIR/EXPERIMENT/seed_S/ (ordinary run directories) and DIR/lab.json, prints the results
-table at the end, and exits with status 1 if any run failed (2 for bad input).
+table at the end, and exits with status 1 if any run failed (2 for bad input). SIGTERM or
+Ctrl-C stops the lab as it stops train.py: a checkpoint, then status 75.
 """
 
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 
-from jaxlab import cli
+from jaxlab import cli, preemption
 from jaxlab.experiment import load_lab
 from jaxlab.lab import LabRunner, plan_lab
 from jaxlab.report import results_table
@@ -45,7 +46,8 @@ def main(argv):
   overrides = cli.config_overrides(OVERRIDES)
   runs = plan_lab(lab, FLAGS.experiments, parse_seeds(FLAGS.seeds), overrides)
   settings = {k: v for k, v in overrides.items() if v is not None}
-  record = LabRunner(lab, FLAGS.workdir, runs, settings, progress=FLAGS.progress).run()
+  with preemption.stop_on_signals():
+    record = LabRunner(lab, FLAGS.workdir, runs, settings, progress=FLAGS.progress).run()
   print(results_table(FLAGS.workdir))
   failed = [r for r in record["runs"] if r["status"] == "failed"]
   done = sum(r["status"] == "completed" for r in record["runs"])
@@ -58,4 +60,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -5,7 +5,7 @@
 
 import json
 
-from absl import app, flags
+from absl import flags
 
 from jaxlab import cli
 from jaxlab.config import build_model
@@ -27,4 +27,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

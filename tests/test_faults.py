@@ -1,0 +1,347 @@
+"""Fault injection: real train.py processes killed, stopped, starved of disk and fed damaged
+checkpoints and NaNs; every interrupted run resumes to the result of an uninterrupted one."""
+
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from jaxlab import checkpoint
+from datafiles import write_idx_dataset
+from test_scripts import ROOT, script
+
+TIMINGS = ("epoch_seconds", "eval_seconds", "time")
+EPOCHS = 3
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+  directory = tmp_path_factory.mktemp("fault-data")
+  write_idx_dataset(directory, n_train=2048, n_test=64)
+  return directory
+
+
+def train_args(data, workdir, *extra, experiment="mlp_baseline"):
+  # 128 steps an epoch in compiled calls of 4, a checkpoint every 8 steps: most of a run is
+  # spent between checkpoints that are being written.
+  return [f"--experiment={experiment}", "--dataset=mnist", f"--data_dir={data}",
+          f"--workdir={workdir}", f"--epochs={EPOCHS}", "--batch_size=16",
+          "--steps_per_dispatch=4", "--checkpoint_every_steps=8", "--eval_batch_size=64", *extra]
+
+
+def start(args):
+  return subprocess.Popen([sys.executable, str(ROOT / "scripts" / "train.py"), *args], cwd=ROOT,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"}, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+
+
+def newest_state(workdir):
+  """Every array of the newest checkpoint, by path, and its metadata."""
+  run_checkpoints = sorted((workdir / "checkpoints").glob("step_*.msgpack"))
+  meta, state_dict = checkpoint.read(run_checkpoints[-1])
+  return {"/".join(k): np.asarray(v) for k, v in
+          traverse_util.flatten_dict(state_dict["state"]).items()}, meta
+
+
+def metrics_lines(workdir):
+  """metrics.jsonl as strict JSON (no NaN), every field but the timings."""
+  lines = (workdir / "metrics.jsonl").read_text().splitlines()
+  records = [json.loads(l, parse_constant=lambda c: pytest.fail(f"{c} in metrics.jsonl"))
+             for l in lines]
+  return [{k: v for k, v in r.items() if k not in TIMINGS} for r in records]
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory):
+  """The uninterrupted run: its final state and metrics."""
+  workdir = tmp_path_factory.mktemp("reference") / "run"
+  script("train.py", *train_args(data, workdir))
+  state, meta = newest_state(workdir)
+  assert meta["step"] == EPOCHS * 128 and meta["epoch"] == EPOCHS
+  return state, metrics_lines(workdir)
+
+
+def assert_same_as_reference(workdir, reference):
+  state, _ = newest_state(workdir)
+  expected_state, expected_metrics = reference
+  assert state.keys() == expected_state.keys()
+  for key in state:
+    np.testing.assert_array_equal(state[key], expected_state[key], err_msg=key)
+  assert metrics_lines(workdir) == expected_metrics
+  summary = json.loads((workdir / "metrics.json").read_text())
+  assert summary["status"] == "completed" and summary["epochs_completed"] == EPOCHS
+
+
+def wait_for(predicate, process, timeout=120):
+  deadline = time.monotonic() + timeout
+  while not predicate():
+    assert process.poll() is None, process.communicate()[1][-3000:]
+    assert time.monotonic() < deadline, "timed out"
+    time.sleep(0.005)
+
+
+def saved_steps(workdir):
+  return sorted(int(p.name[5:14]) for p in (workdir / "checkpoints").glob("step_*.msgpack")
+                ) if (workdir / "checkpoints").is_dir() else []
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sigkill_at_a_random_moment_then_resume(data, reference, tmp_path, seed):
+  """Killed after a random number of checkpoints, a random time later (inside an epoch, often
+  while a checkpoint is being written), then resumed: bit-identical to the uninterrupted run."""
+  rng = random.Random(seed)
+  workdir = tmp_path / "run"
+  process = start(train_args(data, workdir))
+  after = rng.randrange(1, 3 * 128 // 8 - 2)  # Checkpoints to wait for before the kill.
+  wait_for(lambda: len(saved_steps(workdir)) and saved_steps(workdir)[-1] >= 8 * after, process)
+  time.sleep(rng.uniform(0, 0.05))
+  process.send_signal(signal.SIGKILL)
+  process.communicate()
+  killed_at = saved_steps(workdir)[-1]
+  assert killed_at < EPOCHS * 128, "the run ended before the kill"
+  script("train.py", *train_args(data, workdir))
+  assert_same_as_reference(workdir, reference)
+  assert not list((workdir / "checkpoints").glob("*.tmp*"))
+
+
+def test_sigterm_saves_stops_and_resumes(data, reference, tmp_path):
+  workdir = tmp_path / "run"
+  process = start(train_args(data, workdir))
+  wait_for(lambda: len(saved_steps(workdir)) and saved_steps(workdir)[-1] >= 136, process)
+  process.send_signal(signal.SIGTERM)
+  _, stderr = process.communicate(timeout=120)
+  assert process.returncode == 75, stderr[-2000:]
+  assert "SIGTERM: stopping at the next step boundary" in stderr
+  line = next(l for l in stderr.splitlines() if l.startswith("stopped in epoch"))
+  stopped_at = saved_steps(workdir)[-1]
+  assert f"(global step {stopped_at})" in line and f"step_{stopped_at:09d}.msgpack" in line
+  assert "resume with the same command: python " in stderr
+  resumed = script("train.py", *train_args(data, workdir))
+  assert f"Resuming {workdir} from step {stopped_at}" in resumed.stderr
+  assert_same_as_reference(workdir, reference)
+
+
+def truncate(path):
+  path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def flip_a_bit(path):
+  raw = bytearray(path.read_bytes())
+  raw[len(raw) // 2] ^= 0x10
+  path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("damage", [truncate, flip_a_bit])
+def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(data, reference, tmp_path,
+                                                                  damage):
+  workdir = tmp_path / "run"
+  script("train.py", *train_args(data, workdir, "--epochs=2"))
+  newest = workdir / "checkpoints" / f"step_{2 * 128:09d}.msgpack"
+  damage(newest)
+  resumed = script("train.py", *train_args(data, workdir))
+  assert f"checkpoint {newest} is corrupt" in resumed.stderr or (
+      f"checkpoint {newest} is not a readable msgpack file" in resumed.stderr)
+  assert f"Resuming {workdir} from step {2 * 128 - 8}" in resumed.stderr
+  assert_same_as_reference(workdir, reference)
+
+
+def test_a_checkpoint_of_another_experiment_is_refused(data, tmp_path):
+  other = tmp_path / "other"
+  script("train.py", *train_args(data, other, "--epochs=1", experiment="mlp_halving"))
+  workdir = tmp_path / "run"
+  script("train.py", *train_args(data, workdir, "--epochs=1"))
+  stray = workdir / "checkpoints" / "step_000000500.msgpack"
+  stray.write_bytes((other / "checkpoints" / "step_000000128.msgpack").read_bytes())
+  refused = script("train.py", *train_args(data, workdir), check=False)
+  assert refused.returncode == 2 and "Traceback" not in refused.stderr
+  assert (f"error: checkpoint {stray} belongs to experiment 'mlp_halving' (config "
+          in refused.stderr)
+  assert "not to this run's 'mlp_baseline'" in refused.stderr and "--restart" in refused.stderr
+  script("train.py", *train_args(data, workdir, "--restart"))
+  assert not stray.exists()
+  assert [r["epoch"] for r in metrics_lines(workdir)] == [1, 2, 3]
+
+
+def test_an_edited_declaration_is_refused_unless_restarted(data, tmp_path):
+  lab = tmp_path / "edited_lab.py"
+  declaration = ("from jaxlab.experiment import Experiment, register\n"
+                 "from jaxlab.models import MLP, Dense\n"
+                 "register(Experiment(name='fault_edited', dataset='mnist', epochs=3, "
+                 "model=MLP(layers=(Dense(32, 'relu', batch_norm=True, dropout={rate}),))))\n")
+  lab.write_text(declaration.format(rate=0.2))
+  workdir = tmp_path / "lab"
+  args = [f"--lab={lab}", f"--workdir={workdir}", f"--data_dir={data}", "--epochs=1",
+          "--batch_size=64", "--steps_per_dispatch=8"]
+  script("run_lab.py", *args)
+  lab.write_text(declaration.format(rate=0.3))
+  again = script("run_lab.py", *args[:-2], "--epochs=2", "--batch_size=64",
+                 "--steps_per_dispatch=8", check=False)
+  assert again.returncode == 1
+  error = json.loads((workdir / "lab.json").read_text())["runs"][0]["error"]
+  assert "was written for another architecture of 'fault_edited'" in error
+  assert "layer 'dropout': rate 0.2 -> 0.3" in error and "--restart" in error
+  run = workdir / "fault_edited" / "seed_0"
+  script("train.py", f"--lab={lab}", "--experiment=fault_edited", "--dataset=mnist",
+         f"--data_dir={data}", f"--workdir={run}", "--epochs=2", "--batch_size=64",
+         "--steps_per_dispatch=8", "--restart")
+  config = json.loads((run / "config.json").read_text())
+  assert {"name": "dropout", "type": "Dropout", "rate": 0.3} in config["model"]["layers"]
+  assert [r["epoch"] for r in metrics_lines(run)] == [1, 2]
+
+
+def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(data, tmp_path):
+  """SGD at rate 2 diverges after some 150 steps: the run stops there, keeps only finite
+  checkpoints from before that step, and resumes with --nan_policy=skip."""
+  workdir = tmp_path / "run"
+  args = train_args(data, workdir, "--epochs=2", "--optimizer=sgd", "--learning_rate=2")
+  stopped = script("train.py", *args, check=False)
+  assert stopped.returncode == 3, stopped.stderr[-2000:]
+  message = next(l for l in stopped.stderr.splitlines() if l.startswith("error: "))
+  epoch, step, bad_step = map(int, re.fullmatch(
+      r"error: non-finite loss or gradient at epoch (\d+), step (\d+) of 128 \(global step "
+      r"(\d+)\); the run stopped, and the checkpoints it saved before that step stay in "
+      r".*/checkpoints\. Lower --learning_rate, or resume with --nan_policy=skip to drop such "
+      r"steps", message).groups())
+  assert bad_step == (epoch - 1) * 128 + step > 8
+  saved = saved_steps(workdir)
+  assert saved and saved[-1] < bad_step
+  for step in saved:  # Every checkpoint it kept holds finite numbers only.
+    _, state_dict = checkpoint.read(workdir / "checkpoints" / f"step_{step:09d}.msgpack")
+    leaves = traverse_util.flatten_dict(state_dict["state"]).values()
+    assert all(np.all(np.isfinite(np.asarray(x, float))) for x in leaves)
+  skipped = script("train.py", *args, "--nan_policy=skip")
+  assert f"Resuming {workdir} from step {saved[-1]}" in skipped.stderr
+  records = metrics_lines(workdir)  # Strict JSON: a NaN would have failed here.
+  assert [r["epoch"] for r in records] == [1, 2]
+  assert sum(r["skipped_steps"] for r in records) > 0
+  assert "skipped_steps=" in skipped.stderr
+  json.loads((workdir / "metrics.json").read_text(),
+             parse_constant=lambda c: pytest.fail(f"{c} in metrics.json"))
+
+
+def test_a_half_written_metrics_line_is_skipped(data, reference, tmp_path):
+  workdir = tmp_path / "run"
+  process = start(train_args(data, workdir))
+  wait_for(lambda: (workdir / "metrics.jsonl").is_file()
+           and (workdir / "metrics.jsonl").read_text().count("\n") >= 1, process)
+  process.send_signal(signal.SIGKILL)
+  process.communicate()
+  with open(workdir / "metrics.jsonl", "a") as f:
+    f.write('{"epoch": 2, "step": 256, "train_lo')
+  resumed = script("train.py", *train_args(data, workdir))
+  assert "skipped its last line, which is not complete JSON" in resumed.stderr
+  assert_same_as_reference(workdir, reference)
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint(data, tmp_path):
+  """The file-size limit makes every write past 200 kB fail (EFBIG) as a full disk would."""
+  workdir = tmp_path / "run"
+  script("train.py", *train_args(data, workdir, "--epochs=1"))
+  before = {p.name: p.read_bytes() for p in (workdir / "checkpoints").iterdir()}
+  code = ("import resource, runpy, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+          "resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000)); "
+          f"sys.argv = ['train.py'] + {train_args(data, workdir, '--epochs=2')!r}; "
+          "runpy.run_path('scripts/train.py', run_name='__main__')")
+  full = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=300)
+  assert full.returncode == 2, full.stderr[-2000:]
+  assert "error: could not write checkpoint" in full.stderr
+  assert "File too large; the checkpoints written before it are intact" in full.stderr
+  for name, data_bytes in before.items():  # Untouched, and still valid.
+    assert (workdir / "checkpoints" / name).read_bytes() == data_bytes
+    checkpoint.read(workdir / "checkpoints" / name)
+  assert not list((workdir / "checkpoints").glob("*.tmp*"))
+
+
+def test_bad_input_is_one_line_and_status_2(data, tmp_path):
+  """Every bad input a script can get, each a one-line `error:` naming the bad value, status 2.
+  The commands run side by side (each is a process that starts JAX)."""
+  from datafiles import idx_bytes
+  from jaxlab.config import resolve_config
+  from jaxlab.train import train_and_evaluate
+  from datafiles import synthetic_dataset
+
+  run = tmp_path / "run"
+  train_and_evaluate(resolve_config("mlp_baseline", dataset="mnist", epochs=1, batch_size=64,
+                                    eval_batch_size=64), run, dataset=synthetic_dataset())
+  np.save(tmp_path / "ints.npy", np.zeros((2, 784), np.int64))
+  bad_dirs = {}
+  for name, change in (("size", lambda d: (d / "train-images-idx3-ubyte.gz").write_bytes(
+                           __import__("gzip").compress(idx_bytes(np.zeros((5, 28, 28)))[:-7]))),
+                       ("magic", lambda d: (d / "train-images-idx3-ubyte.gz").write_bytes(
+                           (d / "train-labels-idx1-ubyte.gz").read_bytes())),
+                       ("format", lambda d: (d / "t10k-labels-idx1-ubyte.gz").write_bytes(
+                           b"\x1f\x8b not really gzip"))):
+    bad_dirs[name] = tmp_path / f"data-{name}"
+    write_idx_dataset(bad_dirs[name], n_train=8, n_test=8)
+    change(bad_dirs[name])
+  (tmp_path / "a_file").write_text("not a directory")
+  base = ["--experiment=mlp_baseline", "--dataset=mnist", f"--data_dir={data}",
+          f"--workdir={tmp_path / 'w'}"]
+  cases = {
+      "experiment": ("train.py", ["--experiment=mlp_nope"], "unknown experiment 'mlp_nope'; "
+                     "known experiments: mlp_baseline"),
+      "dataset": ("train.py", [*base, "--dataset=svhn"], "unknown dataset 'svhn'; known "
+                  "datasets: mnist, fashion_mnist, cifar10"),
+      "optimizer": ("train.py", [*base, "--optimizer=adamw2"], "unknown optimizer 'adamw2'; "
+                    "known optimizers: adam, sgd"),
+      "precision": ("train.py", [*base, "--precision=fp8"], "unknown precision 'fp8'; known: "
+                    "float32, bf16"),
+      "nan_policy": ("train.py", [*base, "--nan_policy=ignore"], "unknown nan_policy 'ignore'; "
+                     "known: stop, skip"),
+      "epochs": ("train.py", [*base, "--epochs=0"], "epochs must be a positive integer, got 0"),
+      "batch_size": ("train.py", [*base, "--batch_size=-3"], "batch_size must be a positive "
+                     "integer, got -3"),
+      "learning_rate": ("train.py", [*base, "--learning_rate=0"], "learning_rate must be a "
+                        "positive number, got 0.0"),
+      "train_limit": ("train.py", [*base, "--train_limit=0"], "train_limit must be a positive "
+                      "integer, got 0"),
+      "keep_checkpoints": ("train.py", [*base, "--keep_checkpoints=0"], "keep_checkpoints must "
+                           "be a positive integer, got 0"),
+      "not_a_number": ("train.py", [*base, "--epochs=three"], "flag --epochs=three: invalid "
+                       "literal for int()"),
+      "data_dir": ("train.py", [*base, f"--data_dir={tmp_path / 'nowhere'}"],
+                   f"--data_dir '{tmp_path / 'nowhere'}' is not a directory"),
+      "file_size": ("train.py", [*base, f"--data_dir={bad_dirs['size']}"],
+                    f"{bad_dirs['size'] / 'train-images-idx3-ubyte.gz'}: "),
+      "magic": ("train.py", [*base, f"--data_dir={bad_dirs['magic']}"],
+                f"{bad_dirs['magic'] / 'train-images-idx3-ubyte.gz'}: bad IDX magic number 2049,"
+                " expected 2051"),
+      "format": ("train.py", [*base, f"--data_dir={bad_dirs['format']}"],
+                 f"{bad_dirs['format'] / 't10k-labels-idx1-ubyte.gz'}: corrupt gzip data"),
+      "workdir_file": ("train.py", [*base[:-1], f"--workdir={tmp_path / 'a_file'}"],
+                       f"--workdir {tmp_path / 'a_file'} is a file, not a directory"),
+      "workdir_unwritable": ("train.py", [*base[:-1], "--workdir=/sys/jaxlab-run"],
+                             "--workdir /sys/jaxlab-run cannot be written"),
+      "checkpoint_name": ("evaluate.py", [f"--workdir={run}", "--checkpoint=middle"],
+                          "flag --checkpoint=middle: value should be one of <best|last>"),
+      "not_a_run": ("evaluate.py", [f"--workdir={tmp_path}"], f"{tmp_path} is not a run "
+                    "directory: it has no config.json"),
+      "predict_dtype": ("predict.py", [f"--workdir={run}", f"--inputs={tmp_path / 'ints.npy'}",
+                                       f"--output={tmp_path / 'p.npy'}"],
+                        "--inputs has dtype int64; the model takes float32 inputs"),
+      "report_runs": ("report.py", [f"--runs={tmp_path / 'nowhere'}"],
+                      f"--runs {tmp_path / 'nowhere'} is not a directory"),
+  }
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  processes = {name: subprocess.Popen([sys.executable, str(ROOT / "scripts" / s), *args],
+                                      cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True)
+               for name, (s, args, _) in cases.items()}
+  failures = []
+  for name, process in processes.items():
+    _, stderr = process.communicate(timeout=300)
+    errors = [l for l in stderr.splitlines() if l.startswith("error: ")]
+    expected = cases[name][2]
+    if (process.returncode != 2 or "Traceback" in stderr or len(errors) != 1
+        or expected not in errors[0]):
+      failures.append(f"{name}: status {process.returncode}, stderr:\n{stderr[-1500:]}")
+  assert not failures, "\n\n".join(failures)
