@@ -230,3 +230,36 @@ def op_breakdown(events: list[Event], hlo_text: str) -> dict[str, float]:
   total = matmul + other
   return {"matmul_microseconds": matmul, "other_microseconds": other,
           "matmul_fraction": matmul / total if total else 0.0}
+
+
+def checkpoint_cost(state: Any, directory: str | pathlib.Path, repeats: int = 3) -> dict[str, Any]:
+  """What saving `state` costs the training loop, synchronously and in the background.
+
+  Synchronous: the loop waits for the host copy, serialization and the fsynced write.
+  Background (`checkpoint.AsyncWriter`, as the Checkpoints hook saves): the loop waits for the
+  host copy and the hand-over only; the write's own time is measured too. Medians of
+  `repeats` saves of the same state to `directory`."""
+  from jaxlab import checkpoint
+  from jaxlab.steps import train_sums_zeros
+
+  directory = pathlib.Path(directory)
+  target = {"state": state, "sums": train_sums_zeros()}
+  sync_writer, async_writer = checkpoint.AsyncWriter(background=False), checkpoint.AsyncWriter()
+  sync, blocked, background = [], [], []
+  try:
+    for i in range(repeats):
+      t0 = time.perf_counter()
+      sync_writer.save([directory / f"sync_{i}.msgpack"], checkpoint.to_host(target), {})
+      sync.append(time.perf_counter() - t0)
+      t0 = time.perf_counter()
+      async_writer.save([directory / f"async_{i}.msgpack"], checkpoint.to_host(target), {})
+      t1 = time.perf_counter()
+      async_writer.wait()
+      blocked.append(t1 - t0)
+      background.append(time.perf_counter() - t1)
+  finally:
+    async_writer.close()
+  return {"bytes": (directory / "sync_0.msgpack").stat().st_size, "repeats": repeats,
+          "sync_seconds": statistics.median(sync),
+          "async_blocking_seconds": statistics.median(blocked),
+          "async_background_seconds": statistics.median(background)}

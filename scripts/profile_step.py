@@ -30,11 +30,13 @@ flags.DEFINE_integer("steps", 50, "Timed steps (after 3 warm-up steps).", lower_
 flags.DEFINE_bool("json", False, "Print JSON instead of a table.")
 flags.DEFINE_string("trace_dir", None, "Write a jax.profiler trace of 5 train steps here.")
 flags.DEFINE_string("hlo_dir", None, "Write the optimized HLO of both steps here.")
+flags.DEFINE_string("checkpoint_dir", None, "Also measure what saving the train state costs the "
+                    "training loop, synchronously and in the background, writing it here.")
 FLAGS = flags.FLAGS
 
 
 def profile(config: TrainConfig, steps: int, trace_dir: str | None = None,
-            hlo_dir: str | None = None) -> dict:
+            hlo_dir: str | None = None, checkpoint_dir: str | None = None) -> dict:
   """Compiles and times `config`'s train and eval steps on random data of its shape."""
   experiment, batch_size, precision = config.experiment, config.batch_size, config.precision
   info = DATASETS.get(config.dataset)
@@ -77,16 +79,18 @@ def profile(config: TrainConfig, steps: int, trace_dir: str | None = None,
     flops = max(r["xla_flops"], r["model_flops"])
     r["flops_per_second"] = flops / r["median_step_seconds"]
     r["fraction_of_peak"] = r["flops_per_second"] / peak
-  trace = {}
+  extra = {}
   if trace_dir:
     profiling.write_trace(run_train, trace_dir)
     events = profiling.device_events(trace_dir)
-    trace = {"trace_top_ops": profiling.top_ops(events),
+    extra = {"trace_top_ops": profiling.top_ops(events),
              "trace_breakdown": profiling.op_breakdown(events, train_stats.hlo_text)}
+  if checkpoint_dir:
+    extra["checkpoint"] = profiling.checkpoint_cost(holder[0], checkpoint_dir)
   return {"experiment": experiment, "dataset": info.name, "batch_size": batch_size,
           "precision": precision, **environment(),
           "matmul_peak_flops_per_second": peak, **results,
-          **trace}
+          **extra}
 
 
 def format_table(r: dict) -> str:
@@ -105,6 +109,12 @@ def format_table(r: dict) -> str:
           ("TFLOP/s",) + tuple(f"{r[s]['flops_per_second'] / 1e12:.3f}" for s in ("train_step", "eval_step")),
           ("fraction of peak",) + tuple(f"{r[s]['fraction_of_peak']:.1%}" for s in ("train_step", "eval_step"))]
   lines += [f"{a:<22}{b:>14}{c:>14}" for a, b, c in rows]
+  if r.get("checkpoint"):
+    c = r["checkpoint"]
+    lines.append(f"saving the train state ({c['bytes'] / 1e6:.1f} MB, median of {c['repeats']}): "
+                 f"the loop waits {c['sync_seconds']:.3f} s writing synchronously, "
+                 f"{c['async_blocking_seconds']:.3f} s with the background writer (which then "
+                 f"writes for {c['async_background_seconds']:.3f} s while training goes on)")
   if r.get("trace_breakdown"):
     b = r["trace_breakdown"]
     lines.append(f"traced device time of 5 train steps: {b['matmul_fraction']:.1%} in matrix "
@@ -120,7 +130,7 @@ def format_table(r: dict) -> str:
 @cli.user_errors_exit
 def main(argv):
   config = resolve_config(FLAGS.experiment, **cli.config_overrides(OVERRIDES))
-  result = profile(config, FLAGS.steps, FLAGS.trace_dir, FLAGS.hlo_dir)
+  result = profile(config, FLAGS.steps, FLAGS.trace_dir, FLAGS.hlo_dir, FLAGS.checkpoint_dir)
   print(json.dumps(result, indent=2) if FLAGS.json else format_table(result))
 
 
