@@ -3,6 +3,7 @@ and reported, as a user runs them (scripts/run_lab.py, scripts/report.py)."""
 
 import json
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -94,8 +95,9 @@ def lab_status(workdir):
   return {r["path"]: r["status"] for r in json.loads((workdir / "lab.json").read_text())["runs"]}
 
 
-def kill_when(args, line_start, timeout=240):
-  """Starts run_lab.py and SIGKILLs it as soon as it prints a line starting with `line_start`."""
+def kill_when(args, line_start, timeout=240, sig=signal.SIGKILL):
+  """Starts run_lab.py and sends `sig` as soon as it prints a line starting with `line_start`;
+  returns what it wrote to stderr."""
   process = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "run_lab.py"), *args],
                              cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"},
                              stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
@@ -104,11 +106,14 @@ def kill_when(args, line_start, timeout=240):
     for line in process.stderr:
       seen.append(line)
       if line.startswith(line_start):
-        process.send_signal(signal.SIGKILL)
+        process.send_signal(sig)
         break
+    seen += process.stderr.readlines()
   finally:
     process.wait(timeout=timeout)
-  assert process.returncode == -signal.SIGKILL, "".join(seen[-20:])
+  expected = -signal.SIGKILL if sig == signal.SIGKILL else 75
+  assert process.returncode == expected, "".join(seen[-20:])
+  return "".join(seen)
 
 
 def test_lab_killed_resumed_and_reported(tmp_path):
@@ -184,6 +189,24 @@ def test_lab_killed_resumed_and_reported(tmp_path):
   images = markdown.count("](")
   assert page.count("<img src='data:image/png;base64,") == images == 8
   assert "src='http" not in page and "href=" not in page
+
+
+def test_sigterm_stops_the_lab_after_a_checkpoint(tmp_path):
+  data = tmp_path / "data"
+  write_idx_dataset(data, n_train=160, n_test=48)
+  lab_file = write_lab(tmp_path / "term.py", "lab_term_a", "lab_term_b")
+  workdir = tmp_path / "lab"
+  args = run_lab_args(lab_file, workdir, data)
+  stderr = kill_when(args, "[term] run 3/4: lab_term_b seed 0 ->", sig=signal.SIGTERM)
+  assert "SIGTERM: stopping at the next step boundary" in stderr
+  step = int(re.search(r"\[term\] run 3/4: lab_term_b seed 0: stopped in epoch 1 after step "
+                       r"(\d) of 5 \(global step \1\)", stderr).group(1))
+  assert "resume with the same command: python " in stderr
+  assert lab_status(workdir)["lab_term_b/seed_0"] == "running"
+  assert (workdir / "lab_term_b" / "seed_0" / "checkpoints" / f"step_{step:09d}.msgpack").is_file()
+  resumed = script("run_lab.py", *args)
+  assert f"Resuming {workdir / 'lab_term_b' / 'seed_0'} from step {step}" in resumed.stderr
+  assert set(lab_status(workdir).values()) == {"completed"}
 
 
 def test_a_failing_run_beside_a_passing_one(tmp_path):
