@@ -39,22 +39,25 @@ EpochRunner = Callable[[], float]
 
 
 def jaxlab_runner(model: PlanModel, images, labels, batch_size: int,
-                  steps_per_dispatch: int = 50) -> EpochRunner:
-  """jaxlab's own loop: `train_epoch` with its compiled, scanned and donated steps."""
-  from jaxlab.state import create_train_state
+                  steps_per_dispatch: int = 50, members: int = 1) -> EpochRunner:
+  """jaxlab's own loop: `train_epoch` with its compiled, scanned and donated steps, training
+  `members` seeds as one vmapped group."""
+  from jaxlab.state import create_group_state, seed_keys
   from jaxlab.steps import make_steps, train_epoch
 
   steps = make_steps(model)
-  state = create_train_state(model, make_optimizer("adam", 1e-3), seed=0)
+  state = create_group_state(model, make_optimizer("adam"), list(range(members)),
+                             [1e-3] * members)
   x, y = jax.device_put(images), jax.device_put(labels)
-  key = jax.random.PRNGKey(1)
+  keys = jax.numpy.stack([seed_keys(k)[2] for k in range(members)])
   epoch = 0
 
   def run() -> float:
     nonlocal state, epoch
     start = time.perf_counter()
     # train_epoch returns host floats of the epoch's metrics: the device has finished.
-    state, _ = train_epoch(steps, state, x, y, batch_size, jax.random.fold_in(key, epoch),
+    state, _ = train_epoch(steps, state, x, y, batch_size,
+                           jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, epoch),
                            steps_per_dispatch)
     epoch += 1
     return time.perf_counter() - start
@@ -88,6 +91,26 @@ def keras_runner(model: PlanModel, images, labels, batch_size: int) -> EpochRunn
     return timer.seconds
 
   return run
+
+
+def keras_train(model: PlanModel, dataset, epochs: int, batch_size: int,
+                seed: int) -> dict[str, list[float]]:
+  """The peer of `scripts/train.py`: Keras 3 `fit` of the same architecture on a real data set
+  (Adam 1e-3, validation on the test split every epoch), seeded with `seed`; its history."""
+  from jaxlab.keras_io import import_keras, to_keras
+
+  keras = import_keras()
+  keras.utils.set_random_seed(seed)
+  net = to_keras(model)
+  net.compile(optimizer=keras.optimizers.Adam(learning_rate=1e-3),
+              loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+  shape = (-1,) + model.input_shape()
+  x = (dataset.train_images.astype(np.float32) / 255.0).reshape(shape)
+  x_val = (dataset.test_images.astype(np.float32) / 255.0).reshape(shape)
+  history = net.fit(x, dataset.train_labels.astype(np.int32), batch_size=batch_size,
+                    epochs=epochs, verbose=0, shuffle=True,
+                    validation_data=(x_val, dataset.test_labels.astype(np.int32)))
+  return {k: [float(v) for v in vs] for k, vs in history.history.items()}
 
 
 def to_torch(model: PlanModel):
@@ -198,17 +221,28 @@ def rotation(names: list[str], round_index: int) -> list[str]:
   return names[k:] + names[:k]
 
 
+def _sequential(make: Callable[..., EpochRunner], members: int, *args) -> EpochRunner:
+  """`members` independent models of a peer, trained one after another: an epoch of each."""
+  runners = [make(*args) for _ in range(members)]
+  return lambda: sum(run() for run in runners)
+
+
 def run_benchmark(model: PlanModel, num_classes: int, batch_size: int, examples: int,
                   epochs: int, peers: list[str], peak_flops: float | None = None,
-                  log: Callable[[str], None] = print) -> dict[str, Any]:
-  """Times jaxlab and each peer; returns the JSON-ready results with ratios and the floor."""
+                  log: Callable[[str], None] = print, members: int = 1) -> dict[str, Any]:
+  """Times jaxlab and each peer; returns the JSON-ready results with ratios and the floor.
+
+  With `members` K > 1, jaxlab trains K seeds as one vmapped group, and each peer trains K
+  models one after another; an "epoch" is then an epoch of all K."""
   from jaxlab import profiling
 
   for name in peers:
     if name not in PEERS:
       raise ValueError(f"unknown peer {name!r}; known: {', '.join(PEERS)}")
   images, labels = random_data(model, examples, num_classes)
-  makers = {"jaxlab": jaxlab_runner, **{name: PEERS[name] for name in peers}}
+  makers = {"jaxlab": lambda *a: jaxlab_runner(*a, members=members),
+            **{name: (lambda *a, make=PEERS[name]: _sequential(make, members, *a))
+               for name in peers}}
   runners: dict[str, EpochRunner] = {}
   results: dict[str, Any] = {}
   for name, make in makers.items():
@@ -233,7 +267,7 @@ def run_benchmark(model: PlanModel, num_classes: int, batch_size: int, examples:
     results[name]["median_epoch_seconds"] = statistics.median(results[name]["epoch_seconds"])
   if peak_flops is None:
     peak_flops = max(peaks)
-  flops_per_epoch = 3 * forward_flops(model) * examples
+  flops_per_epoch = 3 * forward_flops(model) * examples * members
   floor = flops_per_epoch / peak_flops
   jaxlab_seconds = results["jaxlab"]["median_epoch_seconds"]
   ratios = {name: jaxlab_seconds / results[name]["median_epoch_seconds"]
@@ -243,6 +277,7 @@ def run_benchmark(model: PlanModel, num_classes: int, batch_size: int, examples:
                                               results[name]["epoch_seconds"])]
                   for name in ratios}
   return {"machine": machine(), "batch_size": batch_size, "examples": examples,
+          "members": members,
           "timed_epochs": epochs, "results": results, "ratios_jaxlab_over_peer": ratios,
           "round_ratios_jaxlab_over_peer": round_ratios,
           "flops_per_epoch": flops_per_epoch, "matmul_peak_flops_per_second": peak_flops,
@@ -257,10 +292,15 @@ def markdown(result: dict[str, Any], title: str) -> str:
            f"({m['device']}); Python {m['python']}.", "",
            f"Batch {result['batch_size']}, {result['examples']:,} random examples per epoch; "
            f"median of {result['timed_epochs']} epochs after one warm-up epoch, the loops' "
-           "epochs interleaved in rounds.", "",
-           "| loop | seconds per epoch (median) | jaxlab / this (ratio of medians) "
-           "| jaxlab / this, per round (median, min-max) |",
-           "| --- | --- | --- | --- |"]
+           "epochs interleaved in rounds.", ""]
+  members = result.get("members", 1)
+  if members > 1:
+    lines += [f"{members} members: jaxlab trains them as one vmapped group, each peer trains "
+              f"{members} models one after another. Seconds are per epoch of all {members}; "
+              f"per member-epoch, divide by {members} (the ratios are the same).", ""]
+  lines += ["| loop | seconds per epoch (median) | jaxlab / this (ratio of medians) "
+            "| jaxlab / this, per round (median, min-max) |",
+            "| --- | --- | --- | --- |"]
   for name, r in result["results"].items():
     if "median_epoch_seconds" not in r:
       lines.append(f"| {name} | skipped ({r['skipped']}) | | |")

@@ -28,7 +28,8 @@ std_logging.getLogger("jax._src.xla_bridge").setLevel(std_logging.WARNING)
 
 # Errors a user causes with a flag or a file (or the machine, with a full disk): shown as one
 # line, not as a traceback.
-USER_ERRORS = (LookupError, ValueError, DataError, CheckpointError, OSError, ImportError)
+USER_ERRORS = (LookupError, ValueError, DataError, CheckpointError, OSError, ImportError,
+               MemoryError)
 EXIT_BAD_INPUT = 2
 EXIT_NONFINITE = 3
 
@@ -49,6 +50,9 @@ def user_errors_exit(main: Callable[[list[str]], None]) -> Callable[[list[str]],
     try:
       if len(argv) > 1:
         raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
+      if "compilation_cache" in flags.FLAGS and flags.FLAGS.compilation_cache:
+        from jaxlab import runtime  # Here: scripts that never compile need no JAX.
+        runtime.enable_compilation_cache()
       main(argv)
     except Preempted as e:
       print(f"{e}\nresume with the same command: python {shlex.join(sys.argv)}",
@@ -71,6 +75,22 @@ def _parse_flags(argv: list[str]) -> list[str]:
   except flags.Error as e:
     print(f"error: {one_line(e)} (see --help)", file=sys.stderr)
     sys.exit(EXIT_BAD_INPUT)
+
+
+def define_compilation_cache_flag() -> None:
+  flags.DEFINE_bool("compilation_cache", True, "Keep compiled XLA programs in JAX's persistent "
+                    "cache ($JAXLAB_CACHE_DIR/xla, default ~/.cache/jaxlab/xla), so another "
+                    "process running the same architecture does not compile it again.")
+
+
+def parse_list(values: list[str] | None, kind: type, name: str) -> list:
+  """A comma-separated flag's values as `kind` (int, float), naming the flag if one is not."""
+  try:
+    return [kind(v) for v in values or []]
+  except ValueError:
+    words = {int: "integers", float: "numbers"}.get(kind, kind.__name__)
+    raise ValueError(f"--{name} must be {words} separated by commas, got "
+                     f"{','.join(values)!r}") from None
 
 
 def run(main: Callable[[list[str]], None]) -> None:

@@ -52,6 +52,7 @@ class RunInfo:
   counts: dict[str, int]  # total_params, trainable_params, non_trainable_params.
   start_step: int = 0  # The global step it resumed at (inside epoch start_epoch + 1).
   meta: dict[str, Any] = dataclasses.field(default_factory=dict)  # For its checkpoints.
+  label: str = ""  # The member's name in a group's log lines ("seed_3"); "" for a lone run.
 
 
 class Hook:
@@ -133,8 +134,9 @@ class MetricsLog(Hook):
   """Appends each epoch's record to metrics.jsonl (fsynced) and logs it."""
 
   def on_epoch_end(self, epoch: int, record: dict[str, Any], state: TrainState) -> None:
-    logging.info("epoch %d/%d: %s | %.1f s", epoch, self.info.config.epochs, epoch_line(record),
-                 record["epoch_seconds"])
+    label = f"{self.info.label} " if self.info.label else ""
+    logging.info("%sepoch %d/%d: %s | %.1f s", label, epoch, self.info.config.epochs,
+                 epoch_line(record), record["epoch_seconds"])
     append_jsonl(self.info.run.metrics_jsonl, record)
 
 

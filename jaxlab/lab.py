@@ -3,10 +3,10 @@
   DIR/lab.json                 the lab, its settings, and every run's status
   DIR/EXPERIMENT/seed_S/       a run directory, as `scripts/train.py` writes one
 
-Runs are trained by `train_and_evaluate`, as `scripts/train.py` trains them; in one process a
-data set is loaded once and an architecture's steps are compiled once. A finished run is
-skipped, an interrupted one resumes, and a failing one is recorded with its one-line error
-while the lab goes on.
+Runs are trained as `scripts/train.py --seeds=...` trains them: an experiment's seeds as one
+vmapped group (`train_group`); in one process a data set is loaded once and an architecture's
+steps are compiled once. A finished run is skipped, an interrupted one resumes, and a failing
+one is recorded with its one-line error while the lab goes on.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from jaxlab.data import Dataset, load_dataset
 from jaxlab.experiment import Lab
 from jaxlab.metrics import write_json
 from jaxlab.rundir import RunDir
-from jaxlab.train import train_and_evaluate
+from jaxlab.train import train_group
 
 LAB_FILE = "lab.json"
 
@@ -162,42 +162,67 @@ class LabRunner:
     return found
 
   def run(self) -> dict[str, Any]:
+    """Trains the lab experiment by experiment: an experiment's unfinished seeds as one
+    vmapped group (`train_group`), each seed into its own run directory."""
     self.root.mkdir(parents=True, exist_ok=True)
     self.write()
     n = len(self.runs)
-    for i, lab_run in enumerate(self.runs, 1):
-      run_dir = RunDir(self.root / lab_run.path)
-      head = f"[{self.lab.name}] run {i}/{n}: {lab_run.experiment} seed {lab_run.seed}"
-      if preemption.requested():
-        raise preemption.Preempted(f"[{self.lab.name}] stopped before run {i}/{n}")
-      if _finished(run_dir, lab_run.config):
-        self._completed(lab_run, json.loads(run_dir.metrics_json.read_text()))
-        self.say(f"{head}: finished earlier, skipped")
-        self.write()
-        continue
-      lab_run.status, lab_run.error = "running", None
+    numbered = list(enumerate(self.runs, 1))
+    for experiment in dict.fromkeys(r.experiment for r in self.runs):
+      todo = []
+      for i, lab_run in numbered:
+        if lab_run.experiment != experiment:
+          continue
+        run_dir = RunDir(self.root / lab_run.path)
+        if _finished(run_dir, lab_run.config):
+          self._completed(lab_run, json.loads(run_dir.metrics_json.read_text()))
+          self.say(f"{self._head([i], n, [lab_run])}: finished earlier, skipped")
+        else:
+          todo.append((i, lab_run))
       self.write()
-      self.say(f"{head} -> {run_dir.root}")
+      if not todo:
+        continue
+      numbers, group = [i for i, _ in todo], [r for _, r in todo]
+      head = self._head(numbers, n, group)
+      if preemption.requested():
+        raise preemption.Preempted(f"[{self.lab.name}] stopped before run {numbers[0]}/{n}")
+      for lab_run in group:
+        lab_run.status, lab_run.error = "running", None
+      self.write()
+      self.say(f"{head} -> {self.root / experiment}")
       t0 = time.perf_counter()
       try:
-        summary = train_and_evaluate(lab_run.config, run_dir.root,
-                                     dataset=self._dataset(lab_run.config),
-                                     progress=self.progress)
-      except preemption.Preempted as e:  # The lab stops; the run resumes next time.
+        summaries = train_group([r.config for r in group], [self.root / r.path for r in group],
+                                dataset=self._dataset(group[0].config), progress=self.progress)
+      except preemption.Preempted as e:  # The lab stops; the runs resume next time.
         self.write()
         raise preemption.Preempted(f"{head}: {e}") from None
-      except Exception as e:  # A failing run is recorded; the lab goes on.
-        lab_run.status, lab_run.error = "failed", _one_line(e)
+      except Exception as e:  # A failing group is recorded; the lab goes on.
+        error = _one_line(e)
+        for lab_run in group:
+          lab_run.status, lab_run.error = "failed", error
         if not isinstance(e, USER_ERRORS):
           logging.error("%s failed:\n%s", head, traceback.format_exc())
-        self.say(f"{head}: FAILED: {lab_run.error}")
+        self.say(f"{head}: FAILED: {error}")
       else:
-        self._completed(lab_run, summary)
-        lab_run.seconds = time.perf_counter() - t0
-        self.say(f"{head}: final validation accuracy {lab_run.final_val_accuracy:.4f} "
-                 f"(best {lab_run.best_val_accuracy:.4f}), {lab_run.seconds:.2f} s")
+        seconds = time.perf_counter() - t0
+        for i, lab_run, summary in zip(numbers, group, summaries):
+          self._completed(lab_run, summary)
+          lab_run.seconds = seconds
+          self.say(f"{self._head([i], n, [lab_run])}: final validation accuracy "
+                   f"{lab_run.final_val_accuracy:.4f} (best {lab_run.best_val_accuracy:.4f})")
+        self.say(f"{head}: {seconds:.2f} s")
       self.write()
     return self.write()
+
+  def _head(self, numbers: list[int], n: int, runs: list[LabRun]) -> str:
+    """`[lab] run 3/8: exp seed 0`, or `[lab] runs 3-4/8: exp seeds 0,1` for a group."""
+    if len(runs) == 1:
+      return f"[{self.lab.name}] run {numbers[0]}/{n}: {runs[0].experiment} seed {runs[0].seed}"
+    span = f"{numbers[0]}-{numbers[-1]}" if numbers == list(range(numbers[0], numbers[-1] + 1)) \
+        else ",".join(map(str, numbers))
+    return (f"[{self.lab.name}] runs {span}/{n}: {runs[0].experiment} seeds "
+            f"{','.join(str(r.seed) for r in runs)}")
 
   @staticmethod
   def _completed(lab_run: LabRun, summary: dict[str, Any]) -> None:

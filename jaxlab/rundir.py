@@ -165,13 +165,23 @@ def check_checkpoint_meta(meta: dict[str, Any], expected: dict[str, Any],
         f"{RESTART_HINT}")
 
 
-def restore_latest(run: RunDir, template: Any, expected: dict[str, Any]) -> tuple[Any, dict, pathlib.Path] | None:
-  """(restored target, meta, path) of the newest intact checkpoint, or None if there is none.
+def step_of(path: pathlib.Path) -> int:
+  """The train step a step checkpoint's name gives (0 for a first-format last.msgpack)."""
+  match = _STEP_FILE.fullmatch(path.name)
+  return int(match.group(1)) if match else 0
+
+
+def restore_latest(run: RunDir, template: Any, expected: dict[str, Any],
+                   max_step: int | None = None) -> tuple[Any, dict, pathlib.Path] | None:
+  """(restored target, meta, path) of the newest intact checkpoint (at `max_step` or before,
+  if given), or None if there is none.
 
   A damaged checkpoint (truncated, bit-flipped) is reported and the one before it is used; one
   of another experiment, configuration or architecture is refused."""
   damaged = []
   for path in run.step_checkpoints():
+    if max_step is not None and step_of(path) > max_step:
+      continue
     try:
       meta, state_dict = checkpoint.read(path)
     except checkpoint.CorruptCheckpoint as e:
@@ -210,9 +220,10 @@ def write_config(run: RunDir, config: TrainConfig, model: PlanModel,
 def write_summary(run: RunDir, config: TrainConfig, history: list[dict[str, Any]],
                   counts: dict[str, int], status: str,
                   evaluations: dict[str, Any] | None = None,
-                  last: pathlib.Path | None = None) -> dict[str, Any]:
+                  last: pathlib.Path | None = None,
+                  extra: dict[str, Any] | None = None) -> dict[str, Any]:
   """metrics.json from the epochs' records: final and best accuracy, timings, checkpoints
-  (`last`: the newest checkpoint, if it may still be being written)."""
+  (`last`: the newest checkpoint, if it may still be being written), and `extra` fields."""
   last = last or run.last
   final = history[-1] if history else {}
   best_record = max(history, key=lambda r: r["val_accuracy"]) if history else {}
@@ -229,6 +240,7 @@ def write_summary(run: RunDir, config: TrainConfig, history: list[dict[str, Any]
       "checkpoints": {"last": str(last.relative_to(run.root)),
                       "best": str(run.best.relative_to(run.root))},
   }
+  out.update(extra or {})
   if evaluations:
     out["evaluation"] = evaluations
   metrics.write_json(run.metrics_json, out)
@@ -241,7 +253,7 @@ def load_run(workdir: str | pathlib.Path, which: str = "best") -> tuple[TrainCon
   config = run.read_config()
   model = build_model(config.experiment, config.dataset, config.precision)
   template = checkpoint_template(create_train_state(
-      model, make_optimizer(config.optimizer, config.learning_rate), config.seed))
+      model, make_optimizer(config.optimizer), config.seed, config.learning_rate))
   expected = checkpoint_meta(config, model)
   if which == "last":
     found = restore_latest(run, template, expected)
@@ -273,8 +285,8 @@ def write_imported_run(workdir: str | pathlib.Path, config: TrainConfig, variabl
   if run.config.exists():
     raise FileExistsError(f"{run.root} already holds a run; import into a new --workdir")
   model = build_model(config.experiment, config.dataset, config.precision)
-  state = create_train_state(model, make_optimizer(config.optimizer, config.learning_rate),
-                             config.seed)
+  state = create_train_state(model, make_optimizer(config.optimizer), config.seed,
+                             config.learning_rate)
   template = checkpoint_template(state)
   imported = checkpoint_template(state.replace(params=variables["params"],
                                                batch_stats=variables["batch_stats"]))

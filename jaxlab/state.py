@@ -1,9 +1,15 @@
-"""The train state: one pytree of params, BatchNorm statistics, optimizer state, step and RNG."""
+"""The train state: one pytree of params, BatchNorm statistics, optimizer state, step and RNG.
+
+A state is made by one compiled program (`init_program`): initialization, the optimizer's
+init and the keys, instead of dozens of small ones run op by op. A group of K members (seeds
+and learning rates of one architecture, trained as one vmapped state) is the same program under
+`jax.vmap`: member k of `create_group_state` equals `create_train_state` with its seed and rate.
+"""
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +17,7 @@ import optax
 from flax.training import train_state
 
 from jaxlab.models import PlanModel
+from jaxlab.optim import with_learning_rate
 
 
 class TrainState(train_state.TrainState):
@@ -24,24 +31,51 @@ class TrainState(train_state.TrainState):
     return {"params": self.params, "batch_stats": self.batch_stats}
 
 
-def seed_keys(seed: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+def seed_keys(seed: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(init, dropout, shuffle) keys: three independent streams from one seed."""
   init, dropout, shuffle = jax.random.split(jax.random.PRNGKey(seed), 3)
   return init, dropout, shuffle
 
 
-@functools.lru_cache(maxsize=64)
-def _jitted_init(model: PlanModel) -> Callable:
-  return jax.jit(model.init)
-
-
-def create_train_state(model: PlanModel, tx: optax.GradientTransformation,
-                       seed: int) -> TrainState:
+def _init(model: PlanModel, tx: optax.GradientTransformation, seed: jax.Array,
+          learning_rate: jax.Array) -> TrainState:
   init_key, dropout_key, _ = seed_keys(seed)
-  x = jnp.zeros((1,) + model.input_shape(), jnp.float32)
-  variables = _jitted_init(model)(init_key, x)
-  state = TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
-                            batch_stats=variables.get("batch_stats", {}), rng=dropout_key)
+  variables = model.init(init_key, jnp.zeros((1,) + model.input_shape(), jnp.float32))
+  params = variables["params"]
   # A typed step (not Python's weakly typed 0) matches what a checkpoint restores, so a resumed
   # run reuses the programs a fresh one compiled.
-  return state.replace(step=jnp.zeros((), jnp.int32))
+  return TrainState(step=jnp.zeros((), jnp.int32), apply_fn=model.apply, params=params, tx=tx,
+                    opt_state=with_learning_rate(tx.init(params), learning_rate),
+                    batch_stats=variables.get("batch_stats", {}), rng=dropout_key)
+
+
+@functools.lru_cache(maxsize=64)
+def init_program(model: PlanModel, tx: optax.GradientTransformation,
+                 members: bool = False) -> Callable:
+  """The compiled (seed, learning rate) -> state of `model`; with `members`, vmapped over
+  arrays of seeds and rates."""
+  init = functools.partial(_init, model, tx)
+  return jax.jit(jax.vmap(init) if members else init)
+
+
+def create_train_state(model: PlanModel, tx: optax.GradientTransformation, seed: int,
+                       learning_rate: float) -> TrainState:
+  return init_program(model, tx)(jnp.asarray(seed, jnp.int32),
+                                 jnp.asarray(learning_rate, jnp.float32))
+
+
+def create_group_state(model: PlanModel, tx: optax.GradientTransformation, seeds: Sequence[int],
+                       learning_rates: Sequence[float]) -> TrainState:
+  """K members' states stacked along a leading axis, made by one compiled program."""
+  return init_program(model, tx, members=True)(jnp.asarray(seeds, jnp.int32),
+                                               jnp.asarray(learning_rates, jnp.float32))
+
+
+def stack(states: Sequence[Any]) -> Any:
+  """Member states (or any pytrees of one structure) stacked along a new leading axis."""
+  return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *states)
+
+
+def member(stacked: Any, k: int) -> Any:
+  """Member `k` of a stacked state (indexing every leaf; NumPy leaves stay NumPy)."""
+  return jax.tree_util.tree_map(lambda x: x[k], stacked)

@@ -115,12 +115,21 @@ def train_sums_zeros() -> dict[str, float | int]:
 
 @dataclasses.dataclass(frozen=True)
 class Steps:
-  """The compiled functions of one model: chunks of train steps, and batched evaluation."""
+  """The compiled functions of one model. The chunks and the evaluation run a group of K
+  members (a stacked state, `jaxlab.state.create_group_state`) as one vmapped program; a single
+  run is a group of one. All wrap the one `train_step` and `eval_step`."""
 
-  train_step: Callable  # jitted, state donated: (state, images, labels) -> (state, metrics)
-  eval_step: Callable  # jitted: (variables, images, labels) -> (metrics, predictions)
-  train_chunk: Callable  # jitted: (state, images, labels, batches, start, length=) -> ...
-  eval_batches: Callable  # jitted: (variables, images, labels, batches) -> (metrics, preds)
+  train_step: Callable  # jitted, one state, donated: (state, images, labels) -> (state, metrics)
+  eval_step: Callable  # jitted, one state: (variables, images, labels) -> (metrics, predictions)
+  train_chunk: Callable  # jitted, K members: (state, images, labels, batches, start, length=)
+  eval_batches: Callable  # jitted, K members: (variables, images, labels, batches)
+  group_train_step: Callable  # jitted, K members, donated: one batch each (K, B, ...)
+  group_eval_step: Callable  # jitted, K members: the same batch for every member
+
+
+def _zeros(sums: dict[str, float | int]) -> Metrics:
+  return {k: jnp.asarray(v, jnp.float32 if isinstance(v, float) else jnp.int32)
+          for k, v in sums.items()}
 
 
 @functools.lru_cache(maxsize=64)
@@ -132,42 +141,50 @@ def make_steps(model: PlanModel, nan_policy: str = "stop") -> Steps:
 
   @functools.partial(jax.jit, donate_argnums=0, static_argnames="length")
   def train_chunk(state, images, labels, batches, start, *, length):
-    """`length` train steps: batch i takes the examples `batches[start + i]`."""
-    chunk = jax.lax.dynamic_slice_in_dim(batches, start, length)
+    """`length` train steps of every member: member k's step i takes the examples
+    `batches[k, start + i]` (each member has its own order)."""
 
-    def body(carry, idx):
-      state, sums = carry
-      state, metrics = train_step(state, images[idx], labels[idx])
-      return (state, _add(sums, metrics)), None
+    def member(state, batches):
+      def body(carry, idx):
+        state, sums = carry
+        state, metrics = train_step(state, images[idx], labels[idx])
+        return (state, _add(sums, metrics)), None
 
-    zeros = {k: jnp.asarray(v, jnp.float32 if isinstance(v, float) else jnp.int32)
-             for k, v in train_sums_zeros().items()}
-    (state, sums), _ = jax.lax.scan(body, (state, zeros), chunk)
-    return state, sums
+      chunk = jax.lax.dynamic_slice_in_dim(batches, start, length)
+      (state, sums), _ = jax.lax.scan(body, (state, _zeros(train_sums_zeros())), chunk)
+      return state, sums
+
+    return jax.vmap(member)(state, batches)
 
   @jax.jit
   def eval_batches(variables, images, labels, batches):
-    def body(sums, idx):
-      metrics, preds = eval_step(variables, images[idx], labels[idx])
-      return _add(sums, metrics), preds
+    """Every member's metric sums and predictions over the same batches."""
 
-    zeros = {"loss_sum": jnp.zeros((), jnp.float32), "correct": jnp.zeros((), jnp.int32),
-             "count": jnp.zeros((), jnp.int32)}
-    return jax.lax.scan(body, zeros, batches)
+    def member(variables):
+      def body(sums, idx):
+        metrics, preds = eval_step(variables, images[idx], labels[idx])
+        return _add(sums, metrics), preds
+
+      return jax.lax.scan(body, _zeros({"loss_sum": 0.0, "correct": 0, "count": 0}), batches)
+
+    return jax.vmap(member)(variables)
 
   return Steps(jax.jit(train_step, donate_argnums=0), jax.jit(eval_step), train_chunk,
-               eval_batches)
+               eval_batches, jax.jit(jax.vmap(train_step), donate_argnums=0),
+               jax.jit(jax.vmap(eval_step, in_axes=(0, None, None))))
 
 
 def split_batches(order: jax.Array, batch_size: int) -> list[jax.Array]:
-  """The full batches as one (k, batch_size) array, then the smaller last batch if any."""
-  n = order.shape[0]
+  """The full batches as one (..., k, batch_size) array, then the smaller last batch if any
+  (leading axes, one per member, are kept)."""
+  n = order.shape[-1]
+  lead = order.shape[:-1]
   full = n // batch_size
   parts = []
   if full:
-    parts.append(order[:full * batch_size].reshape(full, batch_size))
+    parts.append(order[..., :full * batch_size].reshape(lead + (full, batch_size)))
   if n % batch_size:
-    parts.append(order[full * batch_size:][None])
+    parts.append(order[..., full * batch_size:][..., None, :])
   return parts
 
 
@@ -185,19 +202,31 @@ def chunk_lengths(num_steps: int, max_length: int) -> list[tuple[int, int]]:
   return [(start, min(length, num_steps - start)) for start in range(0, num_steps, length)]
 
 
-def evaluate(steps: Steps, variables: dict, images: jax.Array, labels: jax.Array,
-             batch_size: int) -> tuple[dict[str, float], np.ndarray]:
-  """Loss, accuracy and per-example predictions over a whole split, in eval mode."""
+def evaluate_group(steps: Steps, variables: dict, images: jax.Array, labels: jax.Array,
+                   batch_size: int) -> tuple[list[dict[str, float]], np.ndarray]:
+  """Each member's loss and accuracy over a whole split in eval mode, and its predictions
+  (K, N); `variables` are stacked along a leading member axis."""
   order = jnp.arange(images.shape[0])
   totals, preds = None, []
   for batches in split_batches(order, batch_size):
     sums, p = steps.eval_batches(variables, images, labels, batches)
     totals = sums if totals is None else _add(totals, sums)
-    preds.append(p.reshape(-1))
+    preds.append(p.reshape(p.shape[0], -1))
   totals = jax.device_get(totals)
-  count = int(totals["count"])
-  return ({"loss": float(totals["loss_sum"]) / count, "accuracy": int(totals["correct"]) / count},
-          np.asarray(jnp.concatenate(preds)))
+  members = []
+  for k in range(len(totals["count"])):
+    count = int(totals["count"][k])
+    members.append({"loss": float(totals["loss_sum"][k]) / count,
+                    "accuracy": int(totals["correct"][k]) / count})
+  return members, np.asarray(jnp.concatenate(preds, axis=1))
+
+
+def evaluate(steps: Steps, variables: dict, images: jax.Array, labels: jax.Array,
+             batch_size: int) -> tuple[dict[str, float], np.ndarray]:
+  """Loss, accuracy and per-example predictions of one model's variables over a whole split."""
+  stacked = jax.tree_util.tree_map(lambda x: jnp.asarray(x)[None], variables)
+  members, preds = evaluate_group(steps, stacked, images, labels, batch_size)
+  return members[0], preds[0]
 
 
 def epoch_chunks(num_examples: int, batch_size: int,
@@ -212,14 +241,17 @@ def epoch_chunks(num_examples: int, batch_size: int,
 
 
 def train_epoch(steps: Steps, state: TrainState, images: jax.Array, labels: jax.Array,
-                batch_size: int, shuffle_key: jax.Array, steps_per_dispatch: int,
-                on_chunk: Callable[[int, dict[str, Any]], None] | None = None,
-                first_step: int = 0, start: int = 0, totals: dict[str, Any] | None = None,
+                batch_size: int, shuffle_keys: jax.Array, steps_per_dispatch: int,
+                on_chunk: Callable[[int, list[dict[str, Any]]], None] | None = None,
+                first_step: int = 0, start: int = 0,
+                totals: list[dict[str, Any]] | None = None,
                 wants_state: Callable[[int], bool] | None = None,
-                on_state: Callable[[TrainState, dict[str, Any]], None] | None = None,
-                ) -> tuple[TrainState, dict[str, Any]]:
-  """One pass over the training split in the order `permutation(shuffle_key)`.
+                on_state: Callable[[TrainState, list[dict[str, Any]]], None] | None = None,
+                ) -> tuple[TrainState, list[dict[str, Any]]]:
+  """One pass of every member over the training split, member k in the order
+  `permutation(shuffle_keys[k])` (the order a single run with that key takes).
 
+  `state` holds K members stacked; the sums and metrics are one dict per member.
   `on_chunk(steps, totals)` is called as each compiled call's metric sums reach the host, with
   the number of steps it ran and the epoch's running sums. `first_step` is the global number of
   the epoch's first step (for profiler traces and `wants_state`).
@@ -231,22 +263,27 @@ def train_epoch(steps: Steps, state: TrainState, images: jax.Array, labels: jax.
   checkpoint, a preemption). Otherwise the host reads a chunk's sums only after it has queued
   the next chunk, so reading them never stalls the device.
   """
-  order = jax.random.permutation(shuffle_key, images.shape[0])
-  parts = split_batches(order, batch_size)
+  members = len(shuffle_keys)
+  orders = jax.vmap(lambda key: jax.random.permutation(key, images.shape[0]))(shuffle_keys)
+  parts = split_batches(orders, batch_size)
   chunks = epoch_chunks(images.shape[0], batch_size, steps_per_dispatch)
   boundaries = list(np.cumsum([0] + [length for _, _, length in chunks]))
   if start not in boundaries[:-1]:
     raise ValueError(f"step {start} of the epoch is not a chunk boundary ({boundaries[:6]}...): "
                      "a position saved with other --steps_per_dispatch or --batch_size")
   pending: list[tuple[int, Metrics]] = []
-  totals = dict(totals or train_sums_zeros())
+  totals = [dict(t) for t in totals] if totals else [train_sums_zeros() for _ in range(members)]
 
   def drain(keep: int) -> None:
     # Read back all but the newest `keep` chunks: those are still queued on the device.
     while len(pending) > keep:
       n, sums = pending.pop(0)
-      for k, v in jax.device_get(sums).items():
-        totals[k] = min(totals[k], v.item()) if k == "first_nonfinite" else totals[k] + v.item()
+      sums = jax.device_get(sums)
+      for k, member_totals in enumerate(totals):
+        for key, values in sums.items():
+          value = values[k].item()
+          member_totals[key] = (min(member_totals[key], value) if key == "first_nonfinite"
+                                else member_totals[key] + value)
       if on_chunk:
         on_chunk(n, totals)
 
@@ -264,7 +301,7 @@ def train_epoch(steps: Steps, state: TrainState, images: jax.Array, labels: jax.
     else:
       drain(keep=1)
   drain(keep=0)
-  return state, epoch_metrics(totals)
+  return state, [epoch_metrics(t) for t in totals]
 
 
 def epoch_metrics(totals: dict[str, Any]) -> dict[str, Any]:

@@ -26,6 +26,8 @@ flags.DEFINE_integer("examples", None, "Examples per epoch. Default: the data se
                      lower_bound=1)
 flags.DEFINE_list("peers", list(PEERS), f"Peers to time: {', '.join(PEERS)} (empty: jaxlab only).")
 flags.DEFINE_enum("precision", "float32", list(PRECISIONS), "jaxlab's compute precision.")
+flags.DEFINE_integer("seeds", 1, "Members K: jaxlab trains K seeds as one vmapped group, each "
+                     "peer K models one after another.", lower_bound=1)
 flags.DEFINE_string("json_out", "docs/benchmarks.json", "Where to write the JSON results.")
 flags.DEFINE_string("markdown_out", "docs/benchmarks.md", "Where to write the Markdown table.")
 FLAGS = flags.FLAGS
@@ -38,9 +40,10 @@ def main(argv):
   model = build_model(exp, info, FLAGS.precision)
   examples = FLAGS.examples or info.train_size
   result = run_benchmark(model, info.num_classes, FLAGS.batch_size, examples, FLAGS.epochs,
-                         FLAGS.peers)
+                         FLAGS.peers, members=FLAGS.seeds)
   result.update(experiment=exp.name, dataset=info.name, precision=FLAGS.precision)
-  title = f"{exp.name}, batch {FLAGS.batch_size}, {FLAGS.precision}"
+  title = f"{exp.name}, batch {FLAGS.batch_size}, {FLAGS.precision}" + (
+      f", {FLAGS.seeds} seeds" if FLAGS.seeds > 1 else "")
   table = markdown(result, title)
   print(table)
   for path, text in ((FLAGS.json_out, json.dumps(result, indent=2) + "\n"),

@@ -21,7 +21,7 @@ from jaxlab.data import DATASETS
 from jaxlab.optim import make_optimizer
 from jaxlab.summary import forward_flops
 from jaxlab.rundir import environment
-from jaxlab.state import create_train_state
+from jaxlab.state import create_group_state, create_train_state
 from jaxlab.steps import make_steps
 
 cli.define_experiment_flag()
@@ -30,38 +30,52 @@ flags.DEFINE_integer("steps", 50, "Timed steps (after 3 warm-up steps).", lower_
 flags.DEFINE_bool("json", False, "Print JSON instead of a table.")
 flags.DEFINE_string("trace_dir", None, "Write a jax.profiler trace of 5 train steps here.")
 flags.DEFINE_string("hlo_dir", None, "Write the optimized HLO of both steps here.")
+flags.DEFINE_integer("seeds", 1, "Profile the step of K members as one vmapped group.",
+                     lower_bound=1)
 flags.DEFINE_string("checkpoint_dir", None, "Also measure what saving the train state costs the "
                     "training loop, synchronously and in the background, writing it here.")
 FLAGS = flags.FLAGS
 
 
 def profile(config: TrainConfig, steps: int, trace_dir: str | None = None,
-            hlo_dir: str | None = None, checkpoint_dir: str | None = None) -> dict:
-  """Compiles and times `config`'s train and eval steps on random data of its shape."""
+            hlo_dir: str | None = None, checkpoint_dir: str | None = None,
+            members: int = 1) -> dict:
+  """Compiles and times `config`'s train and eval steps on random data of its shape; with
+  `members` K > 1, the steps of K members as one vmapped group (each its own batch)."""
   experiment, batch_size, precision = config.experiment, config.batch_size, config.precision
   info = DATASETS.get(config.dataset)
   model = build_model(experiment, info, precision)
   compiled_steps = make_steps(model)
-  state = create_train_state(model, make_optimizer(config.optimizer, config.learning_rate),
-                             seed=config.seed)
+  tx = make_optimizer(config.optimizer)
   rng = np.random.default_rng(0)
-  images = jax.device_put(rng.integers(0, 256, (batch_size,) + info.image_shape, np.uint8))
-  labels = jax.device_put(rng.integers(0, info.num_classes, (batch_size,), np.uint8))
-  model_flops = forward_flops(model) * batch_size
+  lead = (members,) if members > 1 else ()
+  images = jax.device_put(rng.integers(0, 256, lead + (batch_size,) + info.image_shape,
+                                       np.uint8))
+  labels = jax.device_put(rng.integers(0, info.num_classes, lead + (batch_size,), np.uint8))
+  if members > 1:
+    state = create_group_state(model, tx, list(range(members)), [config.learning_rate] * members)
+    train_step, eval_step = compiled_steps.group_train_step, compiled_steps.group_eval_step
+    eval_images, eval_labels = images[0], labels[0]
+  else:
+    state = create_train_state(model, tx, config.seed, config.learning_rate)
+    train_step, eval_step = compiled_steps.train_step, compiled_steps.eval_step
+    eval_images, eval_labels = images, labels
+  model_flops = forward_flops(model) * batch_size * members
 
-  train, train_stats = profiling.compile_stats(compiled_steps.train_step, state, images, labels)
+  train, train_stats = profiling.compile_stats(train_step, state, images, labels)
   holder = [state]
 
   def run_train():
     holder[0], metrics = train(holder[0], images, labels)
     return metrics
 
-  evaluate, eval_stats = profiling.compile_stats(compiled_steps.eval_step, state.variables, images,
-                                                 labels)
+  evaluate, eval_stats = profiling.compile_stats(eval_step, state.variables, eval_images,
+                                                 eval_labels)
   results = {}
   for name, stats, run, flops in (("train_step", train_stats, run_train, 3 * model_flops),
                                   ("eval_step", eval_stats,
-                                   lambda: evaluate(holder[0].variables, images, labels),
+                                   lambda: evaluate(holder[0].variables, eval_images,
+                                                    eval_labels),
                                    model_flops)):
     seconds = profiling.median_seconds(run, steps)
     results[name] = {"compile_seconds": stats.compile_seconds, "xla_flops": stats.flops,
@@ -87,7 +101,10 @@ def profile(config: TrainConfig, steps: int, trace_dir: str | None = None,
              "trace_breakdown": profiling.op_breakdown(events, train_stats.hlo_text)}
   if checkpoint_dir:
     extra["checkpoint"] = profiling.checkpoint_cost(holder[0], checkpoint_dir)
+  for r in results.values():
+    r["median_member_step_seconds"] = r["median_step_seconds"] / members
   return {"experiment": experiment, "dataset": info.name, "batch_size": batch_size,
+          "members": members,
           "precision": precision, **environment(),
           "matmul_peak_flops_per_second": peak, **results,
           **extra}
@@ -95,6 +112,8 @@ def profile(config: TrainConfig, steps: int, trace_dir: str | None = None,
 
 def format_table(r: dict) -> str:
   lines = [f"{r['experiment']} on {r['dataset']}, batch {r['batch_size']}, {r['precision']}, "
+           + (f"{r['members']} members (one vmapped group; FLOPs and times are of all), "
+              if r["members"] > 1 else "") +
            f"{r['backend']} ({r['device']}); measured matmul peak "
            f"{r['matmul_peak_flops_per_second'] / 1e12:.3f} TFLOP/s"]
   rows = [("", "train_step", "eval_step"),
@@ -106,6 +125,7 @@ def format_table(r: dict) -> str:
           ("output bytes (MB)",) + tuple(f"{r[s]['output_bytes'] / 1e6:.1f}" for s in ("train_step", "eval_step")),
           ("temp bytes (MB)",) + tuple(f"{r[s]['temp_bytes'] / 1e6:.1f}" for s in ("train_step", "eval_step")),
           ("median step (ms)",) + tuple(f"{r[s]['median_step_seconds'] * 1e3:.3f}" for s in ("train_step", "eval_step")),
+          ("per member (ms)",) + tuple(f"{r[s]['median_member_step_seconds'] * 1e3:.3f}" for s in ("train_step", "eval_step")),
           ("TFLOP/s",) + tuple(f"{r[s]['flops_per_second'] / 1e12:.3f}" for s in ("train_step", "eval_step")),
           ("fraction of peak",) + tuple(f"{r[s]['fraction_of_peak']:.1%}" for s in ("train_step", "eval_step"))]
   lines += [f"{a:<22}{b:>14}{c:>14}" for a, b, c in rows]
@@ -130,7 +150,8 @@ def format_table(r: dict) -> str:
 @cli.user_errors_exit
 def main(argv):
   config = resolve_config(FLAGS.experiment, **cli.config_overrides(OVERRIDES))
-  result = profile(config, FLAGS.steps, FLAGS.trace_dir, FLAGS.hlo_dir, FLAGS.checkpoint_dir)
+  result = profile(config, FLAGS.steps, FLAGS.trace_dir, FLAGS.hlo_dir, FLAGS.checkpoint_dir,
+                   FLAGS.seeds)
   print(json.dumps(result, indent=2) if FLAGS.json else format_table(result))
 
 

@@ -25,18 +25,11 @@ flags.DEFINE_list("experiments", None, "Only these experiments of the lab. Defau
 flags.DEFINE_list("seeds", ["0"], "Seeds to train each experiment with.")
 flags.DEFINE_bool("progress", None, "Per-epoch progress bars. Default: when stderr is a "
                   "terminal.")
+cli.define_compilation_cache_flag()
 # --dataset, --epochs, --batch_size, ...: the overrides of scripts/train.py, applied to every run.
 OVERRIDES = cli.define_config_flags(exclude=("seed",))
 flags.mark_flags_as_required(["lab", "workdir"])
 FLAGS = flags.FLAGS
-
-
-def parse_seeds(values: list[str]) -> list[int]:
-  try:
-    return [int(v) for v in values]
-  except ValueError:
-    raise ValueError(f"--seeds must be integers separated by commas, got "
-                     f"{','.join(values)!r}") from None
 
 
 @cli.user_errors_exit
@@ -44,7 +37,7 @@ def main(argv):
   logging.set_verbosity(logging.INFO)
   lab = load_lab(FLAGS.lab)
   overrides = cli.config_overrides(OVERRIDES)
-  runs = plan_lab(lab, FLAGS.experiments, parse_seeds(FLAGS.seeds), overrides)
+  runs = plan_lab(lab, FLAGS.experiments, cli.parse_list(FLAGS.seeds, int, "seeds"), overrides)
   settings = {k: v for k, v in overrides.items() if v is not None}
   with preemption.stop_on_signals():
     record = LabRunner(lab, FLAGS.workdir, runs, settings, progress=FLAGS.progress).run()

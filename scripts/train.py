@@ -1,6 +1,11 @@
 """Trains one catalog experiment into a run directory, resuming it if it was interrupted.
 
   python scripts/train.py --experiment=mlp_dropout --dataset=fashion_mnist --workdir=runs/x
+  python scripts/train.py --experiment=mlp_dropout --seeds=0,1,2,3 --learning_rates=1e-3,3e-4
+
+With --seeds and/or --learning_rates, every (learning rate, seed) of the grid is one member of a
+group trained as one vmapped state by one compiled program, each into its own ordinary run
+directory: WORKDIR/seed_S, WORKDIR/lr_R, or WORKDIR/lr_R/seed_S.
 
 SIGTERM or Ctrl-C saves a checkpoint at the next step boundary and exits with status 75; the
 same command resumes. A second signal aborts at once.
@@ -11,7 +16,7 @@ from absl import flags, logging
 from jaxlab import cli, preemption
 from jaxlab.config import resolve_config
 from jaxlab.experiment import load_lab
-from jaxlab.train import train_and_evaluate
+from jaxlab.train import group_configs, member_dir, train_group
 
 cli.define_experiment_flag()
 flags.DEFINE_string("lab", None, "A lab file (path/to/my_lab.py) to load first, for an "
@@ -22,6 +27,10 @@ flags.DEFINE_bool("progress", None, "Show a progress bar. Default: when stderr i
 flags.DEFINE_bool("restart", False, "Discard what --workdir holds (checkpoints, metrics, "
                   "events) and train from scratch, e.g. after the experiment's declaration "
                   "changed.")
+flags.DEFINE_list("seeds", None, "Train these seeds as one vmapped group (WORKDIR/seed_S each).")
+flags.DEFINE_list("learning_rates", None, "Train these learning rates as one vmapped group "
+                  "(WORKDIR/lr_R each; with --seeds, their grid).")
+cli.define_compilation_cache_flag()
 # --dataset, --epochs, --batch_size, ...: one flag per TrainConfig setting.
 OVERRIDES = cli.define_config_flags()
 FLAGS = flags.FLAGS
@@ -34,12 +43,22 @@ def main(argv):
     load_lab(FLAGS.lab)
   config = resolve_config(FLAGS.experiment, **cli.config_overrides(OVERRIDES))
   workdir = FLAGS.workdir or f"runs/{config.experiment}"
+  seeds = cli.parse_list(FLAGS.seeds, int, "seeds")
+  rates = cli.parse_list(FLAGS.learning_rates, float, "learning_rates")
+  if seeds and FLAGS["seed"].present:
+    raise ValueError("--seed and --seeds do not go together: give the seeds in --seeds")
+  if rates and FLAGS["learning_rate"].present:
+    raise ValueError("--learning_rate and --learning_rates do not go together")
+  configs = group_configs(config, seeds, rates)
+  workdirs = [member_dir(workdir, c, bool(seeds), bool(rates)) for c in configs]
   with preemption.stop_on_signals():
-    summary = train_and_evaluate(config, workdir, progress=FLAGS.progress,
-                                 restart=FLAGS.restart)
-  print(f"{config.experiment} on {config.dataset}: final validation accuracy "
-        f"{summary['final_val_accuracy']:.4f} (best {summary['best_val_accuracy']:.4f} at epoch "
-        f"{summary['best_epoch']}); run directory: {workdir}")
+    summaries = train_group(configs, workdirs, progress=FLAGS.progress, restart=FLAGS.restart)
+  for c, summary, path in zip(configs, summaries, workdirs):
+    print(f"{c.experiment} on {c.dataset}" + (f", seed {c.seed}" if seeds else "")
+          + (f", learning rate {c.learning_rate:g}" if rates else "")
+          + f": final validation accuracy {summary['final_val_accuracy']:.4f} (best "
+          f"{summary['best_val_accuracy']:.4f} at epoch {summary['best_epoch']}); run "
+          f"directory: {path}")
 
 
 if __name__ == "__main__":

@@ -89,7 +89,7 @@ def test_l2_term_in_the_logged_loss(tmp_path):
   config = resolve_config("alexnet_l2", dataset="fashion_mnist", epochs=1, batch_size=8,
                           train_limit=8, eval_batch_size=8)
   model = build_model("alexnet_l2", "fashion_mnist")
-  state = create_train_state(model, make_optimizer("adam", 1e-3), seed=0)
+  state = create_train_state(model, make_optimizer("adam"), seed=0, learning_rate=1e-3)
   kernels = [np.asarray(state.params[name]["kernel"], np.float64)
              for name in ("conv2d", "conv2d_1", "conv2d_2", "conv2d_3", "conv2d_4", "dense",
                           "dense_1")]
@@ -113,7 +113,7 @@ def test_one_train_step_of_every_cnn_experiment(name):
   with tfds.testing.mock_data(num_examples=4):
     ds = load_dataset(dataset_name, use_cache=False, debian_dir=pathlib.Path("/nonexistent"))
   model = build_model(name, dataset_name)
-  state = create_train_state(model, make_optimizer("adam", 1e-3), seed=0)
+  state = create_train_state(model, make_optimizer("adam"), seed=0, learning_rate=1e-3)
   before = np.asarray(state.params["dense"]["kernel"][:4, :4])
   state, metrics = make_steps(model).train_step(state, jnp.asarray(ds.train_images[:2]),
                                                 jnp.asarray(ds.train_labels[:2]))
@@ -133,7 +133,7 @@ def overfit(model, steps=80):
   ds = synthetic_dataset("fashion_mnist", n_train=64, seed=3)
   labels = jnp.asarray(np.random.default_rng(0).integers(0, 10, 64).astype(np.uint8))
   images = jnp.asarray(ds.train_images)
-  state = create_train_state(model, make_optimizer("adam", 3e-3), seed=0)
+  state = create_train_state(model, make_optimizer("adam"), seed=0, learning_rate=3e-3)
   step = make_steps(model).train_step
   for _ in range(steps):
     state, metrics = step(state, images, labels)

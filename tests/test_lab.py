@@ -4,6 +4,7 @@ and reported, as a user runs them (scripts/run_lab.py, scripts/report.py)."""
 import json
 import os
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -122,24 +123,31 @@ def test_lab_killed_resumed_and_reported(tmp_path):
   lab_file = write_lab(tmp_path / "two.py", "lab_test_bn_dropout", "lab_test_plain")
   workdir = tmp_path / "lab"
   args = run_lab_args(lab_file, workdir, data)
-  # Killed as the third run (the second experiment's first seed) starts compiling.
-  kill_when(args, "[two] run 3/4: lab_test_plain seed 0 ->")
+  # Killed as the second experiment's group (runs 3 and 4) starts compiling.
+  kill_when(args, "[two] runs 3-4/4: lab_test_plain seeds 0,1 ->")
   status = lab_status(workdir)
   assert status == {"lab_test_bn_dropout/seed_0": "completed",
                     "lab_test_bn_dropout/seed_1": "completed",
-                    "lab_test_plain/seed_0": "running", "lab_test_plain/seed_1": "pending"}
-  # A partial lab reports every run: completed ones in the numbers, the others listed.
+                    "lab_test_plain/seed_0": "running", "lab_test_plain/seed_1": "running"}
+  # A partial lab reports every run: completed ones in the numbers, the others listed. (A run
+  # that the lab never reached is pending in lab.json, and missing in the report.)
+  lab_json = json.loads((workdir / "lab.json").read_text())
+  lab_json["runs"][3]["status"] = "pending"
+  (workdir / "lab.json").write_text(json.dumps(lab_json))
+  shutil.rmtree(workdir / "lab_test_plain" / "seed_1", ignore_errors=True)
   partial = build_report(workdir, tmp_path / "partial")
   assert {r["path"]: r["status"] for r in partial["runs"]} == {
       "lab_test_bn_dropout/seed_0": "completed", "lab_test_bn_dropout/seed_1": "completed",
       "lab_test_plain/seed_0": "running", "lab_test_plain/seed_1": "missing"}
   assert partial["experiments"][1]["final_val_accuracy"]["n"] == 0
-  assert "`lab_test_plain/seed_1`: missing" in (tmp_path / "partial" / "report.md").read_text()
+  partial_md = (tmp_path / "partial" / "report.md").read_text()
+  assert "`lab_test_plain/seed_1`: missing" in partial_md
+  assert "`lab_test_plain/seed_0`: running" in partial_md
   finished = (workdir / "lab_test_bn_dropout" / "seed_0" / "metrics.jsonl").read_bytes()
 
   rerun = script("run_lab.py", *args)
   assert "run 1/4: lab_test_bn_dropout seed 0: finished earlier, skipped" in rerun.stderr
-  assert "run 3/4: lab_test_plain seed 0 ->" in rerun.stderr
+  assert "runs 3-4/4: lab_test_plain seeds 0,1 ->" in rerun.stderr
   assert set(lab_status(workdir).values()) == {"completed"}
   assert (workdir / "lab_test_bn_dropout" / "seed_0" / "metrics.jsonl").read_bytes() == finished
   summaries = {}
@@ -187,7 +195,7 @@ def test_lab_killed_resumed_and_reported(tmp_path):
   assert (out / "samples_mnist.png").stat().st_size > 1000
   page = (out / "report.html").read_text()
   images = markdown.count("](")
-  assert page.count("<img src='data:image/png;base64,") == images == 8
+  assert page.count("<img src='data:image/png;base64,") == images == 5 + 2 + 1
   assert "src='http" not in page and "href=" not in page
 
 
@@ -197,15 +205,19 @@ def test_sigterm_stops_the_lab_after_a_checkpoint(tmp_path):
   lab_file = write_lab(tmp_path / "term.py", "lab_term_a", "lab_term_b")
   workdir = tmp_path / "lab"
   args = run_lab_args(lab_file, workdir, data)
-  stderr = kill_when(args, "[term] run 3/4: lab_term_b seed 0 ->", sig=signal.SIGTERM)
+  stderr = kill_when(args, "[term] runs 3-4/4: lab_term_b seeds 0,1 ->", sig=signal.SIGTERM)
   assert "SIGTERM: stopping at the next step boundary" in stderr
-  step = int(re.search(r"\[term\] run 3/4: lab_term_b seed 0: stopped in epoch 1 after step "
-                       r"(\d) of 5 \(global step \1\)", stderr).group(1))
+  step = int(re.search(r"\[term\] runs 3-4/4: lab_term_b seeds 0,1: stopped in epoch 1 after "
+                       r"step (\d) of 5 \(global step \1\)", stderr).group(1))
   assert "resume with the same command: python " in stderr
-  assert lab_status(workdir)["lab_term_b/seed_0"] == "running"
-  assert (workdir / "lab_term_b" / "seed_0" / "checkpoints" / f"step_{step:09d}.msgpack").is_file()
+  for seed in (0, 1):
+    assert lab_status(workdir)[f"lab_term_b/seed_{seed}"] == "running"
+    assert (workdir / "lab_term_b" / f"seed_{seed}" / "checkpoints"
+            / f"step_{step:09d}.msgpack").is_file()
   resumed = script("run_lab.py", *args)
-  assert f"Resuming {workdir / 'lab_term_b' / 'seed_0'} from step {step}" in resumed.stderr
+  for seed in (0, 1):
+    assert (f"Resuming {workdir / 'lab_term_b' / f'seed_{seed}'} from step {step}"
+            in resumed.stderr)
   assert set(lab_status(workdir).values()) == {"completed"}
 
 

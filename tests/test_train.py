@@ -49,27 +49,34 @@ def test_short_run_loss_falls_and_writes_the_run_directory(tmp_path):
                                     "best": "checkpoints/best.msgpack"}
 
 
+def one_member(state):
+  return jax.tree_util.tree_map(lambda x: x[None], state)
+
+
 def test_partial_last_batch_is_trained_like_keras():
   model = build_model("mlp_baseline")
   steps = make_steps(model)
-  state = create_train_state(model, make_optimizer("adam", 1e-3), seed=0)
+  state = create_train_state(model, make_optimizer("adam"), seed=0, learning_rate=1e-3)
   ds = synthetic_dataset(n_train=70)
-  state, metrics = train_epoch(steps, state, jax.device_put(ds.train_images),
-                               jax.device_put(ds.train_labels), 32, jax.random.PRNGKey(0), 2)
-  assert int(state.step) == 3  # 32 + 32 + 6.
+  state, metrics = train_epoch(steps, one_member(state), jax.device_put(ds.train_images),
+                               jax.device_put(ds.train_labels), 32,
+                               jax.random.PRNGKey(0)[None], 2)
+  assert int(state.step[0]) == 3  # 32 + 32 + 6.
+  assert metrics[0]["skipped_steps"] == 0
 
 
 def test_checkpoint_round_trip(tmp_path):
   model = build_model("mlp_halving")
-  tx = make_optimizer("adam", 1e-3)
-  state = create_train_state(model, tx, seed=3)
+  tx = make_optimizer("adam")
+  state = create_train_state(model, tx, seed=3, learning_rate=1e-3)
   steps = make_steps(model)
   ds = synthetic_dataset()
-  state, _ = train_epoch(steps, state, jax.device_put(ds.train_images),
-                         jax.device_put(ds.train_labels), 64, jax.random.PRNGKey(1), 2)
+  state, _ = train_epoch(steps, one_member(state), jax.device_put(ds.train_images),
+                         jax.device_put(ds.train_labels), 64, jax.random.PRNGKey(1)[None], 2)
+  state = jax.tree_util.tree_map(lambda x: x[0], state)
   expected = leaves(state)
   checkpoint.save(tmp_path / "c.msgpack", {"epoch": 1, "state": state})
-  fresh = create_train_state(model, tx, seed=99)
+  fresh = create_train_state(model, tx, seed=99, learning_rate=1e-3)
   restored = checkpoint.restore(tmp_path / "c.msgpack", {"epoch": 0, "state": fresh})
   assert restored["epoch"] == 1
   got = leaves(restored["state"])
@@ -79,10 +86,10 @@ def test_checkpoint_round_trip(tmp_path):
 
 
 def test_checkpoint_of_another_model_is_refused(tmp_path):
-  tx = make_optimizer("adam", 1e-3)
-  state = create_train_state(build_model("mlp_halving"), tx, seed=0)
+  tx = make_optimizer("adam")
+  state = create_train_state(build_model("mlp_halving"), tx, seed=0, learning_rate=1e-3)
   checkpoint.save(tmp_path / "c.msgpack", {"epoch": 1, "state": state})
-  other = create_train_state(build_model("mlp_baseline"), tx, seed=0)
+  other = create_train_state(build_model("mlp_baseline"), tx, seed=0, learning_rate=1e-3)
   with pytest.raises(checkpoint.CheckpointError, match="does not fit: 'state/params/batch_normalization/bias' has shape \\(512,\\) in the file but \\(128,\\)"):
     checkpoint.restore(tmp_path / "c.msgpack", {"epoch": 0, "state": other})
   (tmp_path / "bad.msgpack").write_bytes(b"\xc1garbage")

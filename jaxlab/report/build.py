@@ -152,7 +152,7 @@ def _sample_images(collection: Collection, out: pathlib.Path) -> list[dict[str, 
       continue
     path = figures.samples_figure(
         loaded.train_images, loaded.train_labels, loaded.info.class_names,
-        f"{dataset}: random samples from each class (the first of each in the train split)",
+        f"{dataset}: samples of every class (the first eight of each in the train split)",
         out / f"samples_{_slug(dataset)}.png")
     samples.append({"dataset": dataset, "file": path.name, "source": loaded.source})
   return samples

@@ -177,7 +177,7 @@ def report_blocks(document: dict[str, Any], table: tuple[list[str], list[list[st
                      for p in confusion["most_confused"]) + "." if confusion["most_confused"]
                      else "No confusions.")]
   if document["samples"]:
-    blocks.append(Heading("Random samples from each class"))
+    blocks.append(Heading("Samples of every class"))
     for sample in document["samples"]:
       if sample["file"]:
         blocks.append(Image(sample["file"], f"sample images of every class of "

@@ -1,0 +1,215 @@
+"""Groups: K seeds or learning rates of one architecture as one vmapped state and program."""
+
+import json
+
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from jaxlab import checkpoint
+from jaxlab.config import resolve_config
+from jaxlab.experiment import EXPERIMENTS, Experiment, register
+from jaxlab.hooks import OnEpochEnd
+from jaxlab.metrics import read_jsonl
+from jaxlab.models import Conv, ConvBlock, ConvNet, Dense, MaxPool
+from jaxlab.train import _out_of_memory, group_configs, member_dir, train_and_evaluate, train_group
+from datafiles import synthetic_dataset
+from test_scripts import script
+
+if "group_small_cnn" not in EXPERIMENTS:
+  register(Experiment(
+      name="group_small_cnn", dataset="fashion_mnist", epochs=2, batch_size=32,
+      model=ConvNet(blocks=(ConvBlock((Conv(8, 3, padding="same"),), MaxPool(2), True, 0.25),
+                            ConvBlock((Conv(16, 3),), MaxPool(2, 1), True)),
+                    head=(Dense(32, "relu", batch_norm=True, dropout=0.5),))))
+
+# 256 examples at batch 32: 8 steps an epoch.
+SMALL = dict(dataset="mnist", epochs=2, batch_size=32, steps_per_dispatch=4, eval_batch_size=64)
+METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
+
+
+def final_state(run):
+  """Every array of a run's newest checkpoint, by path."""
+  path = sorted((run / "checkpoints").glob("step_*.msgpack"))[-1]
+  return {"/".join(k): np.asarray(v, np.float64) for k, v in
+          traverse_util.flatten_dict(checkpoint.read(path)[1]["state"]).items()}
+
+
+def biases_before_batch_norm(run):
+  """params/NAME/bias of every layer whose output BatchNormalization normalizes: in training
+  their exact gradient is 0 (the batch mean takes the bias away), so their values are float
+  rounding noise that one vmapped or single run accumulates differently."""
+  layers = json.loads((run / "config.json").read_text())["model"]["layers"]
+  names, last = set(), None
+  for layer in layers:
+    if layer["type"] in ("Dense", "Conv2D"):
+      last = layer["name"]
+    elif layer["type"] == "BatchNormalization" and last:
+      names.add(f"params/{last}/bias")
+  return names
+
+
+def assert_states_close(run, reference, rtol=1e-5, atol=1e-6):
+  """Every array within rtol of its scale plus atol, but the biases before BatchNormalization."""
+  a, b = final_state(run), final_state(reference)
+  assert a.keys() == b.keys()
+  skip = biases_before_batch_norm(reference)
+  for key in sorted(set(a) - skip):
+    bound = rtol * np.abs(b[key]).max() + atol
+    assert np.abs(a[key] - b[key]).max() <= bound, (key, np.abs(a[key] - b[key]).max(), bound)
+
+
+def largest_relative_difference(a, b):
+  """max over arrays of max|a - b| / max|b|: differences measured against each array's scale."""
+  assert a.keys() == b.keys()
+  return max(np.abs(a[k] - b[k]).max() / max(np.abs(b[k]).max(), 1e-30) for k in a)
+
+
+def assert_same_metrics(group_run, single_run, rtol):
+  got, want = read_jsonl(group_run / "metrics.jsonl"), read_jsonl(single_run / "metrics.jsonl")
+  assert [r["epoch"] for r in got] == [r["epoch"] for r in want]
+  for g, w in zip(got, want):
+    for key in METRICS:
+      assert g[key] == pytest.approx(w[key], rel=rtol, abs=1e-7), key
+
+
+# (experiment, data set, absolute tolerance of the parameters, relative one of the metrics).
+# Vmapped Dense layers are batched matmuls that sum in another order than single ones (about
+# 1e-7 apart after 4 steps); vmapped convolutions become one grouped convolution, another
+# algorithm on the CPU (about 3e-5 apart).
+@pytest.mark.parametrize("experiment,dataset,atol,rtol", [
+    ("mlp_dropout", "mnist", 1e-6, 1e-5), ("group_small_cnn", "fashion_mnist", 1e-4, 1e-4)])
+def test_members_equal_single_runs(tmp_path, experiment, dataset, atol, rtol):
+  """Three seeds as one vmapped group against three single runs, after 4 SGD steps: every array
+  within 1e-5 of its scale plus `atol`, but the biases before BatchNormalization (rounding noise
+  themselves), and the same metrics within `rtol`. Longer runs drift further apart: a rounding
+  difference that moves a pre-activation across zero changes a ReLU's gradient by a finite
+  amount. (With Adam, rounding differences in gradients near zero become lr-sized steps: see
+  the next test.)"""
+  ds = synthetic_dataset(dataset, n_train=128, n_test=64)
+  base = resolve_config(experiment, **{**SMALL, "dataset": dataset, "optimizer": "sgd",
+                                       "learning_rate": 0.05, "epochs": 1})
+  configs = group_configs(base, seeds=[0, 1, 2])
+  dirs = [member_dir(tmp_path / "group", c, by_seed=True, by_rate=False) for c in configs]
+  assert [d.name for d in dirs] == ["seed_0", "seed_1", "seed_2"]
+  summaries = train_group(configs, dirs, dataset=ds)
+  assert [json.loads((d / "config.json").read_text())["config"]["seed"] for d in dirs] == [0, 1,
+                                                                                            2]
+  for config, directory, summary in zip(configs, dirs, summaries):
+    single = tmp_path / f"single_{config.seed}"
+    train_and_evaluate(config, single, dataset=ds)
+    assert_states_close(directory, single, atol=atol)
+    assert_same_metrics(directory, single, rtol=rtol)
+    assert summary["group"] == [str(d) for d in dirs]
+  # Different seeds really are different runs.
+  assert largest_relative_difference(final_state(dirs[0]), final_state(dirs[1])) > 0.1
+
+
+def test_a_member_does_not_depend_on_its_group(tmp_path):
+  """Seed 4 trained beside seed 5, beside 5 and 6, beside 7, and second: bit-identical every
+  time, with Adam, BatchNorm and Dropout. Nothing leaks between members (statistics, keys,
+  orders), and the position in the group does not matter."""
+  ds = synthetic_dataset(n_train=256, n_test=64)
+  base = resolve_config("mlp_big_small_big", **SMALL)
+  for name, seeds in (("a", [4, 5]), ("b", [5, 4]), ("c", [4, 5, 6]), ("d", [7, 4])):
+    train_group(group_configs(base, seeds=seeds), [tmp_path / name / f"seed_{s}" for s in seeds],
+                dataset=ds)
+  reference = final_state(tmp_path / "a" / "seed_4")
+  for name in "bcd":
+    other = final_state(tmp_path / name / "seed_4")
+    for key in reference:
+      np.testing.assert_array_equal(other[key], reference[key], err_msg=f"{name}: {key}")
+    assert (read_jsonl(tmp_path / name / "seed_4" / "metrics.jsonl")[-1]["val_loss"]
+            == read_jsonl(tmp_path / "a" / "seed_4" / "metrics.jsonl")[-1]["val_loss"])
+
+
+def test_learning_rate_grid(tmp_path):
+  ds = synthetic_dataset(n_train=128, n_test=64)
+  base = resolve_config("mlp_halving", **{**SMALL, "optimizer": "sgd", "epochs": 1})
+  configs = group_configs(base, seeds=[0, 1], learning_rates=[0.01, 0.1])
+  assert [(c.learning_rate, c.seed) for c in configs] == [(0.01, 0), (0.01, 1), (0.1, 0),
+                                                          (0.1, 1)]
+  dirs = [member_dir(tmp_path / "grid", c, by_seed=True, by_rate=True) for c in configs]
+  assert dirs[2] == tmp_path / "grid" / "lr_0.1" / "seed_0"
+  train_group(configs, dirs, dataset=ds)
+  for config, directory in zip(configs, dirs):
+    single = tmp_path / f"single_{config.learning_rate}_{config.seed}"
+    train_and_evaluate(config, single, dataset=ds)
+    assert_states_close(directory, single)
+    assert_same_metrics(directory, single, rtol=1e-5)
+    records = read_jsonl(directory / "metrics.jsonl")
+    assert {r["learning_rate"] for r in records} == {config.learning_rate}
+    saved_rate = checkpoint.read(sorted((directory / "checkpoints").glob("step_*"))[-1])[1][
+        "state"]["opt_state"]["hyperparams"]["learning_rate"]
+    assert float(saved_rate) == pytest.approx(config.learning_rate)
+
+
+def test_a_killed_group_resumes_to_the_same_end(tmp_path):
+  ds = synthetic_dataset(n_train=256, n_test=64)
+  base = resolve_config("mlp_dropout", **{**SMALL, "epochs": 3})
+  configs = group_configs(base, seeds=[0, 1])
+  straight = [tmp_path / "straight" / f"seed_{c.seed}" for c in configs]
+  train_group(configs, straight, dataset=ds)
+
+  class Crash(Exception):
+    pass
+
+  def crash(epoch, record, state):
+    if epoch == 2:
+      raise Crash
+
+  resumed = [tmp_path / "resumed" / f"seed_{c.seed}" for c in configs]
+  with pytest.raises(Crash):
+    train_group(configs, resumed, dataset=ds, hooks=[[], [OnEpochEnd(crash)]])
+  assert [len(read_jsonl(d / "metrics.jsonl")) for d in resumed] == [2, 2]
+  # Member 1 lost its newest checkpoint: the group resumes from the step both members have.
+  (resumed[1] / "checkpoints" / "step_000000016.msgpack").unlink()
+  train_group(configs, resumed, dataset=ds)
+  for a, b in zip(resumed, straight):
+    state_a, state_b = final_state(a), final_state(b)
+    for key in state_b:
+      np.testing.assert_array_equal(state_a[key], state_b[key], err_msg=key)
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("epoch_seconds",
+                                                                 "eval_seconds", "time")}
+                        for r in rs]
+    assert strip(read_jsonl(a / "metrics.jsonl")) == strip(read_jsonl(b / "metrics.jsonl"))
+
+
+def test_members_may_differ_only_in_seed_and_learning_rate(tmp_path):
+  a = resolve_config("mlp_halving", **SMALL)
+  b = resolve_config("mlp_halving", **{**SMALL, "batch_size": 16, "seed": 1})
+  with pytest.raises(ValueError, match="may differ only in seed and learning rate, not in "
+                                       "batch_size: 32 -> 16"):
+    train_group([a, b], [tmp_path / "a", tmp_path / "b"], dataset=synthetic_dataset())
+  with pytest.raises(ValueError, match="--seeds lists a value twice"):
+    group_configs(a, seeds=[1, 1])
+
+
+def test_members_that_do_not_fit_are_named():
+  from jaxlab.config import build_model
+  error = _out_of_memory(RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 9 GiB"), 32,
+                         build_model("vgg_cifar10"))
+  assert isinstance(error, MemoryError)
+  assert str(error).startswith("32 members of 39,935,562 parameters each do not fit")
+  other = ValueError("something else")
+  assert _out_of_memory(other, 32, build_model("vgg_cifar10")) is other
+
+
+def test_group_through_the_scripts(tmp_path):
+  """train.py --seeds: each member a run directory that evaluate.py reads; a second process
+  running the same architecture (other seeds) compiles no XLA program."""
+  from datafiles import write_idx_dataset
+  write_idx_dataset(tmp_path / "data", n_train=96, n_test=40)
+  args = ["--experiment=mlp_halving", "--dataset=mnist", f"--data_dir={tmp_path / 'data'}",
+          "--epochs=2", "--batch_size=32", "--steps_per_dispatch=3"]
+  first = script("train.py", *args, f"--workdir={tmp_path / 'a'}", "--seeds=0,1,2")
+  assert "seed 2: final validation accuracy" in first.stdout
+  evaluated = json.loads(script("evaluate.py", f"--workdir={tmp_path / 'a' / 'seed_1'}",
+                                "--json").stdout)
+  summary = json.loads((tmp_path / "a" / "seed_1" / "metrics.json").read_text())
+  assert evaluated["accuracy"] == summary["evaluation"]["best"]["accuracy"]
+  assert summary["startup"]["compilations"] > 0
+  script("train.py", *args, f"--workdir={tmp_path / 'b'}", "--seeds=5,6,7")
+  again = json.loads((tmp_path / "b" / "seed_6" / "metrics.json").read_text())["startup"]
+  assert again["compilations"] == 0 and again["programs_from_cache"] > 0
+  assert again["seconds_to_first_step"] is not None
