@@ -13,6 +13,7 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax.training import train_state
 
@@ -72,8 +73,10 @@ def create_group_state(model: PlanModel, tx: optax.GradientTransformation, seeds
 
 
 def stack(states: Sequence[Any]) -> Any:
-  """Member states (or any pytrees of one structure) stacked along a new leading axis."""
-  return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *states)
+  """Member states (or any pytrees of one structure) stacked along a new leading axis, on the
+  host and then put on the device in one transfer (stacking on the device would compile a
+  program per array shape)."""
+  return jax.device_put(jax.tree_util.tree_map(lambda *xs: np.stack(xs), *states))
 
 
 def member(stacked: Any, k: int) -> Any:

@@ -120,7 +120,7 @@ def test_benchmark_interleaves_the_loops_epochs_in_rotating_rounds(monkeypatch):
   calls = []
 
   def fake(name):
-    def make(model, images, labels, batch_size):
+    def make(model, images, labels, batch_size, members=1):
       def run():
         calls.append(name)
         return float(len(calls))  # The call's position: 1, 2, 3, ...
@@ -144,8 +144,32 @@ def test_benchmark_interleaves_the_loops_epochs_in_rotating_rounds(monkeypatch):
   assert "| keras_fit | 7.000 | 1.29 | 0.92 (0.80-1.29) |" in markdown(result, "fake")
 
 
+def test_benchmark_members_train_one_group_against_peers_one_after_another(monkeypatch):
+  made = []
+
+  def jaxlab(model, images, labels, batch_size, members=1):
+    made.append(("jaxlab", members))
+    return lambda: 3.0
+
+  def keras(model, images, labels, batch_size):
+    made.append(("keras", 1))
+    return lambda: 2.0
+
+  monkeypatch.setattr(benchmark, "jaxlab_runner", jaxlab)
+  monkeypatch.setitem(benchmark.PEERS, "keras_fit", keras)
+  model = build_model("mlp_halving")
+  result = run_benchmark(model, 10, 32, 64, 2, ["keras_fit"], peak_flops=1e9,
+                         log=lambda s: None, members=4)
+  assert made == [("jaxlab", 4)] + [("keras", 1)] * 4  # One group; four Keras models.
+  assert result["results"]["keras_fit"]["epoch_seconds"] == [8.0, 8.0]  # Each trains an epoch.
+  assert result["ratios_jaxlab_over_peer"] == {"keras_fit": 3 / 8}
+  assert result["flops_per_epoch"] == 4 * run_benchmark(
+      model, 10, 32, 64, 1, [], peak_flops=1e9, log=lambda s: None)["flops_per_epoch"]
+  assert "4 members: jaxlab trains them as one vmapped group" in markdown(result, "fake")
+
+
 def test_benchmark_floor_uses_the_best_peak_measured_after_each_round(monkeypatch):
-  monkeypatch.setattr(benchmark, "jaxlab_runner", lambda *args: lambda: 2.0)
+  monkeypatch.setattr(benchmark, "jaxlab_runner", lambda *args, members=1: lambda: 2.0)
   peaks = iter([3e9, 5e9, 4e9])
   monkeypatch.setattr(profiling, "matmul_peak_flops", lambda dtype: next(peaks))
   model = build_model("mlp_halving")
