@@ -39,16 +39,24 @@ EpochRunner = Callable[[], float]
 
 
 def jaxlab_runner(model: PlanModel, images, labels, batch_size: int,
-                  steps_per_dispatch: int = 50, members: int = 1) -> EpochRunner:
+                  steps_per_dispatch: int = 50, members: int = 1,
+                  sharded: bool = True) -> EpochRunner:
   """jaxlab's own loop: `train_epoch` with its compiled, scanned and donated steps, training
-  `members` seeds as one vmapped group."""
+  `members` seeds as one vmapped group; data parallel over every device (as train.py runs), or
+  with `sharded=False` the steps without a mesh."""
+  from jaxlab import parallel
   from jaxlab.state import create_group_state, seed_keys
   from jaxlab.steps import make_steps, train_epoch
 
-  steps = make_steps(model)
+  mesh = parallel.data_mesh() if sharded else None
+  steps = make_steps(model, "stop", mesh)
   state = create_group_state(model, make_optimizer("adam"), list(range(members)),
-                             [1e-3] * members)
-  x, y = jax.device_put(images), jax.device_put(labels)
+                             [1e-3] * members, parallel.replicated(mesh) if mesh else None)
+  if mesh:
+    parallel.check_batch_size(batch_size, mesh)
+    x, y = parallel.put_replicated((images, labels), mesh)
+  else:
+    x, y = jax.device_put(images), jax.device_put(labels)
   keys = jax.numpy.stack([seed_keys(k)[2] for k in range(members)])
   epoch = 0
 
@@ -211,6 +219,8 @@ def machine() -> dict[str, Any]:
 PEERS: dict[str, Callable[..., EpochRunner]] = {
     "keras_fit": keras_runner,
     "torch_eager": torch_runner,
+    # jaxlab's steps without a mesh: what the data-parallel path costs, on one device nothing.
+    "jaxlab_unsharded": lambda *args: jaxlab_runner(*args, sharded=False),
 }
 
 

@@ -126,6 +126,11 @@ def restore(path: str | os.PathLike, template: T) -> T:
   return restore_state_dict(state_dict, template, f"checkpoint {path}")
 
 
+def fingerprint(tree: Any) -> str:
+  """A short hash of every array of `tree` (host arrays): equal states, equal fingerprints."""
+  return hashlib.sha256(serialization.to_bytes(tree)).hexdigest()[:16]
+
+
 def to_host(tree: T) -> T:
   """A copy of `tree` with every array in host memory (NumPy), owned by the copy: the device
   buffers may be donated to the next step while the copy is being written."""

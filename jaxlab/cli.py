@@ -50,6 +50,10 @@ def user_errors_exit(main: Callable[[list[str]], None]) -> Callable[[list[str]],
     try:
       if len(argv) > 1:
         raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
+      if "coordinator_address" in flags.FLAGS:
+        from jaxlab import parallel  # Here: scripts that never train need no JAX.
+        f = flags.FLAGS
+        parallel.initialize(f.coordinator_address, f.num_processes, f.process_id)
       if "compilation_cache" in flags.FLAGS and flags.FLAGS.compilation_cache:
         from jaxlab import runtime  # Here: scripts that never compile need no JAX.
         runtime.enable_compilation_cache()
@@ -81,6 +85,16 @@ def define_compilation_cache_flag() -> None:
   flags.DEFINE_bool("compilation_cache", True, "Keep compiled XLA programs in JAX's persistent "
                     "cache ($JAXLAB_CACHE_DIR/xla, default ~/.cache/jaxlab/xla), so another "
                     "process running the same architecture does not compile it again.")
+
+
+def define_distributed_flags() -> None:
+  """--coordinator_address, --num_processes, --process_id: a run over several processes
+  (jax.distributed.initialize); without them, a launcher's environment (SLURM, Open MPI,
+  Kubernetes) is detected."""
+  flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for a run of "
+                      "several processes (with --num_processes and --process_id).")
+  flags.DEFINE_integer("num_processes", None, "Processes of a multi-process run.")
+  flags.DEFINE_integer("process_id", None, "This process's index, 0 to --num_processes - 1.")
 
 
 def parse_list(values: list[str] | None, kind: type, name: str) -> list:

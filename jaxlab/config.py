@@ -63,15 +63,19 @@ class TrainConfig:
                              "error; its last good checkpoints stay) or skip (that step's "
                              "update is dropped and counted in skipped_steps). Default: stop.",
                              default="stop")
+  num_devices: int | None = _setting(
+      "Data parallelism over the first N devices (each global batch split across them). "
+      "Default: all devices of all processes.", default=None)
 
   def to_json(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
 
 
 # Fields that may differ when a run is resumed: more epochs extend it, where the data is, when
-# checkpoints are written, and what a NaN does (a run stopped by one can go on skipping).
+# checkpoints are written, what a NaN does (a run stopped by one can go on skipping), and how
+# many devices share the work (a checkpoint restores on any number).
 RESUMABLE_CHANGES = ("epochs", "data_dir", "download", "checkpoint_every_steps",
-                     "checkpoint_every_secs", "keep_checkpoints", "nan_policy")
+                     "checkpoint_every_secs", "keep_checkpoints", "nan_policy", "num_devices")
 
 
 def changed_settings(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -105,6 +109,8 @@ def validate(config: TrainConfig) -> None:
     value = getattr(config, name)
     if not isinstance(value, int) or value < 1:
       raise ValueError(f"{name} must be a positive integer, got {value!r}")
+  if config.num_devices is not None and config.num_devices < 1:
+    raise ValueError(f"num_devices must be a positive integer, got {config.num_devices!r}")
   if config.train_limit is not None and config.train_limit < 1:
     raise ValueError(f"train_limit must be a positive integer, got {config.train_limit!r}")
   if not (config.learning_rate > 0 and math.isfinite(config.learning_rate)):

@@ -28,9 +28,10 @@ import sys
 import time
 from typing import Any, Callable
 
+import jax
 from absl import logging
 
-from jaxlab import checkpoint, preemption
+from jaxlab import checkpoint, parallel, preemption
 from jaxlab.config import TrainConfig
 from jaxlab.errors import NonFiniteError
 from jaxlab.metrics import append_jsonl
@@ -228,10 +229,13 @@ class NonFiniteGuard(Hook):
 
 class StopOnSignal(Hook):
   """After a stop was requested (SIGTERM, SIGINT), raises `Preempted` at the next step
-  boundary or epoch end; `Checkpoints`, earlier in the list, has saved the position by then."""
+  boundary or epoch end; `Checkpoints`, earlier in the list, has saved the position by then.
+
+  In a run of several processes the stop waits for the epoch's end, where the processes agree
+  on it (a signal reaches each at another moment; they must all stop at the same step)."""
 
   def wants_state(self, step: int) -> bool:
-    return preemption.requested()
+    return preemption.requested() and jax.process_count() == 1
 
   def on_step_boundary(self, epoch: int, state: TrainState, sums: dict[str, Any]) -> None:
     step = int(state.step)
@@ -239,7 +243,7 @@ class StopOnSignal(Hook):
     self._stop(f"in epoch {epoch} after step {in_epoch} of {self.info.steps_per_epoch}", step)
 
   def on_epoch_end(self, epoch: int, record: dict[str, Any], state: TrainState) -> None:
-    if preemption.requested():
+    if parallel.any_process(preemption.requested()):
       self._stop(f"after epoch {epoch}", int(state.step))
 
   def _stop(self, where: str, step: int) -> None:

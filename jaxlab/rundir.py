@@ -208,22 +208,24 @@ def check_resume(run: RunDir, config: TrainConfig) -> None:
 
 
 def write_config(run: RunDir, config: TrainConfig, model: PlanModel,
-                 data: dict[str, Any]) -> None:
+                 data: dict[str, Any], mesh: dict[str, Any] | None = None) -> None:
   """config.json: the resolved settings, where the experiment comes from, the layer plan, the
-  data and the environment."""
+  data and the environment (with the mesh of devices and processes that trained it)."""
   metrics.write_json(run.config, {"config": config.to_json(),
                                   "experiment": describe_experiment(config.experiment),
                                   "model": describe(model), "data": data,
-                                  "environment": environment()})
+                                  "environment": {**environment(),
+                                                  **({"mesh": mesh} if mesh else {})}})
 
 
-def write_summary(run: RunDir, config: TrainConfig, history: list[dict[str, Any]],
-                  counts: dict[str, int], status: str,
-                  evaluations: dict[str, Any] | None = None,
-                  last: pathlib.Path | None = None,
-                  extra: dict[str, Any] | None = None) -> dict[str, Any]:
-  """metrics.json from the epochs' records: final and best accuracy, timings, checkpoints
-  (`last`: the newest checkpoint, if it may still be being written), and `extra` fields."""
+def summary_dict(run: RunDir, config: TrainConfig, history: list[dict[str, Any]],
+                 counts: dict[str, int], status: str,
+                 evaluations: dict[str, Any] | None = None,
+                 last: pathlib.Path | None = None,
+                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
+  """metrics.json's contents from the epochs' records: final and best accuracy, timings,
+  checkpoints (`last`: the newest checkpoint, if it may still be being written), and `extra`
+  fields."""
   last = last or run.last
   final = history[-1] if history else {}
   best_record = max(history, key=lambda r: r["val_accuracy"]) if history else {}
@@ -243,6 +245,12 @@ def write_summary(run: RunDir, config: TrainConfig, history: list[dict[str, Any]
   out.update(extra or {})
   if evaluations:
     out["evaluation"] = evaluations
+  return out
+
+
+def write_summary(run: RunDir, *args: Any, **kwargs: Any) -> dict[str, Any]:
+  """Writes metrics.json (`summary_dict`'s arguments) and returns what it wrote."""
+  out = summary_dict(run, *args, **kwargs)
   metrics.write_json(run.metrics_json, out)
   return out
 

@@ -51,12 +51,12 @@ def _init(model: PlanModel, tx: optax.GradientTransformation, seed: jax.Array,
 
 
 @functools.lru_cache(maxsize=64)
-def init_program(model: PlanModel, tx: optax.GradientTransformation,
-                 members: bool = False) -> Callable:
+def init_program(model: PlanModel, tx: optax.GradientTransformation, members: bool = False,
+                 sharding: Any = None) -> Callable:
   """The compiled (seed, learning rate) -> state of `model`; with `members`, vmapped over
-  arrays of seeds and rates."""
+  arrays of seeds and rates; with `sharding`, its output placed so (replicated on a mesh)."""
   init = functools.partial(_init, model, tx)
-  return jax.jit(jax.vmap(init) if members else init)
+  return jax.jit(jax.vmap(init) if members else init, out_shardings=sharding)
 
 
 def create_train_state(model: PlanModel, tx: optax.GradientTransformation, seed: int,
@@ -66,17 +66,18 @@ def create_train_state(model: PlanModel, tx: optax.GradientTransformation, seed:
 
 
 def create_group_state(model: PlanModel, tx: optax.GradientTransformation, seeds: Sequence[int],
-                       learning_rates: Sequence[float]) -> TrainState:
-  """K members' states stacked along a leading axis, made by one compiled program."""
-  return init_program(model, tx, members=True)(jnp.asarray(seeds, jnp.int32),
-                                               jnp.asarray(learning_rates, jnp.float32))
+                       learning_rates: Sequence[float], sharding: Any = None) -> TrainState:
+  """K members' states stacked along a leading axis, made by one compiled program (and placed
+  by `sharding`, e.g. replicated on a mesh)."""
+  return init_program(model, tx, True, sharding)(np.asarray(seeds, np.int32),
+                                                 np.asarray(learning_rates, np.float32))
 
 
-def stack(states: Sequence[Any]) -> Any:
+def stack(states: Sequence[Any], sharding: Any = None) -> Any:
   """Member states (or any pytrees of one structure) stacked along a new leading axis, on the
-  host and then put on the device in one transfer (stacking on the device would compile a
-  program per array shape)."""
-  return jax.device_put(jax.tree_util.tree_map(lambda *xs: np.stack(xs), *states))
+  host and then put on the device(s) (`sharding`) in one transfer (stacking on the device would
+  compile a program per array shape)."""
+  return jax.device_put(jax.tree_util.tree_map(lambda *xs: np.stack(xs), *states), sharding)
 
 
 def member(stacked: Any, k: int) -> Any:

@@ -20,6 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jax.sharding import Mesh
+
+from jaxlab import parallel
 from jaxlab.config import NAN_POLICIES
 from jaxlab.models import PlanModel, l2_coefficients
 from jaxlab.state import TrainState
@@ -133,9 +136,13 @@ def _zeros(sums: dict[str, float | int]) -> Metrics:
 
 
 @functools.lru_cache(maxsize=64)
-def make_steps(model: PlanModel, nan_policy: str = "stop") -> Steps:
+def make_steps(model: PlanModel, nan_policy: str = "stop", mesh: Mesh | None = None) -> Steps:
   """The compiled steps of `model`, made once per model (per process), so that a second run of
-  the same architecture reuses the compiled code instead of compiling it again."""
+  the same architecture reuses the compiled code instead of compiling it again.
+
+  With a `mesh`, the chunks and evaluation are data parallel (`jaxlab.parallel`): each batch
+  gathered from the replicated data set is split across the mesh, the state stays replicated,
+  and XLA adds the all-reduces. The step itself is the same `train_step`."""
   train_step = make_train_step(model, nan_policy)
   eval_step = make_eval_step(model)
 
@@ -147,14 +154,15 @@ def make_steps(model: PlanModel, nan_policy: str = "stop") -> Steps:
     def member(state, batches):
       def body(carry, idx):
         state, sums = carry
-        state, metrics = train_step(state, images[idx], labels[idx])
+        state, metrics = train_step(state, parallel.shard_batch(images[idx], mesh),
+                                    parallel.shard_batch(labels[idx], mesh))
         return (state, _add(sums, metrics)), None
 
       chunk = jax.lax.dynamic_slice_in_dim(batches, start, length)
       (state, sums), _ = jax.lax.scan(body, (state, _zeros(train_sums_zeros())), chunk)
       return state, sums
 
-    return jax.vmap(member)(state, batches)
+    return parallel.replicate(jax.vmap(member)(state, batches), mesh)
 
   @jax.jit
   def eval_batches(variables, images, labels, batches):
@@ -162,12 +170,13 @@ def make_steps(model: PlanModel, nan_policy: str = "stop") -> Steps:
 
     def member(variables):
       def body(sums, idx):
-        metrics, preds = eval_step(variables, images[idx], labels[idx])
+        metrics, preds = eval_step(variables, parallel.shard_batch(images[idx], mesh),
+                                   parallel.shard_batch(labels[idx], mesh))
         return _add(sums, metrics), preds
 
       return jax.lax.scan(body, _zeros({"loss_sum": 0.0, "correct": 0, "count": 0}), batches)
 
-    return jax.vmap(member)(variables)
+    return parallel.replicate(jax.vmap(member)(variables), mesh)
 
   return Steps(jax.jit(train_step, donate_argnums=0), jax.jit(eval_step), train_chunk,
                eval_batches, jax.jit(jax.vmap(train_step), donate_argnums=0),

@@ -27,7 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from jaxlab import checkpoint, evaluation, runtime
+from jax.sharding import Mesh
+
+from jaxlab import checkpoint, evaluation, parallel, runtime
 from jaxlab.config import TrainConfig, build_model, changed_settings
 from jaxlab.data import Dataset, load_dataset
 from jaxlab.hooks import (Checkpoints, Hook, MetricsLog, NonFiniteGuard, ProgressBar, RunInfo,
@@ -36,7 +38,7 @@ from jaxlab.metrics import read_jsonl, write_jsonl
 from jaxlab.models import PlanModel
 from jaxlab.optim import make_optimizer
 from jaxlab.rundir import (RunDir, check_resume, checkpoint_meta, checkpoint_template,
-                           restore_latest, write_config, write_summary)
+                           restore_latest, summary_dict, write_config, write_summary)
 from jaxlab.state import TrainState, create_group_state, member, seed_keys, stack
 from jaxlab.steps import Steps, evaluate, evaluate_group, make_steps, train_epoch
 from jaxlab.summary import summarize
@@ -45,11 +47,14 @@ from jaxlab.tensorboard import TensorBoard
 GROUP_SETTINGS = ("seed", "learning_rate")  # What the members of a group may differ in.
 
 
-def default_hooks(progress: bool) -> list[Hook]:
+def default_hooks(progress: bool, writer: bool = True) -> list[Hook]:
   """The hooks of every run, in order: the bar; the NaN check (before anything is saved); the
   metrics line before the checkpoint (lines after the checkpoint are dropped on resume); the
   stop on a signal after the checkpoint it needs; then metrics.json and the TensorBoard events
-  (rewritten from metrics.jsonl at every start)."""
+  (rewritten from metrics.jsonl at every start). A process that is not the writer of a
+  multi-process run (`parallel.is_writer`) keeps the two that write nothing."""
+  if not writer:
+    return [NonFiniteGuard(), StopOnSignal()]
   return [ProgressBar(progress), NonFiniteGuard(), MetricsLog(), Checkpoints(), StopOnSignal(),
           SummaryFile(), TensorBoard()]
 
@@ -114,8 +119,8 @@ def _check_group(configs: Sequence[TrainConfig]) -> None:
     raise ValueError(f"a group holds each (seed, learning rate) once, got {pairs}")
 
 
-def _restore_group(members: list[_Member], template: TrainState,
-                   fresh: TrainState) -> tuple[TrainState, list[dict[str, Any]] | None]:
+def _restore_group(members: list[_Member], template: TrainState, fresh: TrainState,
+                   mesh: Mesh) -> tuple[TrainState, list[dict[str, Any]] | None]:
   """The members' newest intact checkpoints at one common step (a group resumes as a group:
   a member ahead of the others falls back to its checkpoint at their step), stacked."""
   target = None
@@ -134,7 +139,8 @@ def _restore_group(members: list[_Member], template: TrainState,
   states = [f[0]["state"] if f else member(fresh, k) for k, f in enumerate(found)]
   sums = [{key: v.item() if hasattr(v, "item") else v for key, v in f[0]["sums"].items()}
           if f else None for f in found]
-  return stack(states), (sums if all(s is not None for s in sums) else None)
+  return (stack(states, parallel.replicated(mesh)),
+          sums if all(s is not None for s in sums) else None)
 
 
 def _final_evaluations(m: _Member, steps: Steps, history: list[dict], final: dict[str, float],
@@ -211,15 +217,20 @@ def train_group(configs: Sequence[TrainConfig], workdirs: Sequence[str | pathlib
   _check_group(configs)
   started = runtime.mark()
   base = configs[0]
+  mesh = parallel.data_mesh(base.num_devices)
+  parallel.check_batch_size(base.batch_size, mesh)
+  writer = parallel.is_writer()
   runs = [RunDir(w) for w in workdirs]
   if len(runs) != len(configs):
     raise ValueError(f"{len(configs)} runs but {len(runs)} run directories")
   for run, config in zip(runs, configs):
-    run.prepare()
-    if restart:
-      run.clear()
-    elif run.config.exists():
+    if writer:
+      run.prepare()
+      if restart:
+        run.clear()
+    if run.config.exists() and not restart:
       check_resume(run, config)
+  parallel.sync("run directories ready")
   if dataset is None:
     dataset = load_dataset(base.dataset, data_dir=base.data_dir, download=base.download)
   elif dataset.info.name != base.dataset:
@@ -231,16 +242,17 @@ def train_group(configs: Sequence[TrainConfig], workdirs: Sequence[str | pathlib
   show = sys.stderr.isatty() if progress is None else progress
   hooks = hooks or [()] * len(configs)
   members = [_Member(config, run, checkpoint_meta(config, model),
-                     [*default_hooks(show and k == 0), *hooks[k]])
+                     [*default_hooks(show and k == 0, writer), *hooks[k]])
              for k, (config, run) in enumerate(zip(configs, runs))]
   fresh = create_group_state(model, tx, [c.seed for c in configs],
-                             [c.learning_rate for c in configs])
+                             [c.learning_rate for c in configs], parallel.replicated(mesh))
   template = member(fresh, 0)  # A member's structure (its own buffers: `fresh` is donated).
-  state, sums = _restore_group(members, template, fresh)
+  state, sums = _restore_group(members, template, fresh, mesh)
   data_info = {"source": dataset.source, "train_examples": int(len(dataset.train_labels)),
                "validation_examples": int(len(dataset.test_labels))}
-  for m in members:
-    write_config(m.run, m.config, model, data_info)
+  if writer:
+    for m in members:
+      write_config(m.run, m.config, model, data_info, parallel.describe(mesh))
   # The step number is the position: the epochs done and the steps done in the next one.
   steps_per_epoch = math.ceil(len(dataset.train_labels) / base.batch_size)
   start_step = int(state.step[0])
@@ -250,15 +262,16 @@ def train_group(configs: Sequence[TrainConfig], workdirs: Sequence[str | pathlib
   for m in members:
     # Epochs after the checkpoint (a crash between the metrics line and the checkpoint) rerun.
     history = [r for r in read_jsonl(m.run.metrics_jsonl) if r["epoch"] <= start_epoch]
-    write_jsonl(m.run.metrics_jsonl, history)
+    if writer:
+      write_jsonl(m.run.metrics_jsonl, history)
     m.info = RunInfo(m.run, m.config, history, start_epoch, steps_per_epoch, counts, start_step,
                      m.meta, label=m.run.root.name if len(members) > 1 else "")
 
-  steps = make_steps(model, base.nan_policy)
-  train_images, train_labels = jax.device_put(dataset.train_images), jax.device_put(
-      dataset.train_labels)
-  test_images, test_labels = jax.device_put(dataset.test_images), jax.device_put(
-      dataset.test_labels)
+  steps = make_steps(model, base.nan_policy, mesh)
+  # The data set, as uint8, on every device; each device gathers its share of every batch.
+  train_images, train_labels, test_images, test_labels = parallel.put_replicated(
+      (dataset.train_images, dataset.train_labels, dataset.test_images, dataset.test_labels),
+      mesh)
   shuffle_keys = jnp.stack([seed_keys(c.seed)[2] for c in configs])
   ordered = _by_position(members)
   try:
@@ -322,6 +335,7 @@ def train_group(configs: Sequence[TrainConfig], workdirs: Sequence[str | pathlib
 
     for _, hook in ordered:
       hook.flush()
+    parallel.sync("checkpoints written")  # Every process reads the best checkpoint next.
     finals, predictions = evaluate_group(steps, state.variables, test_images, test_labels,
                                          base.eval_batch_size)
     final_steps = [int(s) for s in jax.device_get(state.step)]
@@ -332,10 +346,13 @@ def train_group(configs: Sequence[TrainConfig], workdirs: Sequence[str | pathlib
       evaluations = _final_evaluations(m, steps, m.info.history, finals[k], predictions[k],
                                        final_steps[k], template, dataset, test_images,
                                        test_labels)
-      summaries.append(write_summary(
-          m.run, m.config, m.info.history, counts, "completed", evaluations,
-          last=m.run.step_checkpoint(final_steps[k]),
-          extra={"startup": startup, "group": [str(o.run.root) for o in members]}))
+      summary_args = (m.run, m.config, m.info.history, counts, "completed", evaluations)
+      extra = {"startup": startup, "group": [str(o.run.root) for o in members]}
+      last = m.run.step_checkpoint(final_steps[k])
+      summaries.append(write_summary(*summary_args, last=last, extra=extra) if writer
+                       else summary_dict(*summary_args, last=last, extra=extra))
+    logging.info("process %d of %d: final state fingerprint %s", jax.process_index(),
+                 jax.process_count(), checkpoint.fingerprint(checkpoint.to_host(state)))
     for k, hook in ordered:
       hook.on_run_end(summaries[k])
     return summaries

@@ -40,6 +40,16 @@ def write_idx_dataset(directory: pathlib.Path, n_train=64, n_test=32, gz=True, s
   return arrays
 
 
+def write_idx_arrays(directory: pathlib.Path, dataset) -> pathlib.Path:
+  """Writes a (28 x 28 x 1) in-memory Dataset as the four gzipped IDX files."""
+  directory.mkdir(parents=True, exist_ok=True)
+  arrays = {"train_images": dataset.train_images[..., 0], "train_labels": dataset.train_labels,
+            "test_images": dataset.test_images[..., 0], "test_labels": dataset.test_labels}
+  for key, stem in IDX_NAMES.items():
+    (directory / f"{stem}.gz").write_bytes(gzip.compress(idx_bytes(arrays[key])))
+  return directory
+
+
 def _cifar_arrays(rng, n):
   images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
   labels = rng.integers(0, 10, (n,), dtype=np.uint8)

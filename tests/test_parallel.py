@@ -1,0 +1,204 @@
+"""Data parallelism on simulated CPU devices, and a run of two processes with jax.distributed.
+
+Each test runs in subprocesses: the device count (XLA_FLAGS) is fixed when JAX starts.
+"""
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from jaxlab import checkpoint
+from datafiles import synthetic_dataset, write_idx_arrays
+from test_scripts import ROOT
+
+TESTS = ROOT / "tests"
+
+SNIPPET = """
+import json, os, pathlib, re, sys
+sys.path.insert(0, {tests!r})
+import jax
+from datafiles import synthetic_dataset
+from jaxlab import parallel
+from jaxlab.config import build_model, resolve_config
+from jaxlab.experiment import EXPERIMENTS, Experiment, register
+from jaxlab.models import Conv, ConvBlock, ConvNet, Dense, MaxPool
+from jaxlab.state import create_group_state
+from jaxlab.optim import make_optimizer
+from jaxlab.steps import make_steps
+from jaxlab.train import train_and_evaluate
+
+register(Experiment(
+    name="parallel_small_cnn", dataset="mnist", epochs=1, batch_size=32,
+    model=ConvNet(blocks=(ConvBlock((Conv(8, 3, padding="same"),), MaxPool(2), True, 0.25),
+                          ConvBlock((Conv(16, 3),), MaxPool(2, 1), True)),
+                  head=(Dense(32, "relu", batch_norm=True, dropout=0.5),))))
+out = pathlib.Path({out!r})
+ds = synthetic_dataset(n_train=640, n_test=64)
+settings = dict(dataset="mnist", batch_size=32, steps_per_dispatch=5, eval_batch_size=32,
+                optimizer="sgd", learning_rate={lr})
+# 20 steps on 1, 4 and 8 devices, then the run of 8 resumed on 1 and the run of 1 on 8.
+for n in (1, 4, 8):
+  train_and_evaluate(resolve_config({experiment!r}, epochs=1, num_devices=n, **settings),
+                     out / f"devices_{{n}}", dataset=ds)
+for first, then in ((8, 1), (1, 8)):
+  run = out / f"from_{{first}}_to_{{then}}"
+  train_and_evaluate(resolve_config({experiment!r}, epochs=1, num_devices=first, **settings),
+                     run, dataset=ds)
+  train_and_evaluate(resolve_config({experiment!r}, epochs=2, num_devices=then, **settings),
+                     run, dataset=ds)
+# What the step of 8 devices is: its compiled program, as XLA partitioned it.
+mesh = parallel.data_mesh(8)
+model = build_model({experiment!r}, "mnist")
+state = create_group_state(model, make_optimizer("sgd"), [0], [0.01], parallel.replicated(mesh))
+images, labels = parallel.put_replicated((ds.train_images, ds.train_labels), mesh)
+batches = jax.numpy.arange(640).reshape(1, 20, 32)
+compiled = make_steps(model, "stop", mesh).train_chunk.lower(
+    state, images, labels, batches, 0, length=5).compile()
+out_state, _ = compiled.output_shardings
+print(json.dumps({{
+    "devices": jax.device_count(),
+    "all_reduces": len(re.findall(r"all-reduce", compiled.as_text())),
+    "gathered_shapes": sorted(set(re.findall(r"u8\\[([0-9,]+)\\]", compiled.as_text()))),
+    "state_replicated": all(s.is_fully_replicated for s in jax.tree_util.tree_leaves(out_state)),
+}}))
+"""
+
+
+def run_snippet(tmp_path, experiment, lr):
+  code = SNIPPET.format(tests=str(TESTS), out=str(tmp_path), experiment=experiment, lr=lr)
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=900)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def newest_state(run):
+  path = sorted((run / "checkpoints").glob("step_*.msgpack"))[-1]
+  return {"/".join(k): np.asarray(v, np.float64) for k, v in
+          traverse_util.flatten_dict(checkpoint.read(path)[1]["state"]).items()}
+
+
+def biases_before_batch_norm(run):
+  """Biases whose exact gradient is 0 (BatchNorm subtracts the batch mean after them): their
+  values are float rounding noise, different for any change in the order of sums."""
+  layers = json.loads((run / "config.json").read_text())["model"]["layers"]
+  names, last = set(), None
+  for layer in layers:
+    if layer["type"] in ("Dense", "Conv2D"):
+      last = layer["name"]
+    elif layer["type"] == "BatchNormalization" and last:
+      names.add(f"params/{last}/bias")
+  return names
+
+
+def largest_difference(run, reference):
+  """max over arrays of max|a - b| / max|b| (each array's scale), but the biases before BN."""
+  a, b = newest_state(run), newest_state(reference)
+  assert a.keys() == b.keys()
+  skip = biases_before_batch_norm(reference)
+  return max(np.abs(a[k] - b[k]).max() / max(np.abs(b[k]).max(), 1e-30) for k in a
+             if k not in skip)
+
+
+# An MLP with BatchNorm and Dropout, and a small CNN with both; SGD (Adam would turn rounding
+# differences in gradients near zero into full steps). After 20 steps every array is within
+# 1e-5 of its scale of the one-device run: the devices' partial sums and the all-reduce add
+# in another order than one device does, about 3e-6 apart here. (Over longer runs a rounding
+# difference that moves a pre-activation across zero changes a ReLU's gradient by a finite
+# amount, and runs drift apart as on two machines.)
+@pytest.mark.parametrize("experiment,lr", [("mlp_halving", 0.05), ("parallel_small_cnn", 0.01)])
+def test_data_parallel_steps_compute_what_one_device_does(tmp_path, experiment, lr):
+  facts = run_snippet(tmp_path, experiment, lr)
+  one = tmp_path / "devices_1"
+  for n in (4, 8):
+    assert largest_difference(tmp_path / f"devices_{n}", one) < 1e-5, n
+    config = json.loads((tmp_path / f"devices_{n}" / "config.json").read_text())
+    assert config["environment"]["mesh"]["devices"] == n
+    assert config["environment"]["mesh"]["processes"] == 1
+  # The step of 8 devices: each device gathers 4 of the batch's 32 images, the gradients and
+  # BatchNorm statistics are all-reduced, and the state stays replicated.
+  assert facts["devices"] == 8 and facts["all_reduces"] > 0 and facts["state_replicated"]
+  assert any(re.fullmatch(r"(1,)?4,(1,)?28,28,1", s) for s in facts["gathered_shapes"])
+  assert not any(re.fullmatch(r"(1,)?32,(1,)?28,28,1", s) for s in facts["gathered_shapes"])
+  # A checkpoint of 8 devices restores on 1, and one of 1 on 8.
+  for first, then in ((8, 1), (1, 8)):
+    run = tmp_path / f"from_{first}_to_{then}"
+    records = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2] and records[-1]["step"] == 40
+    config = json.loads((run / "config.json").read_text())
+    assert config["environment"]["mesh"]["devices"] == then
+
+
+def test_a_batch_the_mesh_does_not_divide_is_refused(tmp_path):
+  code = textwrap.dedent(f"""
+      import sys; sys.path.insert(0, {str(TESTS)!r})
+      from datafiles import synthetic_dataset
+      from jaxlab.config import resolve_config
+      from jaxlab.train import train_and_evaluate
+      try:
+        train_and_evaluate(resolve_config("mlp_halving", dataset="mnist", epochs=1,
+                                          batch_size=30), {str(tmp_path)!r},
+                           dataset=synthetic_dataset())
+      except ValueError as e:
+        print(e)
+      """)
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+  assert ("batch_size 30 is not divisible by the 8 devices of the mesh: use a multiple of 8, "
+          "or --num_devices") in result.stdout, result.stderr[-2000:]
+
+
+def free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_train_one_run(tmp_path):
+  """train.py as two processes (jax.distributed on a loopback coordinator), two simulated CPU
+  devices each: both end with the same state, that of a one-process run up to float rounding,
+  and only process 0 writes (process 1 is given its own --workdir, so anything it wrote would
+  show there)."""
+  # The learnable synthetic data: on random noise, SGD at this rate is chaotic, and rounding
+  # differences grow into different runs within 20 steps.
+  data = write_idx_arrays(tmp_path / "data", synthetic_dataset(n_train=640, n_test=64))
+  args = ["--experiment=mlp_halving", "--dataset=mnist", f"--data_dir={data}", "--epochs=1",
+          "--batch_size=32", "--steps_per_dispatch=5", "--optimizer=sgd",
+          "--learning_rate=0.05", "--eval_batch_size=32", "--noprogress"]
+  script = str(ROOT / "scripts" / "train.py")
+  port = free_port()
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  processes = [subprocess.Popen(
+      [sys.executable, script, *args, f"--workdir={tmp_path / f'process_{i}'}",
+       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
+      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for i in range(2)]
+  outputs = [p.communicate(timeout=600) for p in processes]
+  for p, (_, stderr) in zip(processes, outputs):
+    assert p.returncode == 0, stderr[-3000:]
+  fingerprints = [re.search(rf"process {i} of 2: final state fingerprint (\w+)", err).group(1)
+                  for i, (_, err) in enumerate(outputs)]
+  assert fingerprints[0] == fingerprints[1]
+  assert not (tmp_path / "process_1").exists() or not any((tmp_path / "process_1").rglob("*"))
+  written = tmp_path / "process_0"
+  config = json.loads((written / "config.json").read_text())
+  assert config["environment"]["mesh"] == {"axis": "data", "devices": 4, "processes": 2,
+                                           "process_index": 0, "device_kinds": ["cpu"]}
+  single = subprocess.run([sys.executable, script, *args, f"--workdir={tmp_path / 'single'}"],
+                          cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+                          capture_output=True, text=True, timeout=600)
+  assert single.returncode == 0, single.stderr[-3000:]
+  assert largest_difference(written, tmp_path / "single") < 1e-5
