@@ -182,8 +182,7 @@ def _out_of_memory(error: Exception, members: int, model: PlanModel) -> Exceptio
   text = str(error)
   if "RESOURCE_EXHAUSTED" not in text and "out of memory" not in text.lower():
     return error
-  from jaxlab.summary import summarize as count
-  params = count(model)["total_params"]
+  params = summarize(model)["total_params"]
   return MemoryError(
       f"{members} members of {params:,} parameters each do not fit in the memory of "
       f"{jax.devices()[0].device_kind}: train fewer seeds or learning rates at once (see "

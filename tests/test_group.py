@@ -4,7 +4,6 @@ import json
 
 import numpy as np
 import pytest
-from flax import traverse_util
 
 from jaxlab import checkpoint
 from jaxlab.config import resolve_config
@@ -14,6 +13,7 @@ from jaxlab.metrics import read_jsonl
 from jaxlab.models import Conv, ConvBlock, ConvNet, Dense, MaxPool
 from jaxlab.train import _out_of_memory, group_configs, member_dir, train_and_evaluate, train_group
 from datafiles import synthetic_dataset
+from runstate import biases_before_batch_norm, final_state
 from test_scripts import script
 
 if "group_small_cnn" not in EXPERIMENTS:
@@ -26,27 +26,6 @@ if "group_small_cnn" not in EXPERIMENTS:
 # 256 examples at batch 32: 8 steps an epoch.
 SMALL = dict(dataset="mnist", epochs=2, batch_size=32, steps_per_dispatch=4, eval_batch_size=64)
 METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
-
-
-def final_state(run):
-  """Every array of a run's newest checkpoint, by path."""
-  path = sorted((run / "checkpoints").glob("step_*.msgpack"))[-1]
-  return {"/".join(k): np.asarray(v, np.float64) for k, v in
-          traverse_util.flatten_dict(checkpoint.read(path)[1]["state"]).items()}
-
-
-def biases_before_batch_norm(run):
-  """params/NAME/bias of every layer whose output BatchNormalization normalizes: in training
-  their exact gradient is 0 (the batch mean takes the bias away), so their values are float
-  rounding noise that one vmapped or single run accumulates differently."""
-  layers = json.loads((run / "config.json").read_text())["model"]["layers"]
-  names, last = set(), None
-  for layer in layers:
-    if layer["type"] in ("Dense", "Conv2D"):
-      last = layer["name"]
-    elif layer["type"] == "BatchNormalization" and last:
-      names.add(f"params/{last}/bias")
-  return names
 
 
 def assert_states_close(run, reference, rtol=1e-5, atol=1e-6):

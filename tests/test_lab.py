@@ -117,12 +117,16 @@ def kill_when(args, line_start, timeout=240, sig=signal.SIGKILL):
   return "".join(seen)
 
 
-def test_lab_killed_resumed_and_reported(tmp_path):
+def tiny_lab(tmp_path, name, a, b):
+  """A lab file of two experiments, its data, and the run_lab.py arguments for two seeds."""
   data = tmp_path / "data"
   write_idx_dataset(data, n_train=160, n_test=48)
-  lab_file = write_lab(tmp_path / "two.py", "lab_test_bn_dropout", "lab_test_plain")
   workdir = tmp_path / "lab"
-  args = run_lab_args(lab_file, workdir, data)
+  return data, workdir, run_lab_args(write_lab(tmp_path / f"{name}.py", a, b), workdir, data)
+
+
+def test_lab_killed_resumed_and_reported(tmp_path):
+  data, workdir, args = tiny_lab(tmp_path, "two", "lab_test_bn_dropout", "lab_test_plain")
   # Killed as the second experiment's group (runs 3 and 4) starts compiling.
   kill_when(args, "[two] runs 3-4/4: lab_test_plain seeds 0,1 ->")
   status = lab_status(workdir)
@@ -200,11 +204,7 @@ def test_lab_killed_resumed_and_reported(tmp_path):
 
 
 def test_sigterm_stops_the_lab_after_a_checkpoint(tmp_path):
-  data = tmp_path / "data"
-  write_idx_dataset(data, n_train=160, n_test=48)
-  lab_file = write_lab(tmp_path / "term.py", "lab_term_a", "lab_term_b")
-  workdir = tmp_path / "lab"
-  args = run_lab_args(lab_file, workdir, data)
+  _, workdir, args = tiny_lab(tmp_path, "term", "lab_term_a", "lab_term_b")
   stderr = kill_when(args, "[term] runs 3-4/4: lab_term_b seeds 0,1 ->", sig=signal.SIGTERM)
   assert "SIGTERM: stopping at the next step boundary" in stderr
   step = int(re.search(r"\[term\] runs 3-4/4: lab_term_b seeds 0,1: stopped in epoch 1 after "

@@ -13,10 +13,9 @@ import textwrap
 
 import numpy as np
 import pytest
-from flax import traverse_util
 
-from jaxlab import checkpoint
 from datafiles import synthetic_dataset, write_idx_arrays
+from runstate import biases_before_batch_norm, final_state
 from test_scripts import ROOT
 
 TESTS = ROOT / "tests"
@@ -82,28 +81,9 @@ def run_snippet(tmp_path, experiment, lr):
   return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def newest_state(run):
-  path = sorted((run / "checkpoints").glob("step_*.msgpack"))[-1]
-  return {"/".join(k): np.asarray(v, np.float64) for k, v in
-          traverse_util.flatten_dict(checkpoint.read(path)[1]["state"]).items()}
-
-
-def biases_before_batch_norm(run):
-  """Biases whose exact gradient is 0 (BatchNorm subtracts the batch mean after them): their
-  values are float rounding noise, different for any change in the order of sums."""
-  layers = json.loads((run / "config.json").read_text())["model"]["layers"]
-  names, last = set(), None
-  for layer in layers:
-    if layer["type"] in ("Dense", "Conv2D"):
-      last = layer["name"]
-    elif layer["type"] == "BatchNormalization" and last:
-      names.add(f"params/{last}/bias")
-  return names
-
-
 def largest_difference(run, reference):
   """max over arrays of max|a - b| / max|b| (each array's scale), but the biases before BN."""
-  a, b = newest_state(run), newest_state(reference)
+  a, b = final_state(run), final_state(reference)
   assert a.keys() == b.keys()
   skip = biases_before_batch_norm(reference)
   return max(np.abs(a[k] - b[k]).max() / max(np.abs(b[k]).max(), 1e-30) for k in a
