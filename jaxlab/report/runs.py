@@ -13,8 +13,13 @@ from typing import Any
 
 from jaxlab.metrics import read_jsonl
 
-# Settings that do not change what a run computes, or that a report shows as the seed.
-_NOT_IN_GROUP = ("seed", "data_dir", "download", "eval_batch_size", "steps_per_dispatch")
+# Settings that do not change what a run computes (where the data is, how it is batched for
+# evaluation or dispatched, when checkpoints are written, on how many devices), or that a
+# report shows as the seed: runs that differ only in these are one experiment's seeds. Runs
+# written before a setting existed lack it, which must not split them off either.
+_NOT_IN_GROUP = ("seed", "data_dir", "download", "eval_batch_size", "steps_per_dispatch",
+                 "checkpoint_every_steps", "checkpoint_every_secs", "keep_checkpoints",
+                 "nan_policy", "num_devices")
 
 
 @dataclasses.dataclass
