@@ -133,7 +133,8 @@ def report_blocks(document: dict[str, Any], table: tuple[list[str], list[list[st
       Table(header, cells),
       Paragraph("Validation accuracy is on the data set's test split, as in the reports. "
                 "Mean ± sample standard deviation over seeds (n completed runs); s/epoch is "
-                "the median training time of an epoch. `report` is the seed report's own "
+                "the median training time of an epoch (of a run trained in a vmapped group: the "
+                "group's epoch, all its members). `report` is the seed report's own "
                 "figure (final, or final / best) and the data set it was measured on; Δ is "
                 "this table's mean minus that figure, only where the data sets match. p is "
                 "the two-sided Welch's t-test of the final validation accuracies against the "
