@@ -85,16 +85,16 @@ def test_members_equal_single_runs(tmp_path, experiment, dataset, atol, rtol):
 
 
 def test_a_member_does_not_depend_on_its_group(tmp_path):
-  """Seed 4 trained beside seed 5, beside 5 and 6, beside 7, and second: bit-identical every
-  time, with Adam, BatchNorm and Dropout. Nothing leaks between members (statistics, keys,
-  orders), and the position in the group does not matter."""
+  """Seed 4 trained beside seed 5, and third beside 7 and 5: bit-identical, with Adam,
+  BatchNorm and Dropout. Nothing leaks between members (statistics, keys, orders), and
+  neither the group's size nor the member's position in it matters."""
   ds = synthetic_dataset(n_train=256, n_test=64)
   base = resolve_config("mlp_big_small_big", **SMALL)
-  for name, seeds in (("a", [4, 5]), ("b", [5, 4]), ("c", [4, 5, 6]), ("d", [7, 4])):
+  for name, seeds in (("a", [4, 5]), ("b", [7, 5, 4])):
     train_group(group_configs(base, seeds=seeds), [tmp_path / name / f"seed_{s}" for s in seeds],
                 dataset=ds)
   reference = final_state(tmp_path / "a" / "seed_4")
-  for name in "bcd":
+  for name in "b":
     other = final_state(tmp_path / name / "seed_4")
     for key in reference:
       np.testing.assert_array_equal(other[key], reference[key], err_msg=f"{name}: {key}")

@@ -43,11 +43,11 @@ out = pathlib.Path({out!r})
 ds = synthetic_dataset(n_train=640, n_test=64)
 settings = dict(dataset="mnist", batch_size=32, steps_per_dispatch=5, eval_batch_size=32,
                 optimizer="sgd", learning_rate={lr})
-# 20 steps on 1, 4 and 8 devices, then the run of 8 resumed on 1 and the run of 1 on 8.
+# 20 steps on 1, 4 and 8 devices, then runs resumed on another number of devices.
 for n in (1, 4, 8):
   train_and_evaluate(resolve_config({experiment!r}, epochs=1, num_devices=n, **settings),
                      out / f"devices_{{n}}", dataset=ds)
-for first, then in ((8, 1), (1, 8)):
+for first, then in {resumes}:
   run = out / f"from_{{first}}_to_{{then}}"
   train_and_evaluate(resolve_config({experiment!r}, epochs=1, num_devices=first, **settings),
                      run, dataset=ds)
@@ -71,8 +71,9 @@ print(json.dumps({{
 """
 
 
-def run_snippet(tmp_path, experiment, lr):
-  code = SNIPPET.format(tests=str(TESTS), out=str(tmp_path), experiment=experiment, lr=lr)
+def run_snippet(tmp_path, experiment, lr, resumes):
+  code = SNIPPET.format(tests=str(TESTS), out=str(tmp_path), experiment=experiment, lr=lr,
+                        resumes=resumes)
   env = {**os.environ, "JAX_PLATFORMS": "cpu",
          "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
   result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
@@ -96,9 +97,11 @@ def largest_difference(run, reference):
 # in another order than one device does, about 3e-6 apart here. (Over longer runs a rounding
 # difference that moves a pre-activation across zero changes a ReLU's gradient by a finite
 # amount, and runs drift apart as on two machines.)
-@pytest.mark.parametrize("experiment,lr", [("mlp_halving", 0.05), ("parallel_small_cnn", 0.01)])
-def test_data_parallel_steps_compute_what_one_device_does(tmp_path, experiment, lr):
-  facts = run_snippet(tmp_path, experiment, lr)
+# A checkpoint of 8 devices resumed on 1 (the MLP), one of 1 on 8 (the CNN).
+@pytest.mark.parametrize("experiment,lr,resumes", [("mlp_halving", 0.05, ((8, 1),)),
+                                                   ("parallel_small_cnn", 0.01, ((1, 8),))])
+def test_data_parallel_steps_compute_what_one_device_does(tmp_path, experiment, lr, resumes):
+  facts = run_snippet(tmp_path, experiment, lr, resumes)
   one = tmp_path / "devices_1"
   for n in (4, 8):
     assert largest_difference(tmp_path / f"devices_{n}", one) < 1e-5, n
@@ -111,7 +114,7 @@ def test_data_parallel_steps_compute_what_one_device_does(tmp_path, experiment, 
   assert any(re.fullmatch(r"(1,)?4,(1,)?28,28,1", s) for s in facts["gathered_shapes"])
   assert not any(re.fullmatch(r"(1,)?32,(1,)?28,28,1", s) for s in facts["gathered_shapes"])
   # A checkpoint of 8 devices restores on 1, and one of 1 on 8.
-  for first, then in ((8, 1), (1, 8)):
+  for first, then in resumes:
     run = tmp_path / f"from_{first}_to_{then}"
     records = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2] and records[-1]["step"] == 40
