@@ -132,10 +132,12 @@ def fingerprint(tree: Any) -> str:
 
 
 def to_host(tree: T) -> T:
-  """A copy of `tree` with every array in host memory (NumPy), owned by the copy: the device
-  buffers may be donated to the next step while the copy is being written."""
+  """`tree` with every device array copied to host memory (NumPy), the copy owned by the result:
+  the device buffers may be donated to the next step while the copy is being written. Arrays
+  already on the host (the loop hands hooks a host copy of the state) are kept, not copied
+  again."""
   return jax.tree_util.tree_map(
-      lambda x: np.array(x, copy=True) if isinstance(x, (jax.Array, np.ndarray)) else x, tree)
+      lambda x: np.array(x, copy=True) if isinstance(x, jax.Array) else x, tree)
 
 
 class AsyncWriter:
