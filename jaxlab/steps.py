@@ -50,6 +50,12 @@ def _sum_metrics(logits: jax.Array, labels: jax.Array) -> Metrics:
           "count": jnp.asarray(labels.shape[0], jnp.int32)}
 
 
+def all_finite(tree: Any) -> jax.Array:
+  """Whether every element of every array of `tree` is finite (one boolean)."""
+  leaves = jax.tree_util.tree_leaves(tree)
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
 NO_STEP = np.iinfo(np.int32).max  # `first_nonfinite` of a chunk whose steps were all finite.
 
 
@@ -57,8 +63,9 @@ def make_train_step(model: PlanModel, nan_policy: str = "stop") -> Callable[
     [TrainState, jax.Array, jax.Array], tuple[TrainState, Metrics]]:
   """One optimizer step on a batch of uint8 images and integer labels (not jitted).
 
-  A step is non-finite when its loss or its gradient norm is NaN or infinite. Its metrics are
-  left out of the sums and counted in `nonfinite`, with the step number in `first_nonfinite`;
+  A step is non-finite when its loss, its gradient, or the parameters or BatchNorm statistics
+  it produces hold a NaN or an infinity (a moving variance can overflow while the loss is still
+  finite, and would poison every later evaluation). Its metrics are left out of the sums and counted in `nonfinite`, with the step number in `first_nonfinite`;
   under `nan_policy="skip"` its update is dropped too (the step number still advances), under
   "stop" the caller stops the run (`jaxlab.hooks.NonFiniteGuard`)."""
   if nan_policy not in NAN_POLICIES:
@@ -80,7 +87,7 @@ def make_train_step(model: PlanModel, nan_policy: str = "stop") -> Callable[
     (loss, (logits, reg, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params)
     new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-    finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
+    finite = jnp.isfinite(loss) & all_finite((grads, new_state.params, new_state.batch_stats))
     if nan_policy == "skip":
       kept = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), new_state, state)
       new_state = kept.replace(step=new_state.step)
