@@ -24,6 +24,7 @@ import numpy as np
 
 from jaxlab.models import PlanModel
 from jaxlab.optim import make_optimizer
+from jaxlab.runtime import environment
 from jaxlab.summary import forward_flops, layer_output_shapes
 
 
@@ -210,7 +211,6 @@ def machine() -> dict[str, Any]:
         break
   except OSError:
     pass
-  from jaxlab.rundir import environment
 
   return {"cpu": cpu, "cpu_count": os.cpu_count(), "python": platform.python_version(),
           **environment()}

@@ -19,25 +19,15 @@ from typing import Any, Callable, Iterable
 
 from absl import app, flags
 
-from jaxlab.data import DataError
-from jaxlab.errors import CheckpointError, NonFiniteError
+from jaxlab.config import TrainConfig
+from jaxlab.errors import USER_ERRORS, NonFiniteError, one_line
 from jaxlab.preemption import EXIT_PREEMPTED, Preempted
 
 # JAX logs at INFO that it found no TPU library on every start; that is not news to a user.
 std_logging.getLogger("jax._src.xla_bridge").setLevel(std_logging.WARNING)
 
-# Errors a user causes with a flag or a file (or the machine, with a full disk): shown as one
-# line, not as a traceback.
-USER_ERRORS = (LookupError, ValueError, DataError, CheckpointError, OSError, ImportError,
-               MemoryError)
 EXIT_BAD_INPUT = 2
 EXIT_NONFINITE = 3
-
-
-def one_line(error: BaseException) -> str:
-  """An error's message on one line (a LookupError's without the quotes KeyError adds)."""
-  message = error.args[0] if isinstance(error, LookupError) and error.args else error
-  return " ".join(str(message).split())
 
 
 def user_errors_exit(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
@@ -129,8 +119,6 @@ def define_config_flags(names: Iterable[str] | None = None,
   and help text, defaulting to None: "not given, keep the experiment's default". The settings
   are declared once, in TrainConfig; every script that overrides them shares these flags.
   Returns the flags' names, for `config_overrides`."""
-  from jaxlab.config import TrainConfig  # Here: scripts that never train need no JAX.
-
   hints = typing.get_type_hints(TrainConfig)
   fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
   names = tuple(n for n in (names or [n for n in fields if n != "experiment"])
@@ -147,8 +135,6 @@ def config_overrides(names: Iterable[str]) -> dict[str, Any]:
 
 def define_experiment_flag() -> None:
   """--experiment, required."""
-  from jaxlab.config import TrainConfig
-
   help_text = next(f for f in dataclasses.fields(TrainConfig) if f.name == "experiment")
   flags.DEFINE_string("experiment", None, help_text.metadata["help"])
   flags.mark_flag_as_required("experiment")

@@ -1,20 +1,18 @@
-"""The resolved configuration of a run: an experiment's defaults with the user's overrides."""
+"""The settings of a run (`TrainConfig`): checked, saved as JSON, compared on resume.
+
+They decide what a run computes. This module imports nothing of JAX, so a report can read a
+run's settings anywhere.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Any
 
-import jax.numpy as jnp
+from jaxlab.data import DATASETS
 
-from jaxlab.data import DATASETS, DatasetInfo
-from jaxlab.experiment import Experiment, get_experiment
-from jaxlab.models import MLP, ConvNet, PlanModel
-from jaxlab.optim import OPTIMIZERS
-
-PRECISIONS = {"float32": jnp.float32, "bf16": jnp.bfloat16}
+PRECISIONS = ("float32", "bf16")
 NAN_POLICIES = ("stop", "skip")
 
 
@@ -70,6 +68,25 @@ class TrainConfig:
   def to_json(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
 
+  @classmethod
+  def from_json(cls, settings: dict[str, Any]) -> "TrainConfig":
+    """The settings as config.json holds them; a setting added to jaxlab after the run was
+    written takes its default. An unknown setting is refused, naming it."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(settings) - fields)
+    if unknown:
+      raise ValueError(f"unknown setting {unknown[0]!r}; known: {', '.join(sorted(fields))}")
+    try:
+      return cls(**settings)
+    except TypeError as e:  # A required setting is missing.
+      raise ValueError(f"settings {settings!r} are incomplete: {e}") from None
+
+  def replace(self, **changes: Any) -> "TrainConfig":
+    """A copy with `changes`, checked as every config is (`validate`)."""
+    config = dataclasses.replace(self, **changes)
+    validate(config)
+    return config
+
 
 # Fields that may differ when a run is resumed: more epochs extend it, where the data is, when
 # checkpoints are written, what a NaN does (a run stopped by one can go on skipping), and how
@@ -84,24 +101,12 @@ def changed_settings(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
   return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
 
 
-def resolve_config(experiment: str, **overrides: Any) -> TrainConfig:
-  """The experiment's defaults, with every override that is not None applied and checked."""
-  exp = get_experiment(experiment)
-  values = dict(experiment=exp.name, dataset=exp.dataset, epochs=exp.epochs,
-                batch_size=exp.batch_size, optimizer=exp.optimizer,
-                learning_rate=exp.learning_rate)
-  fields = {f.name for f in dataclasses.fields(TrainConfig)}
-  for key, value in overrides.items():
-    if key not in fields:
-      raise ValueError(f"unknown setting {key!r}; known: {', '.join(sorted(fields))}")
-    if value is not None:
-      values[key] = value
-  config = TrainConfig(**values)
-  validate(config)
-  return config
-
-
 def validate(config: TrainConfig) -> None:
+  """Raises ValueError (LookupError for an unknown name) naming the first bad setting."""
+  # The optimizers' registry imports optax: only when a config is checked, so that reading a
+  # run's settings (the report) needs no JAX.
+  from jaxlab.optim import OPTIMIZERS
+
   DATASETS.get(config.dataset)
   OPTIMIZERS.get(config.optimizer)
   for name in ("epochs", "batch_size", "eval_batch_size", "steps_per_dispatch",
@@ -126,26 +131,3 @@ def validate(config: TrainConfig) -> None:
   if not (config.checkpoint_every_secs >= 0 and math.isfinite(config.checkpoint_every_secs)):
     raise ValueError(f"checkpoint_every_secs must be 0 or a positive number, got "
                      f"{config.checkpoint_every_secs!r}")
-
-
-def build_model(experiment: Experiment | str, dataset: DatasetInfo | str | None = None,
-                precision: str = "float32") -> PlanModel:
-  """The experiment's model, fitted to the data set's input shape and classes, in `precision`."""
-  exp = get_experiment(experiment) if isinstance(experiment, str) else experiment
-  info = DATASETS.get(dataset or exp.dataset) if not isinstance(dataset, DatasetInfo) else dataset
-  if precision not in PRECISIONS:
-    raise ValueError(f"unknown precision {precision!r}; known: {', '.join(PRECISIONS)}")
-  return _fitted_model(exp, info, precision)
-
-
-@functools.lru_cache(maxsize=128)
-def _fitted_model(exp: Experiment, info: DatasetInfo, precision: str) -> PlanModel:
-  # One object per (experiment, data set, precision): the train state holds `model.apply`,
-  # and bound methods compare by identity, so the same object keeps jit's caches warm.
-  model = exp.model
-  changes: dict[str, Any] = {"num_classes": info.num_classes, "dtype": PRECISIONS[precision]}
-  if isinstance(model, MLP):
-    changes["num_inputs"] = math.prod(info.image_shape)
-  elif isinstance(model, ConvNet):
-    changes["image_shape"] = info.image_shape
-  return model.clone(**changes)

@@ -29,15 +29,12 @@ from typing import Callable
 import numpy as np
 from absl import logging
 
+from jaxlab.errors import DataError
 from jaxlab.registry import Registry
 
 DEBIAN_FASHION_MNIST_DIR = pathlib.Path("/usr/share/datasets/fashion-mnist")
 IDX_IMAGES_MAGIC = 2051
 IDX_LABELS_MAGIC = 2049
-
-
-class DataError(Exception):
-  """Data that is missing, or that is present but not what it claims to be."""
 
 
 @dataclasses.dataclass(frozen=True)

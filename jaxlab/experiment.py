@@ -1,5 +1,7 @@
-"""Experiments and labs: a named architecture with its data set and training defaults, and the
-modules (labs) that declare them.
+"""Experiments and labs: named architectures with their data and defaults, and their modules.
+
+An experiment is a named architecture with its data set and training defaults; a lab is a
+module that declares experiments.
 
 A lab is a Python module whose top-level code calls `register(Experiment(...))` once per
 experiment: the built-in ones are `experiments/lab02.py`, `experiments/lab04_alexnet.py` and
@@ -7,18 +9,26 @@ experiment: the built-in ones are `experiments/lab02.py`, `experiments/lab04_ale
 (`load_lab("path/to/my_lab.py")`). This module never imports `experiments` statically: it loads
 a lab's module by name (as big_vision looks models up by module name), so declarations only
 look down at the library.
+
+`resolve_config(name, **overrides)` is an experiment's settings with a user's overrides;
+`build_model(name, dataset, precision)` its model, fitted to a data set.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import importlib
 import importlib.util
+import math
 import pathlib
 import sys
+from typing import Any
 
-from jaxlab.models import PlanModel
+from jaxlab.config import PRECISIONS, TrainConfig, validate
+from jaxlab.data import DATASETS, DatasetInfo
+from jaxlab.models import DTYPES, MLP, ConvNet, PlanModel
 from jaxlab.registry import Registry, UnknownNameError
 
 
@@ -152,3 +162,43 @@ def experiment_names() -> list[str]:
   _load_builtin_labs()
   builtin = set(BUILTIN_LABS.values())
   return [name for name in EXPERIMENTS.names() if _DECLARED_IN.get(name, ("",))[0] in builtin]
+
+
+def resolve_config(experiment: str, **overrides: Any) -> TrainConfig:
+  """The experiment's defaults, with every override that is not None applied and checked."""
+  exp = get_experiment(experiment)
+  values = dict(experiment=exp.name, dataset=exp.dataset, epochs=exp.epochs,
+                batch_size=exp.batch_size, optimizer=exp.optimizer,
+                learning_rate=exp.learning_rate)
+  fields = {f.name for f in dataclasses.fields(TrainConfig)}
+  for key, value in overrides.items():
+    if key not in fields:
+      raise ValueError(f"unknown setting {key!r}; known: {', '.join(sorted(fields))}")
+    if value is not None:
+      values[key] = value
+  config = TrainConfig(**values)
+  validate(config)
+  return config
+
+
+def build_model(experiment: Experiment | str, dataset: DatasetInfo | str | None = None,
+                precision: str = "float32") -> PlanModel:
+  """The experiment's model, fitted to the data set's input shape and classes, in `precision`."""
+  exp = get_experiment(experiment) if isinstance(experiment, str) else experiment
+  info = DATASETS.get(dataset or exp.dataset) if not isinstance(dataset, DatasetInfo) else dataset
+  if precision not in PRECISIONS:
+    raise ValueError(f"unknown precision {precision!r}; known: {', '.join(PRECISIONS)}")
+  return _fitted_model(exp, info, precision)
+
+
+@functools.lru_cache(maxsize=128)
+def _fitted_model(exp: Experiment, info: DatasetInfo, precision: str) -> PlanModel:
+  # One object per (experiment, data set, precision): the train state holds `model.apply`,
+  # and bound methods compare by identity, so the same object keeps jit's caches warm.
+  model = exp.model
+  changes: dict[str, Any] = {"num_classes": info.num_classes, "dtype": DTYPES[precision]}
+  if isinstance(model, MLP):
+    changes["num_inputs"] = math.prod(info.image_shape)
+  elif isinstance(model, ConvNet):
+    changes["image_shape"] = info.image_shape
+  return model.clone(**changes)

@@ -1,10 +1,11 @@
-"""Side effects of a training run, as small objects the epoch loop calls at fixed points.
+"""What a training run leaves behind, as small objects the epoch loop calls at fixed points.
 
-The loop (`jaxlab.train`) only trains and evaluates; everything it leaves behind (the metrics
-line, checkpoints, metrics.json, TensorBoard events, the progress bar) is a `Hook`, as Keras
-callbacks and CLU's periodic actions are. A hook overrides the methods it needs:
+The loop (`jaxlab.train`) only trains and evaluates; every file a run leaves behind
+(config.json, the metrics lines, checkpoints, metrics.json, TensorBoard events) and the
+progress bar are a `Hook`, as Keras callbacks and CLU's periodic actions are. A hook overrides
+the methods it needs:
 
-  on_run_start(info)                  after set-up and resumption, before the first epoch
+  on_run_start(run)                   after set-up and resumption, before the first epoch
   on_epoch_start(epoch)
   on_chunk_end(steps, totals)         as each compiled call's metric sums reach the host
   wants_state(step) -> bool           at each step boundary inside an epoch: True asks for
@@ -14,55 +15,38 @@ callbacks and CLU's periodic actions are. A hook overrides the methods it needs:
   on_run_end(summary)                 after the final evaluation; `summary` is metrics.json
   close()                             always, last, also when the run fails or is interrupted
 
-A step boundary is the end of a compiled call (`--steps_per_dispatch` steps); asking for the
-state there costs one wait for the device, so hooks ask only when they need it.
+`run` is the `jaxlab.run.Run` being trained: its directory, settings, identity, position and
+history (the loop appends each epoch's record before it calls `on_epoch_end`). A step boundary
+is the end of a compiled call (`--steps_per_dispatch` steps); asking for the state there costs
+one wait for the device, so hooks ask only when they need it.
 
-Hooks run in list order; `jaxlab.train.default_hooks` puts the files first, so a later hook
-(a user's) sees an epoch already on disk.
+Hooks run in list order; `jaxlab.train.default_hooks` puts the files first, so a later hook (a
+user's) sees an epoch already on disk. `Hooks` calls the hooks of every member of a group.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 from absl import logging
 
 from jaxlab import checkpoint, parallel, preemption
-from jaxlab.config import TrainConfig
 from jaxlab.errors import NonFiniteError
-from jaxlab.metrics import append_jsonl
-from jaxlab.rundir import RunDir, write_summary
-from jaxlab.state import TrainState
-from jaxlab.steps import train_sums_zeros
-
-
-@dataclasses.dataclass
-class RunInfo:
-  """What hooks may read about the run. `history` holds every finished epoch's record; the
-  loop appends to it before it calls `on_epoch_end`."""
-
-  run: RunDir
-  config: TrainConfig
-  history: list[dict[str, Any]]
-  start_epoch: int  # The epoch the run resumed after (0 for a fresh run).
-  steps_per_epoch: int
-  counts: dict[str, int]  # total_params, trainable_params, non_trainable_params.
-  start_step: int = 0  # The global step it resumed at (inside epoch start_epoch + 1).
-  meta: dict[str, Any] = dataclasses.field(default_factory=dict)  # For its checkpoints.
-  label: str = ""  # The member's name in a group's log lines ("seed_3"); "" for a lone run.
+from jaxlab.metrics import append_jsonl, write_json, write_jsonl
+from jaxlab.run import Run
+from jaxlab.state import TrainState, member, train_sums_zeros
 
 
 class Hook:
   """A no-op at every point of the loop; subclasses override what they need."""
 
-  info: RunInfo
+  run: Run
 
-  def on_run_start(self, info: RunInfo) -> None:
-    self.info = info
+  def on_run_start(self, run: Run) -> None:
+    self.run = run
 
   def on_epoch_start(self, epoch: int) -> None:
     pass
@@ -109,8 +93,8 @@ class ProgressBar(Hook):
   def on_epoch_start(self, epoch: int) -> None:
     if self.enabled:
       from tqdm import tqdm
-      self._bar = tqdm(total=self.info.steps_per_epoch,
-                       desc=f"epoch {epoch}/{self.info.config.epochs}", unit="step",
+      self._bar = tqdm(total=self.run.steps_per_epoch,
+                       desc=f"epoch {epoch}/{self.run.config.epochs}", unit="step",
                        file=sys.stderr, dynamic_ncols=True, leave=True)
 
   def on_chunk_end(self, steps: int, totals: dict[str, float]) -> None:
@@ -131,14 +115,29 @@ class ProgressBar(Hook):
       self._bar = None
 
 
+class ConfigFile(Hook):
+  """Writes config.json at the start: the settings, where the experiment comes from, the layer
+  plan, the data and the environment (`Run.description`)."""
+
+  def on_run_start(self, run: Run) -> None:
+    super().on_run_start(run)
+    write_json(run.config_file, run.description())
+
+
 class MetricsLog(Hook):
-  """Appends each epoch's record to metrics.jsonl (fsynced) and logs it."""
+  """Keeps metrics.jsonl to the run's history: rewritten at the start (a resumed run drops the
+  epochs after its checkpoint, which it trains again), then each epoch's record appended
+  (fsynced) and logged."""
+
+  def on_run_start(self, run: Run) -> None:
+    super().on_run_start(run)
+    write_jsonl(run.metrics_jsonl, run.history)
 
   def on_epoch_end(self, epoch: int, record: dict[str, Any], state: TrainState) -> None:
-    label = f"{self.info.label} " if self.info.label else ""
-    logging.info("%sepoch %d/%d: %s | %.1f s", label, epoch, self.info.config.epochs,
+    label = f"{self.run.label} " if self.run.label else ""
+    logging.info("%sepoch %d/%d: %s | %.1f s", label, epoch, self.run.config.epochs,
                  epoch_line(record), record["epoch_seconds"])
-    append_jsonl(self.info.run.metrics_jsonl, record)
+    append_jsonl(self.run.metrics_jsonl, record)
 
 
 class Checkpoints(Hook):
@@ -155,17 +154,17 @@ class Checkpoints(Hook):
     self.background = background
     self.writer: checkpoint.AsyncWriter | None = None
 
-  def on_run_start(self, info: RunInfo) -> None:
-    super().on_run_start(info)
-    for stale in info.run.checkpoints.glob("*.tmp*"):  # Left by a process killed mid-write.
+  def on_run_start(self, run: Run) -> None:
+    super().on_run_start(run)
+    for stale in run.checkpoints.glob("*.tmp*"):  # Left by a process killed mid-write.
       stale.unlink(missing_ok=True)
     self.writer = checkpoint.AsyncWriter(self.background)
-    self.best = max((r["val_accuracy"] for r in info.history
+    self.best = max((r["val_accuracy"] for r in run.history
                      if r.get("val_accuracy") is not None), default=-1.0)
-    self.saved_step, self.saved_time = info.start_step, time.monotonic()
+    self.saved_step, self.saved_time = run.start_step, time.monotonic()
 
   def wants_state(self, step: int) -> bool:
-    config = self.info.config
+    config = self.run.config
     return (preemption.requested()
             or bool(config.checkpoint_every_steps
                     and step - self.saved_step >= config.checkpoint_every_steps)
@@ -184,17 +183,17 @@ class Checkpoints(Hook):
   def save(self, state: TrainState, sums: dict[str, Any], epochs_done: int, best: bool) -> None:
     host = checkpoint.to_host({"state": state, "sums": dict(sums)})
     step = int(host["state"].step)
-    run = self.info.run
+    run = self.run
     paths = [run.step_checkpoint(step)] + ([run.best] if best else [])
-    meta = {**self.info.meta, "step": step, "epoch": epochs_done, "time": time.time()}
+    meta = {**self.run.identity, "step": step, "epoch": epochs_done, "time": time.time()}
     self.writer.save(paths, host, meta, after=lambda: self._prune(step))
     self.saved_step, self.saved_time = step, time.monotonic()
 
   def _prune(self, newest: int) -> None:
     """Removes all but the newest `keep_checkpoints` step checkpoints (never `newest`)."""
-    keep = self.info.config.keep_checkpoints
-    for path in self.info.run.step_checkpoints()[keep:]:
-      if path != self.info.run.step_checkpoint(newest):
+    keep = self.run.config.keep_checkpoints
+    for path in self.run.step_checkpoints()[keep:]:
+      if path != self.run.step_checkpoint(newest):
         path.unlink(missing_ok=True)
 
   def flush(self) -> None:
@@ -217,13 +216,13 @@ class NonFiniteGuard(Hook):
     self.epoch = epoch
 
   def on_chunk_end(self, steps: int, totals: dict[str, Any]) -> None:
-    if totals["nonfinite"] and self.info.config.nan_policy == "stop":
+    if totals["nonfinite"] and self.run.config.nan_policy == "stop":
       step = totals["first_nonfinite"]
-      in_epoch = step - (self.epoch - 1) * self.info.steps_per_epoch + 1
+      in_epoch = step - (self.epoch - 1) * self.run.steps_per_epoch + 1
       raise NonFiniteError(
           f"non-finite loss or gradient at epoch {self.epoch}, step {in_epoch} of "
-          f"{self.info.steps_per_epoch} (global step {step + 1}); the run stopped, and the "
-          f"checkpoints it saved before that step stay in {self.info.run.checkpoints}. Lower "
+          f"{self.run.steps_per_epoch} (global step {step + 1}); the run stopped, and the "
+          f"checkpoints it saved before that step stay in {self.run.checkpoints}. Lower "
           "--learning_rate, or resume with --nan_policy=skip to drop such steps")
 
 
@@ -239,8 +238,8 @@ class StopOnSignal(Hook):
 
   def on_step_boundary(self, epoch: int, state: TrainState, sums: dict[str, Any]) -> None:
     step = int(state.step)
-    in_epoch = step - (epoch - 1) * self.info.steps_per_epoch
-    self._stop(f"in epoch {epoch} after step {in_epoch} of {self.info.steps_per_epoch}", step)
+    in_epoch = step - (epoch - 1) * self.run.steps_per_epoch
+    self._stop(f"in epoch {epoch} after step {in_epoch} of {self.run.steps_per_epoch}", step)
 
   def on_epoch_end(self, epoch: int, record: dict[str, Any], state: TrainState) -> None:
     if parallel.any_process(preemption.requested()):
@@ -248,17 +247,21 @@ class StopOnSignal(Hook):
 
   def _stop(self, where: str, step: int) -> None:
     raise preemption.Preempted(f"stopped {where} (global step {step}); its checkpoint is "
-                               f"{self.info.run.step_checkpoint(step)}")
+                               f"{self.run.step_checkpoint(step)}")
 
 
 class SummaryFile(Hook):
-  """Rewrites metrics.json after every epoch: status `running`, or `completed` at the end."""
+  """Writes metrics.json: after every epoch (status `running`, or `completed` after the last),
+  and at the end the summary with the final evaluation."""
 
   def on_epoch_end(self, epoch: int, record: dict[str, Any], state: TrainState) -> None:
-    info = self.info
-    write_summary(info.run, info.config, info.history, info.counts,
-                  "running" if epoch < info.config.epochs else "completed",
-                  last=info.run.step_checkpoint(int(state.step)))
+    run = self.run
+    write_json(run.metrics_json, run.summarize(
+        "running" if epoch < run.config.epochs else "completed",
+        last=run.step_checkpoint(int(state.step))))
+
+  def on_run_end(self, summary: dict[str, Any]) -> None:
+    write_json(self.run.metrics_json, summary)
 
 
 class OnEpochEnd(Hook):
@@ -269,3 +272,57 @@ class OnEpochEnd(Hook):
 
   def on_epoch_end(self, epoch: int, record: dict[str, Any], state: TrainState) -> None:
     self.fn(epoch, record, state)
+
+
+class Hooks:
+  """The hooks of every member of a group, called position by position: the i-th hook of every
+  member before the (i+1)-th of any, so that every member has saved its checkpoint before one
+  member's StopOnSignal stops the group. Per-member arguments are lists, one per member."""
+
+  def __init__(self, runs: Sequence[Run], hooks: Sequence[Sequence[Hook]]):
+    self.runs = list(runs)
+    depth = max((len(h) for h in hooks), default=0)
+    self.ordered = [(k, member_hooks[i]) for i in range(depth)
+                    for k, member_hooks in enumerate(hooks) if i < len(member_hooks)]
+    self._asking: list[tuple[int, Hook]] = []
+
+  def run_start(self) -> None:
+    for k, hook in self.ordered:
+      hook.on_run_start(self.runs[k])
+
+  def epoch_start(self, epoch: int) -> None:
+    for _, hook in self.ordered:
+      hook.on_epoch_start(epoch)
+
+  def chunk_end(self, steps: int, totals: Sequence[dict[str, Any]]) -> None:
+    for k, hook in self.ordered:
+      hook.on_chunk_end(steps, totals[k])
+
+  def wants_state(self, step: int) -> bool:
+    self._asking = [(k, hook) for k, hook in self.ordered if hook.wants_state(step)]
+    return bool(self._asking)
+
+  def step_boundary(self, epoch: int, state: TrainState,
+                    totals: Sequence[dict[str, Any]]) -> None:
+    """Only the hooks that asked (`wants_state`), with one host copy of the stacked state."""
+    host = checkpoint.to_host(state)
+    for k, hook in self._asking:
+      hook.on_step_boundary(epoch, member(host, k), totals[k])
+
+  def epoch_end(self, epoch: int, records: Sequence[dict[str, Any]], host: TrainState) -> None:
+    """`host`: the stacked state after the epoch, already copied to the host."""
+    states = [member(host, k) for k in range(len(self.runs))]
+    for k, hook in self.ordered:
+      hook.on_epoch_end(epoch, records[k], states[k])
+
+  def flush(self) -> None:
+    for _, hook in self.ordered:
+      hook.flush()
+
+  def run_end(self, summaries: Sequence[dict[str, Any]]) -> None:
+    for k, hook in self.ordered:
+      hook.on_run_end(summaries[k])
+
+  def close(self) -> None:
+    for _, hook in self.ordered:
+      hook.close()

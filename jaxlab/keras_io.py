@@ -1,4 +1,7 @@
-"""Keras 3 models from jaxlab plans, and jaxlab variables written into them.
+"""Keras 3 models from jaxlab plans, and Keras weights into and out of jaxlab and its runs.
+
+jaxlab variables are written into Keras models, and Keras weights read back into jaxlab
+variables or into a new run directory (`write_imported_run`).
 
 Keras is an optional dependency (the `test` and `bench` extras); it is imported when these
 functions run, with the JAX backend unless KERAS_BACKEND says otherwise.
@@ -7,11 +10,22 @@ functions run, with the JAX backend unless KERAS_BACKEND says otherwise.
 from __future__ import annotations
 
 import os
+import pathlib
 from typing import Any
 
 import numpy as np
+from flax import serialization
 
-from jaxlab.models import BN_EPSILON, BN_MOMENTUM, KERAS_TYPES, Op, PlanModel
+from jaxlab import checkpoint
+from jaxlab.config import TrainConfig
+from jaxlab.experiment import build_model, describe_experiment
+from jaxlab.hooks import ConfigFile, MetricsLog, SummaryFile
+from jaxlab.models import BN_EPSILON, BN_MOMENTUM, KERAS_TYPES, Op, PlanModel, describe
+from jaxlab.optim import make_optimizer
+from jaxlab.restore import checkpoint_template
+from jaxlab.run import Run
+from jaxlab.state import create_train_state
+from jaxlab.summary import param_counts
 
 
 def import_keras():
@@ -241,3 +255,38 @@ def keras_capture(keras_model, model: PlanModel, x: np.ndarray) -> dict[str, np.
   probe = keras.Model(inputs, [layer.output for layer in layers.values()])
   outputs = probe(np.asarray(x, np.float32), training=False)
   return {name: np.asarray(out) for name, out in zip(layers, outputs)}
+
+
+def write_imported_run(workdir: str | pathlib.Path, config: TrainConfig,
+                       variables: dict[str, Any], source: str) -> Run:
+  """A run directory whose checkpoints (epoch 0) hold imported weights and a fresh optimizer,
+  written by the hooks that write a trained run's files (config.json, metrics.jsonl,
+  metrics.json), with status `imported`.
+
+  Every script that reads run directories works on it; `scripts/train.py` with the same
+  settings trains on from the imported weights."""
+  run = Run(workdir, config)
+  if run.config_file.exists():
+    raise FileExistsError(f"{run.root} already holds a run; import into a new --workdir")
+  model = build_model(config.experiment, config.dataset, config.precision)
+  state = create_train_state(model, make_optimizer(config.optimizer), config.seed,
+                             config.learning_rate)
+  imported = state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
+  checkpoint.check_fits(serialization.to_state_dict(checkpoint_template(imported)),
+                        serialization.to_state_dict(checkpoint_template(state)),
+                        f"weights from {source}")
+  run.about, run.architecture = describe_experiment(config.experiment), describe(model)
+  run.data = {"imported_from": str(source)}
+  run.counts = param_counts(model)
+  files = [ConfigFile(), MetricsLog(), SummaryFile()]
+  for hook in files:
+    hook.on_run_start(run)
+  meta = {**run.identity, "step": 0, "epoch": 0}
+  for path in (run.step_checkpoint(0), run.best):
+    checkpoint.save(path, checkpoint_template(imported), meta)
+  summary = run.summarize("imported", last=run.step_checkpoint(0),
+                          extra={"imported_from": str(source)})
+  for hook in files:
+    hook.on_run_end(summary)
+  run.status = "imported"
+  return run

@@ -11,7 +11,6 @@ one is recorded with its one-line error while the lab goes on.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import json
 import pathlib
@@ -23,12 +22,12 @@ from typing import Any, Callable, Sequence
 from absl import logging
 
 from jaxlab import preemption
-from jaxlab.cli import USER_ERRORS, one_line
-from jaxlab.config import TrainConfig, changed_settings, resolve_config
+from jaxlab.config import TrainConfig, changed_settings
 from jaxlab.data import Dataset, load_dataset
-from jaxlab.experiment import Lab
+from jaxlab.errors import USER_ERRORS, describe
+from jaxlab.experiment import Lab, resolve_config
 from jaxlab.metrics import write_json
-from jaxlab.rundir import RunDir
+from jaxlab.run import Run
 from jaxlab.train import train_group
 
 LAB_FILE = "lab.json"
@@ -43,53 +42,10 @@ def _now() -> str:
   return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def _finished(run: RunDir, config: TrainConfig) -> bool:
-  """Whether `run` already holds `config` trained to the end (so it need not be touched)."""
-  try:
-    summary = json.loads(run.metrics_json.read_text())
-    saved = json.loads(run.config.read_text())["config"]
-  except (OSError, ValueError, KeyError):
-    return False
-  return (not changed_settings(saved, config.to_json()) and summary.get("status") == "completed"
-          and "evaluation" in summary
-          and summary.get("epochs_completed", 0) >= config.epochs)
-
-
-def _one_line(error: BaseException) -> str:
-  text = one_line(error) or type(error).__name__
-  return text if isinstance(error, USER_ERRORS) else f"{type(error).__name__}: {text}"
-
-
-@dataclasses.dataclass
-class LabRun:
-  """One (experiment, seed) of a lab and what became of it."""
-
-  experiment: str
-  seed: int
-  config: TrainConfig
-  status: str = "pending"  # pending, running, completed or failed.
-  error: str | None = None
-  final_val_accuracy: float | None = None
-  best_val_accuracy: float | None = None
-  seconds: float | None = None
-
-  @property
-  def path(self) -> str:
-    return run_path(self.experiment, self.seed)
-
-  def to_json(self) -> dict[str, Any]:
-    out = {"experiment": self.experiment, "seed": self.seed, "dataset": self.config.dataset,
-           "epochs": self.config.epochs, "path": self.path, "status": self.status}
-    for key in ("error", "final_val_accuracy", "best_val_accuracy", "seconds"):
-      if getattr(self, key) is not None:
-        out[key] = getattr(self, key)
-    return out
-
-
-def plan_lab(lab: Lab, experiments: Sequence[str] | None, seeds: Sequence[int],
-             overrides: dict[str, Any]) -> list[LabRun]:
-  """The lab's runs, experiment by experiment in the lab's order, each config resolved (and
-  checked) before anything is trained: a bad setting fails the lab at once."""
+def plan_lab(lab: Lab, workdir: str | pathlib.Path, experiments: Sequence[str] | None,
+             seeds: Sequence[int], overrides: dict[str, Any]) -> list[Run]:
+  """The lab's runs in `workdir`, experiment by experiment in the lab's order, each config
+  resolved (and checked) before anything is trained: a bad setting fails the lab at once."""
   chosen = list(lab.experiments) if not experiments else list(experiments)
   unknown = [name for name in chosen if name not in lab.experiments]
   if unknown:
@@ -100,14 +56,15 @@ def plan_lab(lab: Lab, experiments: Sequence[str] | None, seeds: Sequence[int],
                      f"seeds {list(seeds)}")
   if not seeds:
     raise ValueError("at least one seed is needed (--seeds=0,1,2)")
-  return [LabRun(name, seed, resolve_config(name, **{**overrides, "seed": seed}))
-          for name in chosen for seed in seeds]
+  root = pathlib.Path(workdir)
+  return [Run(root / run_path(name, seed), resolve_config(name, **{**overrides, "seed": seed}),
+              path=run_path(name, seed)) for name in chosen for seed in seeds]
 
 
 class LabRunner:
   """Trains a planned lab into `workdir`, keeping DIR/lab.json current after every change."""
 
-  def __init__(self, lab: Lab, workdir: str | pathlib.Path, runs: list[LabRun],
+  def __init__(self, lab: Lab, workdir: str | pathlib.Path, runs: list[Run],
                settings: dict[str, Any], progress: bool | None = None,
                say: Callable[[str], None] | None = None):
     self.lab, self.runs, self.settings, self.progress = lab, runs, settings, progress
@@ -144,7 +101,7 @@ class LabRunner:
               "experiments": list(dict.fromkeys(r.experiment for r in self.runs)),
               "seeds": list(dict.fromkeys(r.seed for r in self.runs)),
               "started": self.started, "updated": _now(),
-              "runs": [r.to_json() for r in self.runs] + self._others}
+              "runs": [r.lab_record() for r in self.runs] + self._others}
     write_json(self.root / LAB_FILE, record)
     return record
 
@@ -166,57 +123,56 @@ class LabRunner:
     vmapped group (`train_group`), each seed into its own run directory."""
     self.root.mkdir(parents=True, exist_ok=True)
     self.write()
-    n = len(self.runs)
-    numbered = list(enumerate(self.runs, 1))
+    numbers = {id(run): i for i, run in enumerate(self.runs, 1)}
     for experiment in dict.fromkeys(r.experiment for r in self.runs):
-      todo = []
-      for i, lab_run in numbered:
-        if lab_run.experiment != experiment:
-          continue
-        run_dir = RunDir(self.root / lab_run.path)
-        if _finished(run_dir, lab_run.config):
-          self._completed(lab_run, json.loads(run_dir.metrics_json.read_text()))
-          self.say(f"{self._head([i], n, [lab_run])}: finished earlier, skipped")
+      group = []
+      for run in (r for r in self.runs if r.experiment == experiment):
+        if run.finished(run.config):
+          self._completed(run, Run.read(run.root).summary)
+          self.say(f"{self._head([numbers[id(run)]], [run])}: finished earlier, skipped")
         else:
-          todo.append((i, lab_run))
+          group.append(run)
       self.write()
-      if not todo:
-        continue
-      numbers, group = [i for i, _ in todo], [r for _, r in todo]
-      head = self._head(numbers, n, group)
-      if preemption.requested():
-        raise preemption.Preempted(f"[{self.lab.name}] stopped before run {numbers[0]}/{n}")
-      for lab_run in group:
-        lab_run.status, lab_run.error = "running", None
-      self.write()
-      self.say(f"{head} -> {self.root / experiment}")
-      t0 = time.perf_counter()
-      try:
-        summaries = train_group([r.config for r in group], [self.root / r.path for r in group],
-                                dataset=self._dataset(group[0].config), progress=self.progress)
-      except preemption.Preempted as e:  # The lab stops; the runs resume next time.
-        self.write()
-        raise preemption.Preempted(f"{head}: {e}") from None
-      except Exception as e:  # A failing group is recorded; the lab goes on.
-        error = _one_line(e)
-        for lab_run in group:
-          lab_run.status, lab_run.error = "failed", error
-        if not isinstance(e, USER_ERRORS):
-          logging.error("%s failed:\n%s", head, traceback.format_exc())
-        self.say(f"{head}: FAILED: {error}")
-      else:
-        seconds = time.perf_counter() - t0
-        for i, lab_run, summary in zip(numbers, group, summaries):
-          self._completed(lab_run, summary)
-          lab_run.seconds = seconds
-          self.say(f"{self._head([i], n, [lab_run])}: final validation accuracy "
-                   f"{lab_run.final_val_accuracy:.4f} (best {lab_run.best_val_accuracy:.4f})")
-        self.say(f"{head}: {seconds:.2f} s")
-      self.write()
+      if group:
+        self._train(group, [numbers[id(run)] for run in group])
     return self.write()
 
-  def _head(self, numbers: list[int], n: int, runs: list[LabRun]) -> str:
+  def _train(self, group: list[Run], numbers: list[int]) -> None:
+    """Trains one experiment's unfinished runs as a group, recording how it went."""
+    head = self._head(numbers, group)
+    if preemption.requested():
+      raise preemption.Preempted(f"[{self.lab.name}] stopped before run {numbers[0]}/"
+                                 f"{len(self.runs)}")
+    for run in group:
+      run.status, run.error = "running", None
+    self.write()
+    self.say(f"{head} -> {self.root / group[0].experiment}")
+    t0 = time.perf_counter()
+    try:
+      summaries = train_group([r.config for r in group], [r.root for r in group],
+                              dataset=self._dataset(group[0].config), progress=self.progress)
+    except preemption.Preempted as e:  # The lab stops; the runs resume next time.
+      self.write()
+      raise preemption.Preempted(f"{head}: {e}") from None
+    except Exception as e:  # A failing group is recorded; the lab goes on.
+      for run in group:
+        run.status, run.error = "failed", describe(e)
+      if not isinstance(e, USER_ERRORS):
+        logging.error("%s failed:\n%s", head, traceback.format_exc())
+      self.say(f"{head}: FAILED: {group[0].error}")
+    else:
+      seconds = time.perf_counter() - t0
+      for i, run, summary in zip(numbers, group, summaries):
+        self._completed(run, summary)
+        run.seconds = seconds
+        self.say(f"{self._head([i], [run])}: final validation accuracy "
+                 f"{summary['final_val_accuracy']:.4f} (best {summary['best_val_accuracy']:.4f})")
+      self.say(f"{head}: {seconds:.2f} s")
+    self.write()
+
+  def _head(self, numbers: list[int], runs: list[Run]) -> str:
     """`[lab] run 3/8: exp seed 0`, or `[lab] runs 3-4/8: exp seeds 0,1` for a group."""
+    n = len(self.runs)
     if len(runs) == 1:
       return f"[{self.lab.name}] run {numbers[0]}/{n}: {runs[0].experiment} seed {runs[0].seed}"
     span = f"{numbers[0]}-{numbers[-1]}" if numbers == list(range(numbers[0], numbers[-1] + 1)) \
@@ -225,7 +181,5 @@ class LabRunner:
             f"{','.join(str(r.seed) for r in runs)}")
 
   @staticmethod
-  def _completed(lab_run: LabRun, summary: dict[str, Any]) -> None:
-    lab_run.status, lab_run.error = "completed", None
-    lab_run.final_val_accuracy = summary.get("final_val_accuracy")
-    lab_run.best_val_accuracy = summary.get("best_val_accuracy")
+  def _completed(run: Run, summary: dict[str, Any]) -> None:
+    run.status, run.error, run.summary = "completed", None, summary

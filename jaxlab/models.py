@@ -21,6 +21,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+# Compute dtype per precision setting (`TrainConfig.precision`); parameters stay float32.
+DTYPES = {"float32": jnp.float32, "bf16": jnp.bfloat16}
+
 BN_MOMENTUM = 0.99
 BN_EPSILON = 1e-3
 

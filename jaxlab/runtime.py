@@ -1,6 +1,9 @@
-"""What a process pays before it trains: XLA compilations (counted and timed as JAX reports
-them) and the time to the first step; and JAX's persistent compilation cache, which makes a
-second process running the same programs skip compiling them.
+"""The process a run trains in: compilations, the persistent cache, its environment.
+
+What a process pays before it trains (XLA compilations, counted and timed as JAX reports them,
+and the time to the first step), JAX's persistent compilation cache (which makes a second
+process running the same programs skip compiling them), and the environment a run records in
+config.json.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ import time
 from typing import Any
 
 import jax
+
+import jaxlab
 
 # JAX reports every program it gets for a backend (compiled, or loaded from the persistent
 # cache) as one duration event; loads also come as cache hits, with their retrieval time.
@@ -113,3 +118,10 @@ def enable_compilation_cache(directory: str | os.PathLike | None = None) -> path
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   return path
+
+
+def environment() -> dict[str, Any]:
+  """jaxlab and JAX versions, and the backend and device the computation runs on."""
+  device = jax.devices()[0]
+  return {"jaxlab": jaxlab.__version__, "jax": jax.__version__, "backend": jax.default_backend(),
+          "device": getattr(device, "device_kind", str(device)), "device_count": jax.device_count()}

@@ -1,5 +1,7 @@
 """The train state: one pytree of params, BatchNorm statistics, optimizer state, step and RNG.
 
+Made for one run or stacked for a group (restoring one from a run directory: `jaxlab.restore`).
+
 A state is made by one compiled program (`init_program`): initialization, the optimizer's
 init and the keys, instead of dozens of small ones run op by op. A group of K members (seeds
 and learning rates of one architecture, trained as one vmapped state) is the same program under
@@ -30,6 +32,16 @@ class TrainState(train_state.TrainState):
   @property
   def variables(self) -> dict[str, Any]:
     return {"params": self.params, "batch_stats": self.batch_stats}
+
+
+NO_STEP = np.iinfo(np.int32).max  # `first_nonfinite` of steps that were all finite.
+
+
+def train_sums_zeros() -> dict[str, float | int]:
+  """The host-side metric sums of no train step (a Python number per metric): the running sums
+  of an epoch start here, and a checkpoint holds them beside the state (`jaxlab.restore`)."""
+  return {"loss_sum": 0.0, "l2_sum": 0.0, "correct": 0, "count": 0, "nonfinite": 0,
+          "first_nonfinite": int(NO_STEP)}
 
 
 def seed_keys(seed: Any) -> tuple[jax.Array, jax.Array, jax.Array]:

@@ -25,7 +25,7 @@ from jax.sharding import Mesh
 from jaxlab import parallel
 from jaxlab.config import NAN_POLICIES
 from jaxlab.models import PlanModel, l2_coefficients
-from jaxlab.state import TrainState
+from jaxlab.state import NO_STEP, TrainState, train_sums_zeros
 
 Metrics = dict[str, jax.Array]
 
@@ -56,7 +56,6 @@ def all_finite(tree: Any) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
-NO_STEP = np.iinfo(np.int32).max  # `first_nonfinite` of a chunk whose steps were all finite.
 
 
 def make_train_step(model: PlanModel, nan_policy: str = "stop") -> Callable[
@@ -115,12 +114,6 @@ def make_eval_step(model: PlanModel) -> Callable[[dict, jax.Array, jax.Array],
 def _add(a: Metrics, b: Metrics) -> Metrics:
   """Metric sums of two spans of steps: counts and sums add, the first bad step is the least."""
   return {k: (jnp.minimum if k == "first_nonfinite" else jnp.add)(a[k], b[k]) for k in a}
-
-
-def train_sums_zeros() -> dict[str, float | int]:
-  """The host-side sums of no train step (a Python number per metric)."""
-  return {"loss_sum": 0.0, "l2_sum": 0.0, "correct": 0, "count": 0, "nonfinite": 0,
-          "first_nonfinite": int(NO_STEP)}
 
 
 @dataclasses.dataclass(frozen=True)

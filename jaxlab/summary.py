@@ -39,6 +39,15 @@ def _count(tree: Any) -> int:
   return int(sum(np.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(tree)))
 
 
+COUNTS = ("total_params", "trainable_params", "non_trainable_params")
+
+
+def param_counts(model: PlanModel) -> dict[str, int]:
+  """The total, trainable and non-trainable parameter counts (Keras's three totals)."""
+  summary = summarize(model)
+  return {k: summary[k] for k in COUNTS}
+
+
 def summarize(model: PlanModel) -> dict[str, Any]:
   """The summary as data: the JSON that `scripts/summary.py --json` prints."""
   variables = abstract_variables(model)

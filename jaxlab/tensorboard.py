@@ -19,7 +19,8 @@ from typing import Any
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
-from jaxlab.hooks import Hook, RunInfo
+from jaxlab.hooks import Hook
+from jaxlab.run import Run
 from jaxlab.state import TrainState
 
 # TensorBoard tag -> metrics.jsonl field, for each of the two event directories.
@@ -45,16 +46,16 @@ class TensorBoard(Hook):
   def __init__(self):
     self._writers: dict[str, EventFileWriter] = {}
 
-  def on_run_start(self, info: RunInfo) -> None:
-    super().on_run_start(info)
+  def on_run_start(self, run: Run) -> None:
+    super().on_run_start(run)
     self.close()
     for split in TAGS:
-      directory = info.run.tensorboard / split
+      directory = run.tensorboard / split
       directory.mkdir(parents=True, exist_ok=True)
       for old in directory.glob("events.out.tfevents.*"):
         old.unlink()
       self._writers[split] = EventFileWriter(str(directory))
-    for record in info.history:
+    for record in run.history:
       self._write(record)
     self._flush()
 

@@ -13,7 +13,8 @@ from absl import flags
 
 from jaxlab import cli
 from jaxlab.benchmark import PEERS, markdown, run_benchmark
-from jaxlab.config import PRECISIONS, build_model
+from jaxlab.config import PRECISIONS
+from jaxlab.experiment import build_model
 from jaxlab.data import DATASETS
 from jaxlab.experiment import get_experiment
 

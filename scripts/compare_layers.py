@@ -14,7 +14,7 @@ from absl import flags
 
 from jaxlab import cli
 from jaxlab.compare import capture, compare
-from jaxlab.config import build_model
+from jaxlab.experiment import build_model
 from jaxlab.experiment import get_experiment
 from jaxlab.keras_io import import_keras, import_keras_weights, keras_capture, to_keras
 

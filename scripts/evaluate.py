@@ -10,7 +10,7 @@ from absl import flags
 
 from jaxlab import cli, evaluation
 from jaxlab.data import load_dataset
-from jaxlab.rundir import load_run
+from jaxlab.restore import load_run
 from jaxlab.steps import evaluate, make_steps
 
 flags.DEFINE_string("workdir", None, "Run directory written by scripts/train.py.")

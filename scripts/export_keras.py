@@ -7,7 +7,7 @@ from absl import flags
 
 from jaxlab import cli
 from jaxlab.keras_io import export_keras
-from jaxlab.rundir import load_run
+from jaxlab.restore import load_run
 
 flags.DEFINE_string("workdir", None, "Run directory.")
 flags.DEFINE_string("output", None, "File to write: NAME.keras or NAME.weights.h5.")

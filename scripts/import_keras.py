@@ -10,9 +10,9 @@ BatchNorm statistics, so evaluate.py, predict.py and train.py work on DIR.
 from absl import flags
 
 from jaxlab import cli
-from jaxlab.config import build_model, resolve_config
+from jaxlab.experiment import build_model, resolve_config
 from jaxlab.keras_io import import_keras_weights
-from jaxlab.rundir import write_imported_run
+from jaxlab.keras_io import write_imported_run
 
 cli.define_experiment_flags()
 flags.DEFINE_string("keras_weights", None, "A Keras .weights.h5 or .keras file.")

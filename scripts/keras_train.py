@@ -11,7 +11,7 @@ from absl import flags
 
 from jaxlab import cli
 from jaxlab.benchmark import keras_train
-from jaxlab.config import resolve_config, build_model
+from jaxlab.experiment import build_model, resolve_config
 from jaxlab.data import load_dataset
 
 cli.define_experiment_flag()

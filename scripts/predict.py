@@ -13,7 +13,7 @@ import numpy as np
 from absl import flags
 
 from jaxlab import cli
-from jaxlab.rundir import load_run
+from jaxlab.restore import load_run
 
 flags.DEFINE_string("workdir", None, "Run directory.")
 flags.DEFINE_string("inputs", None, "A .npy file of model inputs.")

@@ -16,11 +16,13 @@ import numpy as np
 from absl import flags
 
 from jaxlab import cli, profiling
-from jaxlab.config import PRECISIONS, TrainConfig, build_model, resolve_config
+from jaxlab.config import TrainConfig
+from jaxlab.experiment import build_model, resolve_config
+from jaxlab.models import DTYPES
 from jaxlab.data import DATASETS
 from jaxlab.optim import make_optimizer
 from jaxlab.summary import forward_flops
-from jaxlab.rundir import environment
+from jaxlab.runtime import environment
 from jaxlab.state import create_group_state, create_train_state
 from jaxlab.steps import make_steps
 
@@ -86,7 +88,7 @@ def profile(config: TrainConfig, steps: int, trace_dir: str | None = None,
       path = pathlib.Path(hlo_dir)
       path.mkdir(parents=True, exist_ok=True)
       (path / f"{experiment}.{name}.hlo.txt").write_text(stats.hlo_text)
-  peak = profiling.matmul_peak_flops(PRECISIONS[precision])
+  peak = profiling.matmul_peak_flops(DTYPES[precision])
   for r in results.values():
     # XLA's count misses work done in library calls (cuDNN convolutions on a GPU), so the
     # achieved rate uses the larger of XLA's count and the model's Dense/Conv2D count.

@@ -38,7 +38,8 @@ def main(argv):
   logging.set_verbosity(logging.INFO)
   lab = load_lab(FLAGS.lab)
   overrides = cli.config_overrides(OVERRIDES)
-  runs = plan_lab(lab, FLAGS.experiments, cli.parse_list(FLAGS.seeds, int, "seeds"), overrides)
+  runs = plan_lab(lab, FLAGS.workdir, FLAGS.experiments, cli.parse_list(FLAGS.seeds, int, "seeds"),
+                  overrides)
   settings = {k: v for k, v in overrides.items() if v is not None}
   with preemption.stop_on_signals():
     record = LabRunner(lab, FLAGS.workdir, runs, settings, progress=FLAGS.progress).run()

@@ -8,7 +8,7 @@ import json
 from absl import flags
 
 from jaxlab import cli
-from jaxlab.config import build_model
+from jaxlab.experiment import build_model
 from jaxlab.summary import format_summary, summarize
 
 cli.define_experiment_flags()

@@ -14,7 +14,7 @@ same command resumes. A second signal aborts at once.
 from absl import flags, logging
 
 from jaxlab import cli, preemption
-from jaxlab.config import resolve_config
+from jaxlab.experiment import resolve_config
 from jaxlab.experiment import load_lab
 from jaxlab.train import group_configs, member_dir, train_group
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from jaxlab.config import build_model, resolve_config
+from jaxlab.experiment import build_model, resolve_config
 from jaxlab.data import load_dataset
 from jaxlab.experiment import experiment_names
 from jaxlab.metrics import read_jsonl

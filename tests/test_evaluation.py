@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from jaxlab import evaluation
-from jaxlab.config import resolve_config
+from jaxlab.experiment import resolve_config
 from jaxlab.data import DATASETS
 from jaxlab.train import train_and_evaluate
 from datafiles import synthetic_dataset, write_idx_dataset

@@ -265,7 +265,7 @@ def test_bad_input_is_one_line_and_status_2(data, tmp_path):
   """Every bad input a script can get, each a one-line `error:` naming the bad value, status 2.
   The commands run side by side (each is a process that starts JAX)."""
   from datafiles import idx_bytes
-  from jaxlab.config import resolve_config
+  from jaxlab.experiment import resolve_config
   from jaxlab.train import train_and_evaluate
   from datafiles import synthetic_dataset
 

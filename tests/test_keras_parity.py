@@ -8,7 +8,7 @@ import pytest
 
 import keras_models
 from jaxlab.compare import assert_layers_close, capture, compare
-from jaxlab.config import build_model
+from jaxlab.experiment import build_model
 from jaxlab.keras_io import (KerasWeightsError, export_keras, import_keras_weights, keras_capture,
                              keras_order)
 from jaxlab.models import MLP, Dense, iter_ops

@@ -49,7 +49,7 @@ def test_user_lab_file(tmp_path):
   lab = load_lab(str(write_lab(tmp_path / "my_lab.py", "user_lab_a", "user_lab_b")))
   assert (lab.name, lab.experiments) == ("my_lab", ("user_lab_a", "user_lab_b"))
   assert load_lab(str(tmp_path / "my_lab.py")) is lab  # Loaded once per process.
-  runs = plan_lab(lab, None, [0, 3], {"epochs": 1})
+  runs = plan_lab(lab, tmp_path / "lab", None, [0, 3], {"epochs": 1})
   assert [(r.experiment, r.seed, r.config.epochs) for r in runs] == [
       ("user_lab_a", 0, 1), ("user_lab_a", 3, 1), ("user_lab_b", 0, 1), ("user_lab_b", 3, 1)]
 
@@ -80,11 +80,11 @@ def test_bad_plans_fail_before_training():
   lab = load_lab("lab02")
   with pytest.raises(ValueError, match="experiment 'alexnet' is not in lab lab02; its "
                      "experiments: mlp_baseline, mlp_deep"):
-    plan_lab(lab, ["mlp_baseline", "alexnet"], [0], {})
+    plan_lab(lab, "lab", ["mlp_baseline", "alexnet"], [0], {})
   with pytest.raises(ValueError, match="each experiment and seed may be given once"):
-    plan_lab(lab, None, [1, 1], {})
+    plan_lab(lab, "lab", None, [1, 1], {})
   with pytest.raises(ValueError, match="learning_rate must be a positive number, got -1.0"):
-    plan_lab(lab, None, [0], {"learning_rate": -1.0})
+    plan_lab(lab, "lab", None, [0], {"learning_rate": -1.0})
 
 
 def run_lab_args(lab_file, workdir, data, *extra):
@@ -245,8 +245,9 @@ def test_a_failing_run_beside_a_passing_one(tmp_path):
   settings = json.loads((workdir / "lab.json").read_text())["settings"]
   with pytest.raises(ValueError, match=r"holds lab half with other settings \(batch_size: None "
                      r"-> 16\)"):
-    LabRunner(lab, workdir, plan_lab(lab, None, [0], {}), {**settings, "batch_size": 16})
-  LabRunner(lab, workdir, plan_lab(lab, None, [0], {}), {**settings, "epochs": 3})
+    LabRunner(lab, workdir, plan_lab(lab, workdir, None, [0], {}),
+              {**settings, "batch_size": 16})
+  LabRunner(lab, workdir, plan_lab(lab, workdir, None, [0], {}), {**settings, "epochs": 3})
   assert "`lab_test_no_data/seed_0`: failed: data set 'cifar10' was not found" in (
       tmp_path / "report" / "report.md").read_text()
 

@@ -9,7 +9,7 @@ import pytest
 from jaxlab import profiling
 from jaxlab import benchmark
 from jaxlab.benchmark import markdown, run_benchmark
-from jaxlab.config import build_model, resolve_config
+from jaxlab.experiment import build_model, resolve_config
 from jaxlab.hooks import OnEpochEnd
 from jaxlab.train import train_and_evaluate
 from datafiles import synthetic_dataset

@@ -3,7 +3,7 @@
 import pytest
 
 import keras_models
-from jaxlab.config import build_model
+from jaxlab.experiment import build_model
 from jaxlab.experiment import experiment_names
 from jaxlab.summary import format_summary, summarize
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from jaxlab.config import resolve_config
+from jaxlab.experiment import resolve_config
 from jaxlab.hooks import OnEpochEnd
 from jaxlab.metrics import read_jsonl
 from jaxlab.train import train_and_evaluate

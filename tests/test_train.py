@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from jaxlab import checkpoint
-from jaxlab.config import build_model, resolve_config
+from jaxlab.experiment import build_model, resolve_config
 from jaxlab.metrics import read_jsonl
 from jaxlab.optim import make_optimizer
 from jaxlab.hooks import OnEpochEnd

@@ -1,5 +1,8 @@
-"""The lab report: a results table over seeds, curves, confusion matrices and sample images, as
-Markdown, a self-contained HTML page and JSON, built from run directories alone."""
+"""The lab report: tables over seeds, curves, confusion matrices, as Markdown, HTML and JSON.
+
+Built from run directories alone: a results table over seeds, curves, confusion matrices and
+sample images, as Markdown, a self-contained HTML page and JSON.
+"""
 
 from __future__ import annotations
 
@@ -144,7 +147,7 @@ def _sample_images(collection: Collection, out: pathlib.Path) -> list[dict[str, 
   """A grid of sample images per data set of the runs, read where the runs read their data."""
   samples = []
   for dataset in dict.fromkeys(g.dataset for g in collection.groups if g.dataset):
-    config = next(r.config for r in collection.runs if r.dataset == dataset)
+    config = next(r.settings for r in collection.runs if r.dataset == dataset)
     try:
       loaded = data.load_dataset(dataset, data_dir=config.get("data_dir"))
     except Exception as e:  # A report still comes out where the data set is not at hand.

@@ -1,5 +1,6 @@
-"""The report as a list of blocks (headings, paragraphs, tables, images, lists), and the two
-renderers of such a list: Markdown beside its PNG files, and one self-contained HTML page."""
+"""The report as blocks, rendered as Markdown beside its PNGs or as one self-contained HTML page.
+
+Blocks are headings, paragraphs, tables, images and lists."""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""Reading run directories: every run under a folder, its status, and runs grouped by experiment.
+"""Reading run directories: every run under a folder, and the runs grouped by experiment.
+
+Each run is a `jaxlab.run.Run`, merged with what each lab.json expected of it.
 
 Only the files a run leaves behind are read (config.json, metrics.json, metrics.jsonl, and any
 lab.json); nothing of training is imported, so a report can be built anywhere the files are.
@@ -11,7 +13,7 @@ import json
 import pathlib
 from typing import Any
 
-from jaxlab.metrics import read_jsonl
+from jaxlab.run import Run
 
 # Settings that do not change what a run computes (where the data is, how it is batched for
 # evaluation or dispatched, when checkpoints are written, on how many devices), or that a
@@ -20,39 +22,6 @@ from jaxlab.metrics import read_jsonl
 _NOT_IN_GROUP = ("seed", "data_dir", "download", "eval_batch_size", "steps_per_dispatch",
                  "checkpoint_every_steps", "checkpoint_every_secs", "keep_checkpoints",
                  "nan_policy", "num_devices")
-
-
-@dataclasses.dataclass
-class Run:
-  """One run directory (or one run a lab.json expects), as the report sees it."""
-
-  path: str  # Relative to the report's root.
-  experiment: str
-  seed: int | None
-  config: dict[str, Any]  # config.json's "config" ({} for a missing run).
-  about: dict[str, Any]  # config.json's "experiment": lab, report section, the seed's figure.
-  summary: dict[str, Any]  # metrics.json ({} if not written yet).
-  history: list[dict[str, Any]]  # metrics.jsonl.
-  status: str  # completed, running, failed or missing.
-  error: str | None = None
-  directory: bool = True  # False for a run a lab.json expects that has no directory.
-
-  @property
-  def dataset(self) -> str:
-    return self.config.get("dataset", "")
-
-  @property
-  def epochs(self) -> int | None:
-    return self.config.get("epochs")
-
-  def note(self) -> str:
-    """What became of a run that is not in the table's numbers."""
-    if self.status == "failed":
-      return f"failed: {self.error}"
-    if self.status == "missing":
-      return "missing: no run directory yet"
-    return (f"running or interrupted: {len(self.history)} of {self.epochs} epochs done"
-            if self.status == "running" else self.status)
 
 
 @dataclasses.dataclass
@@ -90,20 +59,6 @@ def _read_json(path: pathlib.Path) -> dict[str, Any]:
     return {}
 
 
-def _read_run(root: pathlib.Path, directory: pathlib.Path) -> Run | None:
-  saved = _read_json(directory / "config.json")
-  if "config" not in saved:
-    return None
-  config = saved["config"]
-  summary = _read_json(directory / "metrics.json")
-  complete = summary.get("status") == "completed" and "evaluation" in summary
-  return Run(path=directory.relative_to(root).as_posix() or ".",
-             experiment=config.get("experiment", "?"), seed=config.get("seed"), config=config,
-             about=saved.get("experiment", {}), summary=summary,
-             history=read_jsonl(directory / "metrics.jsonl"),
-             status="completed" if complete else "running")
-
-
 def find_runs(root: str | pathlib.Path) -> Collection:
   """Every run directory under `root` (any depth), merged with what each lab.json expected:
   a run the lab recorded as failed, or has not started, is listed as failed or missing."""
@@ -112,7 +67,7 @@ def find_runs(root: str | pathlib.Path) -> Collection:
     raise FileNotFoundError(f"--runs {root} is not a directory")
   runs = {}
   for config_file in sorted(root.rglob("config.json")):
-    run = _read_run(root, config_file.parent)
+    run = Run.read(config_file.parent, config_file.parent.relative_to(root).as_posix() or ".")
     if run is not None:
       runs[run.path] = run
   labs = []
@@ -133,9 +88,10 @@ def find_runs(root: str | pathlib.Path) -> Collection:
         # Failed before it wrote anything, started and killed at once, or not started yet.
         status = {"failed": "failed", "running": "running"}.get(expected.get("status"),
                                                                 "missing")
-        config = {k: expected[k] for k in ("dataset", "epochs") if expected.get(k)}
-        runs[path] = Run(path, expected["experiment"], expected.get("seed"), config, {}, {}, [],
-                         status, expected.get("error"), directory=False)
+        settings = {k: expected[k] for k in ("experiment", "seed", "dataset", "epochs")
+                    if expected.get(k) is not None}
+        runs[path] = Run(root / path, settings=settings, path=path, status=status,
+                         error=expected.get("error"))
   ordered = sorted(runs.values(), key=lambda r: (
       order.index(r.experiment) if r.experiment in order else len(order), r.path))
   return Collection(root, ordered, labs, group_runs(ordered))
@@ -146,13 +102,13 @@ def group_runs(runs: list[Run]) -> list[Group]:
   a group; an experiment run with several configurations gets labels naming the differences."""
   keyed: dict[tuple, list[Run]] = {}
   for run in runs:
-    if run.directory:
-      settings = tuple(sorted((k, json.dumps(v)) for k, v in run.config.items()
+    if run.on_disk:
+      settings = tuple(sorted((k, json.dumps(v)) for k, v in run.settings.items()
                               if k not in _NOT_IN_GROUP))
       keyed.setdefault((run.experiment, settings), []).append(run)
   # A run without a directory joins its experiment's group on its data set, if there is one.
   for run in runs:
-    if not run.directory:
+    if not run.on_disk:
       fits = [k for k in keyed if k[0] == run.experiment
               and dict(k[1]).get("dataset") == json.dumps(run.dataset)]
       key = fits[0] if len(fits) == 1 else (run.experiment, (("dataset", json.dumps(run.dataset)),))
