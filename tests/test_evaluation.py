@@ -10,7 +10,7 @@ from jaxlab.experiment import resolve_config
 from jaxlab.data import DATASETS
 from jaxlab.train import train_and_evaluate
 from datafiles import synthetic_dataset, write_idx_dataset
-from test_scripts import script
+from conftest import script
 
 
 def test_confusion_matrix_counts_pairs():

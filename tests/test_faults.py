@@ -16,7 +16,7 @@ from flax import traverse_util
 
 from jaxlab import checkpoint
 from datafiles import write_idx_dataset
-from test_scripts import ROOT, script
+from conftest import ROOT, script
 
 TIMINGS = ("epoch_seconds", "eval_seconds", "time")
 EPOCHS = 3

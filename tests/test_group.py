@@ -19,7 +19,8 @@ from jaxlab.train import _out_of_memory, group_configs, member_dir, train_and_ev
 from datafiles import random_dataset, synthetic_dataset
 from runstate import (arrays, assert_rounding_only, biases_before_batch_norm, final_state,
                       largest_difference)
-from test_scripts import script
+from conftest import script
+import conftest
 
 if "group_small_cnn" not in EXPERIMENTS:
   register(Experiment(
@@ -28,8 +29,8 @@ if "group_small_cnn" not in EXPERIMENTS:
                             ConvBlock((Conv(16, 3),), MaxPool(2, 1), True)),
                     head=(Dense(32, "relu", batch_norm=True, dropout=0.5),))))
 
-# 256 examples at batch 32: 8 steps an epoch.
-SMALL = dict(dataset="mnist", epochs=2, batch_size=32, steps_per_dispatch=4, eval_batch_size=64)
+# 256 examples at batch 32: 8 steps an epoch; two epochs.
+SMALL = {**conftest.SMALL, "epochs": 2}
 METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
 
 

@@ -12,7 +12,7 @@ from jaxlab.experiment import build_model
 from jaxlab.keras_io import (KerasWeightsError, export_keras, import_keras_weights, keras_capture,
                              keras_order)
 from jaxlab.models import MLP, Dense, iter_ops
-from test_scripts import script
+from conftest import script
 
 RTOL = 1e-5  # float32 against float32, both on XLA: differences are rounding only.
 

@@ -16,7 +16,7 @@ import pytest
 
 from datafiles import synthetic_dataset, write_idx_arrays
 from runstate import assert_rounding_only, biases_before_batch_norm, final_state, largest_difference
-from test_scripts import ROOT
+from conftest import ROOT
 
 TESTS = ROOT / "tests"
 

@@ -13,7 +13,7 @@ from jaxlab.experiment import build_model, resolve_config
 from jaxlab.hooks import OnEpochEnd
 from jaxlab.train import train_and_evaluate
 from datafiles import synthetic_dataset
-from test_scripts import script
+from conftest import script
 
 
 @pytest.mark.parametrize("experiment,batch", [("mlp_halving", 32), ("alexnet_pool_stride", 4)])

@@ -1,26 +1,12 @@
 """The absl entry points, run as a user runs them."""
 
 import json
-import os
-import pathlib
-import subprocess
-import sys
 
 import pytest
 
 import keras_models
+from conftest import script
 from datafiles import write_idx_dataset
-
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-
-
-def script(name, *args, check=True, timeout=300):
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  result = subprocess.run([sys.executable, str(ROOT / "scripts" / name), *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-  if check and result.returncode != 0:
-    raise AssertionError(f"{name} failed ({result.returncode}):\n{result.stderr[-3000:]}")
-  return result
 
 
 def test_summary_json_has_keras_counts():

@@ -9,8 +9,8 @@ from jaxlab.hooks import OnEpochEnd
 from jaxlab.metrics import read_jsonl
 from jaxlab.train import train_and_evaluate
 from datafiles import synthetic_dataset
+from conftest import SMALL
 
-SMALL = dict(dataset="mnist", epochs=3, batch_size=32, steps_per_dispatch=4, eval_batch_size=64)
 EXPECTED = {"train": {"epoch_loss": "train_loss", "epoch_accuracy": "train_accuracy",
                       "epoch_learning_rate": "learning_rate", "epoch_seconds": "epoch_seconds"},
             "validation": {"epoch_loss": "val_loss", "epoch_accuracy": "val_accuracy"}}

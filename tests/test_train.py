@@ -15,8 +15,8 @@ from jaxlab.state import create_train_state
 from jaxlab.steps import chunk_lengths, l2_penalty, make_steps, train_epoch
 from jaxlab.train import train_and_evaluate
 from datafiles import synthetic_dataset
+from conftest import SMALL
 
-SMALL = dict(dataset="mnist", epochs=3, batch_size=32, steps_per_dispatch=4, eval_batch_size=64)
 
 
 def leaves(tree):
