@@ -24,10 +24,12 @@ import importlib.util
 import math
 import pathlib
 import sys
+import traceback
 from typing import Any
 
 from jaxlab.config import PRECISIONS, TrainConfig, validate
 from jaxlab.data import DATASETS, DatasetInfo
+from jaxlab.errors import one_line
 from jaxlab.models import DTYPES, MLP, ConvNet, PlanModel
 from jaxlab.registry import Registry, UnknownNameError
 
@@ -126,11 +128,26 @@ def load_lab(spec: str) -> Lab:
   sys.modules[module_name] = module
   try:
     module_spec.loader.exec_module(module)
+  except Exception as e:
+    del sys.modules[module_name]
+    detail = e.msg if isinstance(e, SyntaxError) else one_line(e)
+    raise ValueError(f"lab file {spec}, line {_failing_line(e, path)}: "
+                     f"{type(e).__name__}: {detail}") from e
   except BaseException:
     del sys.modules[module_name]
     raise
   _FILE_LABS[path] = lab = _lab_of_module(path.stem, module_name, str(path))
   return lab
+
+
+def _failing_line(error: Exception, path: pathlib.Path) -> int | str:
+  """The line of the lab file where `error` arose: a syntax error's own, or the innermost frame
+  of the traceback that is in the file."""
+  if isinstance(error, SyntaxError) and error.lineno is not None:
+    return error.lineno
+  lines = [frame.lineno for frame in traceback.extract_tb(error.__traceback__)
+           if pathlib.Path(frame.filename).resolve() == path]
+  return lines[-1] if lines else "?"
 
 
 def describe_experiment(name: str) -> dict[str, str]:

@@ -19,7 +19,7 @@ from jaxlab.experiment import load_lab
 from jaxlab.lab import LabRunner, plan_lab
 from jaxlab.report import build_report
 from datafiles import write_idx_dataset
-from test_scripts import ROOT, script
+from conftest import ROOT, run_main, script
 
 TINY_LAB = """
 from jaxlab.experiment import Experiment, register
@@ -68,6 +68,27 @@ def test_a_taken_name_fails_naming_both_files(tmp_path):
 def test_unknown_labs(spec, error, match):
   with pytest.raises(error, match=match):
     load_lab(spec)
+
+
+@pytest.mark.parametrize("source,line,message", [
+    ("from jaxlab.experiment import register\n\nregister(Experiment(name='x'\n", 3,
+     "SyntaxError: '(' was never closed"),
+    ("import math\nX = 1\nY = math.sqrt(-1)\n", 3, "ValueError: math domain error"),
+    ("from jaxlab.models import Dense\nZ = Dense(32, 'relu', nonsense=1)\n", 2,
+     "TypeError: Dense.__init__() got an unexpected keyword argument 'nonsense'"),
+])
+def test_a_lab_file_that_fails_is_one_error_line_naming_file_and_line(tmp_path, source, line,
+                                                                       message):
+  lab = tmp_path / "broken_lab.py"
+  lab.write_text(source)
+  for name, args in (("run_lab.py", [f"--lab={lab}", f"--workdir={tmp_path / 'lab'}"]),
+                     ("train.py", [f"--lab={lab}", "--experiment=mlp_baseline",
+                                   f"--workdir={tmp_path / 'run'}"])):
+    result = run_main(name, *args)
+    errors = [l for l in result.stderr.splitlines() if l.startswith("error: ")]
+    assert result.returncode == 2 and len(errors) == 1, result.stderr
+    assert errors[0] == f"error: lab file {lab}, line {line}: {message}", errors[0]
+  assert not (tmp_path / "lab").exists() and not (tmp_path / "run").exists()
 
 
 def test_a_file_without_experiments_is_not_a_lab(tmp_path):
