@@ -1,0 +1,76 @@
+"""The library's layout: the README's table says what each module's docstring says, and every
+module looks only down (no import cycle, no library module importing the command line)."""
+
+import ast
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+MODULES = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "jaxlab").rglob("*.py"))
+
+
+def first_docstring_line(path):
+  return ast.get_docstring(ast.parse((ROOT / path).read_text())).split("\n")[0]
+
+
+def readme_layout():
+  """{path: description} of the README's layout table's rows of one module each."""
+  section = (ROOT / "README.md").read_text().split("## Layout\n", 1)[1].split("\n## ", 1)[0]
+  rows = re.findall(r"^\| `([^`]+\.py)` \| (.+) \|$", section, re.MULTILINE)
+  return dict(rows)
+
+
+def test_the_readme_table_is_each_modules_first_docstring_line():
+  table = readme_layout()
+  listed = {p for p in table if p.startswith("jaxlab/")}
+  assert listed | {"jaxlab/__init__.py"} == set(MODULES)
+  for path in sorted(listed):
+    assert table[path] == first_docstring_line(path), path
+
+
+def imports(path):
+  """The jaxlab modules `path` imports, at its top or inside functions."""
+  tree = ast.parse((ROOT / path).read_text())
+  package = ".".join(pathlib.PurePosixPath(path).with_suffix("").parts[:-1])
+  names = {p[:-3].replace("/", ".").removesuffix(".__init__") for p in MODULES}
+  found = set()
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Import):
+      found |= {a.name for a in node.names}
+    elif isinstance(node, ast.ImportFrom):
+      base = node.module or ""
+      if node.level:
+        base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1]
+                        + ([base] if base else []))
+      # `from package import module` depends on the module; `from module import name` on it.
+      submodules = {f"{base}.{a.name}" for a in node.names} & names
+      found |= submodules or {base}
+  return {n for n in found if n in names}
+
+
+def test_modules_look_only_down():
+  graph = {p[:-3].replace("/", ".").removesuffix(".__init__"): imports(p) for p in MODULES}
+  assert not [m for m, deps in graph.items() if "jaxlab.cli" in deps], "jaxlab.cli is for scripts"
+  # No cycle: every module can be placed above everything it imports.
+  placed, remaining = set(), dict(graph)
+  while remaining:
+    ready = [m for m, deps in remaining.items() if deps - {m} <= placed]
+    assert ready, f"import cycle among {sorted(remaining)}"
+    placed |= set(ready)
+    for m in ready:
+      del remaining[m]
+
+
+@pytest.mark.parametrize("module", ["jaxlab.run", "jaxlab.config", "jaxlab.report",
+                                    "jaxlab.errors", "jaxlab.metrics"])
+def test_modules_that_read_run_directories_import_no_jax(module):
+  code = (f"import sys, {module}; "
+          "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'flax', 'optax')); "
+          "print(bad); sys.exit(1 if bad else 0)")
+  result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+  assert result.returncode == 0, result.stdout + result.stderr
