@@ -25,7 +25,7 @@ from jax.sharding import Mesh
 from jaxlab import parallel
 from jaxlab.config import NAN_POLICIES
 from jaxlab.models import PlanModel, l2_coefficients
-from jaxlab.state import NO_STEP, TrainState, train_sums_zeros
+from jaxlab.state import NO_STEP, RUN_ONCE, TrainState, train_sums_zeros
 
 Metrics = dict[str, jax.Array]
 
@@ -238,6 +238,12 @@ def evaluate(steps: Steps, variables: dict, images: jax.Array, labels: jax.Array
   return members[0], preds[0]
 
 
+@functools.partial(jax.jit, static_argnums=1, compiler_options=RUN_ONCE)
+def epoch_orders(shuffle_keys: jax.Array, num_examples: int) -> jax.Array:
+  """Each member's order of the examples in an epoch: `permutation(shuffle_keys[k])`."""
+  return jax.vmap(lambda key: jax.random.permutation(key, num_examples))(shuffle_keys)
+
+
 def epoch_chunks(num_examples: int, batch_size: int,
                  steps_per_dispatch: int) -> list[tuple[int, int, int]]:
   """(part, start, length) of every compiled call of an epoch, in order: `part` 0 is the full
@@ -273,7 +279,7 @@ def train_epoch(steps: Steps, state: TrainState, images: jax.Array, labels: jax.
   the next chunk, so reading them never stalls the device.
   """
   members = len(shuffle_keys)
-  orders = jax.vmap(lambda key: jax.random.permutation(key, images.shape[0]))(shuffle_keys)
+  orders = epoch_orders(shuffle_keys, images.shape[0])
   parts = split_batches(orders, batch_size)
   chunks = epoch_chunks(images.shape[0], batch_size, steps_per_dispatch)
   boundaries = list(np.cumsum([0] + [length for _, _, length in chunks]))
