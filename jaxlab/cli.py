@@ -73,8 +73,9 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 def define_compilation_cache_flag() -> None:
   flags.DEFINE_bool("compilation_cache", True, "Keep compiled XLA programs in JAX's persistent "
-                    "cache ($JAXLAB_CACHE_DIR/xla, default ~/.cache/jaxlab/xla), so another "
-                    "process running the same architecture does not compile it again.")
+                    "cache ($JAXLAB_XLA_CACHE_DIR, or $JAXLAB_CACHE_DIR/xla; default "
+                    "~/.cache/jaxlab/xla), so another process running the same architecture does "
+                    "not compile it again.")
 
 
 def define_distributed_flags() -> None:

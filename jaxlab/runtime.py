@@ -105,14 +105,18 @@ def startup_report(since: Mark) -> dict[str, Any]:
 
 
 def default_compilation_cache() -> pathlib.Path:
+  """$JAXLAB_XLA_CACHE_DIR if set, else $JAXLAB_CACHE_DIR/xla (default ~/.cache/jaxlab/xla)."""
+  if os.environ.get("JAXLAB_XLA_CACHE_DIR"):
+    return pathlib.Path(os.environ["JAXLAB_XLA_CACHE_DIR"]).expanduser()
   root = pathlib.Path(os.environ.get("JAXLAB_CACHE_DIR", "~/.cache/jaxlab")).expanduser()
   return root / "xla"
 
 
 def enable_compilation_cache(directory: str | os.PathLike | None = None) -> pathlib.Path:
   """Turns on JAX's persistent compilation cache in `directory` (default
-  $JAXLAB_CACHE_DIR/xla), for every program however quick to compile: a second process (another
-  seed, another learning rate, a resumed run) then loads them instead of compiling them."""
+  `default_compilation_cache()`), for every program however quick to compile: a second process
+  (another seed, another learning rate, a resumed run) then loads them instead of compiling
+  them."""
   path = pathlib.Path(directory) if directory else default_compilation_cache()
   jax.config.update("jax_compilation_cache_dir", str(path))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)

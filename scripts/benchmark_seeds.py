@@ -58,7 +58,7 @@ def main(argv):
   cli.parse_list(FLAGS.seeds, int, "seeds")
   work = pathlib.Path(tempfile.mkdtemp(prefix="jaxlab-benchmark-seeds-"))
   env = {**os.environ}
-  warm_env = {**env, "JAXLAB_CACHE_DIR": str(work / "warm")}
+  warm_env = {**env, "JAXLAB_XLA_CACHE_DIR": str(work / "warm")}
   train = [sys.executable, "scripts/train.py", *main_args(), "--noprogress"]
   commands = {
       "jaxlab, no compilation cache": (lambda r: train + [f"--workdir={work / f'cold{r}'}",
