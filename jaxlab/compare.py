@@ -12,6 +12,7 @@ relative to the reference layer's scale (element-wise ratios explode where a ReL
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Mapping
 
 import jax
@@ -31,10 +32,7 @@ def capture(model: PlanModel, variables: Mapping[str, Any], x: Any, train: bool 
   """
   if train and rng is None:
     rng = jax.random.PRNGKey(0)
-  _, state = model.apply(dict(variables), jnp.asarray(x, jnp.float32), train=train,
-                         rngs={"dropout": rng} if train else {}, capture_intermediates=True,
-                         mutable=["intermediates", "batch_stats"] if train else ["intermediates"])
-  found = state["intermediates"]
+  found = _intermediates(model, dict(variables), jnp.asarray(x, jnp.float32), train, rng)
   names = [op.name for op in iter_ops(model.plan())]
   # A layer's entry holds every call made inside it (KerasDense calls nn.Dense); the last is
   # the layer's own output.
@@ -42,6 +40,17 @@ def capture(model: PlanModel, variables: Mapping[str, Any], x: Any, train: bool 
   if softmax_output:
     out[names[-1]] = np.asarray(jax.nn.softmax(out[names[-1]].astype(np.float32), axis=-1))
   return out
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _intermediates(model: PlanModel, variables: dict[str, Any], x: jax.Array, train: bool,
+                   rng: jax.Array | None) -> dict[str, Any]:
+  """Every layer's calls' outputs, as one compiled program (op by op, a deep model compiles
+  each operation of each shape on its own)."""
+  _, state = model.apply(variables, x, train=train, rngs={"dropout": rng} if train else {},
+                         capture_intermediates=True,
+                         mutable=["intermediates", "batch_stats"] if train else ["intermediates"])
+  return state["intermediates"]
 
 
 @dataclasses.dataclass(frozen=True)
