@@ -101,21 +101,25 @@ def test_members_equal_single_runs(tmp_path, experiment, dataset):
 
 
 def test_a_member_does_not_depend_on_its_group(tmp_path):
-  """Seed 4 trained beside seed 5, and third beside 7 and 5: bit-identical, with Adam,
-  BatchNorm and Dropout. Nothing leaks between members (statistics, keys, orders), and
-  neither the group's size nor the member's position in it matters."""
+  """Seed 4 first beside seed 5 and second beside seed 7: bit-identical, with Adam, BatchNorm
+  and Dropout. Nothing leaks between members (statistics, keys, orders) and a member's position
+  does not matter. A group of another size is another compiled program, whose sums may run in
+  another order: seed 4 of a group of 3 agrees up to float rounding."""
   ds = synthetic_dataset(n_train=256, n_test=64)
   base = resolve_config("mlp_big_small_big", **SMALL)
-  for name, seeds in (("a", [4, 5]), ("b", [7, 5, 4])):
+  for name, seeds in (("a", [4, 5]), ("b", [7, 4]), ("c", [7, 5, 4])):
     train_group(group_configs(base, seeds=seeds), [tmp_path / name / f"seed_{s}" for s in seeds],
                 dataset=ds)
   reference = final_state(tmp_path / "a" / "seed_4")
-  for name in "b":
-    other = final_state(tmp_path / name / "seed_4")
-    for key in reference:
-      np.testing.assert_array_equal(other[key], reference[key], err_msg=f"{name}: {key}")
-    assert (read_jsonl(tmp_path / name / "seed_4" / "metrics.jsonl")[-1]["val_loss"]
-            == read_jsonl(tmp_path / "a" / "seed_4" / "metrics.jsonl")[-1]["val_loss"])
+  other = final_state(tmp_path / "b" / "seed_4")
+  assert other.keys() == reference.keys()
+  for key in reference:
+    np.testing.assert_array_equal(other[key], reference[key], err_msg=key)
+  got, want = (read_jsonl(tmp_path / name / "seed_4" / "metrics.jsonl") for name in "ba")
+  assert [[r[k] for k in METRICS] for r in got] == [[r[k] for k in METRICS] for r in want]
+  assert_states_close(tmp_path / "c" / "seed_4", tmp_path / "a" / "seed_4")
+  assert_same_metrics(tmp_path / "c" / "seed_4", tmp_path / "a" / "seed_4", rtol=1e-5,
+                      keys=("train_loss", "val_loss"))
 
 
 def test_learning_rate_grid(tmp_path):
