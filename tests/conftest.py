@@ -1,6 +1,5 @@
-"""What the tests share: the environment (no network, no shared caches, one compilation cache
-for the whole session and its processes), running the scripts (as processes, or in this
-process), and small settings and fixtures.
+"""What the tests share: the environment (no network, no shared data caches, one compilation
+cache), running the scripts (as processes, or in this process), and small settings.
 
 The suite's tiers: `python3 -m pytest -q` runs everything; `-m "not slow"` leaves out the
 tests marked `slow` (those that start processes, train real CNNs or compare every model with
@@ -18,39 +17,59 @@ import tempfile
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
-# Everything a test run reads or writes stays in one temporary folder per session (its worker
-# processes, under pytest-xdist, inherit it): the data cache, the compilation cache, and an
-# empty TFDS data folder, so that no test can find (or fetch) a real TFDS copy.
+# What a test run reads or writes stays in one temporary folder per session (its worker
+# processes, under pytest-xdist, inherit it): the data cache, and an empty TFDS data folder,
+# so that no test can find (or fetch) a real TFDS copy.
 _TMP = pathlib.Path(os.environ.setdefault("JAXLAB_TEST_TMP",
                                           tempfile.mkdtemp(prefix="jaxlab-tests-")))
 os.environ["JAXLAB_CACHE_DIR"] = str(_TMP / "cache")
 os.environ["TFDS_DATA_DIR"] = str(_TMP / "tensorflow_datasets")
+# Compiling is most of the suite's time. Compiled programs are kept between runs of the suite
+# in one persistent compilation cache (JAX's, keyed by the program, its compile options and the
+# JAX version, so an edit that changes a program compiles it anew), shared by this process and
+# the scripts the tests start: $JAXLAB_TEST_XLA_CACHE, default ~/.cache/jaxlab/test-xla. Delete
+# it for a cold run.
+XLA_CACHE = pathlib.Path(os.environ.get("JAXLAB_TEST_XLA_CACHE",
+                                        "~/.cache/jaxlab/test-xla")).expanduser()
+os.environ["JAXLAB_XLA_CACHE_DIR"] = str(XLA_CACHE)
 os.environ.setdefault("KERAS_BACKEND", "jax")
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 
-# Tests build the same small models many times, in this process and in the scripts they start:
-# one persistent compilation cache ($JAXLAB_CACHE_DIR/xla, where the scripts keep theirs) lets
-# each program compile once per session.
+# Compiling is most of what the tests in this process do, and their programs run on tiny
+# data: XLA's backend optimizations (LLVM's) cost a third of the compile time and change no
+# result a test checks here (a program compiled either way computes the same values up to
+# float rounding, and every comparison of two runs compares two programs compiled alike). The
+# scripts that tests start as processes compile as a user's do (`script_environment`).
+# (Worker processes of pytest-xdist inherit this process's settings: the user's flags are kept
+# aside once, by the first.)
+_USER_XLA_FLAGS = os.environ.setdefault("JAXLAB_TEST_USER_XLA_FLAGS",
+                                        os.environ.get("XLA_FLAGS", ""))
+os.environ["XLA_FLAGS"] = f"{_USER_XLA_FLAGS} --xla_backend_optimization_level=0".strip()
+
 import jax  # noqa: E402
-import pytest  # noqa: E402
 
 from jaxlab import runtime  # noqa: E402
 
-runtime.enable_compilation_cache()
+runtime.enable_compilation_cache()  # XLA_CACHE, as the scripts' --compilation_cache.
+jax.config.update("jax_compilation_cache_max_size", 2 * 2**30)  # The least recently used go.
 
 # The settings of a small run on `synthetic_dataset()` (256 examples: 8 steps an epoch).
 SMALL = dict(dataset="mnist", epochs=3, batch_size=32, steps_per_dispatch=4, eval_batch_size=64)
 
 
-def _environment() -> dict[str, str]:
-  return {**os.environ, "JAX_PLATFORMS": "cpu"}
+def script_environment(**extra: str) -> dict[str, str]:
+  """The environment of a process a test starts: this one's, on the CPU, with the user's XLA
+  flags (not this process's compile settings), and `extra`."""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  env.pop("XLA_FLAGS")
+  return {**env, **({"XLA_FLAGS": _USER_XLA_FLAGS} if _USER_XLA_FLAGS else {}), **extra}
 
 
 def script(name, *args, check=True, timeout=300, env=None):
   """Runs scripts/NAME as a user does, in a process of its own; fails with its stderr unless it
   exits with status 0 (`check=False`: returns whatever it did)."""
   result = subprocess.run([sys.executable, str(ROOT / "scripts" / name), *args], cwd=ROOT,
-                          env={**_environment(), **(env or {})}, capture_output=True,
+                          env=script_environment(**(env or {})), capture_output=True,
                           text=True, timeout=timeout)
   if check and result.returncode != 0:
     raise AssertionError(f"{name} failed ({result.returncode}):\n{result.stderr[-3000:]}")
@@ -61,7 +80,7 @@ def start_script(name, *args, stdout=subprocess.PIPE, env=None):
   """scripts/NAME started in a process of its own (a Popen with text stdout and stderr), for
   tests that signal, kill or run it beside others."""
   return subprocess.Popen([sys.executable, str(ROOT / "scripts" / name), *args], cwd=ROOT,
-                          env={**_environment(), **(env or {})}, stdout=stdout,
+                          env=script_environment(**(env or {})), stdout=stdout,
                           stderr=subprocess.PIPE, text=True)
 
 

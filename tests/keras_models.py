@@ -7,6 +7,7 @@ the two compares jaxlab against the report. Keras 3 runs on its JAX backend: no 
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import random
@@ -282,3 +283,13 @@ LAB04 = {
     "vgg_cifar10_deep_head": lambda: vgg((32, 32, 3), conv_dropout=SHRINKING, deep_head=True),
 }
 MODELS.update(LAB04)
+
+
+@functools.cache
+def build(name: str, input_shape: tuple[int, ...] | None = None) -> keras.Model:
+  """The Keras model of experiment `name` (a Lab 04 one refitted to `input_shape`), built once
+  per process: building one creates every variable op by op, seconds for the deepest. Tests
+  that change its weights (`randomize`) set every weight they rely on."""
+  if input_shape is None:
+    return MODELS[name]()
+  return LAB04_BUILDERS[name](input_shape)

@@ -2,7 +2,6 @@
 checkpoints and NaNs; every interrupted run resumes to the result of an uninterrupted one."""
 
 import json
-import os
 import random
 import re
 import signal
@@ -16,7 +15,7 @@ from flax import traverse_util
 
 from jaxlab import checkpoint
 from datafiles import write_idx_dataset
-from conftest import ROOT, script
+from conftest import ROOT, run_main, script, script_environment, start_script
 
 TIMINGS = ("epoch_seconds", "eval_seconds", "time")
 EPOCHS = 3
@@ -35,12 +34,6 @@ def train_args(data, workdir, *extra, experiment="mlp_baseline"):
   return [f"--experiment={experiment}", "--dataset=mnist", f"--data_dir={data}",
           f"--workdir={workdir}", f"--epochs={EPOCHS}", "--batch_size=16",
           "--steps_per_dispatch=4", "--checkpoint_every_steps=8", "--eval_batch_size=64", *extra]
-
-
-def start(args):
-  return subprocess.Popen([sys.executable, str(ROOT / "scripts" / "train.py"), *args], cwd=ROOT,
-                          env={**os.environ, "JAX_PLATFORMS": "cpu"}, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
 
 
 def newest_state(workdir):
@@ -99,7 +92,7 @@ def test_sigkill_at_a_random_moment_then_resume(data, reference, tmp_path, seed)
   while a checkpoint is being written), then resumed: bit-identical to the uninterrupted run."""
   rng = random.Random(seed)
   workdir = tmp_path / "run"
-  process = start(train_args(data, workdir))
+  process = start_script("train.py", *train_args(data, workdir))
   after = rng.randrange(1, 3 * 128 // 8 - 2)  # Checkpoints to wait for before the kill.
   wait_for(lambda: len(saved_steps(workdir)) and saved_steps(workdir)[-1] >= 8 * after, process)
   time.sleep(rng.uniform(0, 0.05))
@@ -114,7 +107,7 @@ def test_sigkill_at_a_random_moment_then_resume(data, reference, tmp_path, seed)
 
 def test_sigterm_saves_stops_and_resumes(data, reference, tmp_path):
   workdir = tmp_path / "run"
-  process = start(train_args(data, workdir))
+  process = start_script("train.py", *train_args(data, workdir))
   wait_for(lambda: len(saved_steps(workdir)) and saved_steps(workdir)[-1] >= 136, process)
   process.send_signal(signal.SIGTERM)
   _, stderr = process.communicate(timeout=120)
@@ -229,7 +222,7 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(data, tmp_path):
 
 def test_a_half_written_metrics_line_is_skipped(data, reference, tmp_path):
   workdir = tmp_path / "run"
-  process = start(train_args(data, workdir))
+  process = start_script("train.py", *train_args(data, workdir))
   wait_for(lambda: (workdir / "metrics.jsonl").is_file()
            and (workdir / "metrics.jsonl").read_text().count("\n") >= 1, process)
   process.send_signal(signal.SIGKILL)
@@ -251,7 +244,7 @@ def test_a_full_disk_keeps_the_previous_checkpoint(data, tmp_path):
           f"sys.argv = ['train.py'] + {train_args(data, workdir, '--epochs=2')!r}; "
           "runpy.run_path('scripts/train.py', run_name='__main__')")
   full = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                        env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=300)
+                        env=script_environment(), timeout=300)
   assert full.returncode == 2, full.stderr[-2000:]
   assert "error: could not write checkpoint" in full.stderr
   assert "File too large; the checkpoints written before it are intact" in full.stderr
@@ -263,7 +256,8 @@ def test_a_full_disk_keeps_the_previous_checkpoint(data, tmp_path):
 
 def test_bad_input_is_one_line_and_status_2(data, tmp_path):
   """Every bad input a script can get, each a one-line `error:` naming the bad value, status 2.
-  The commands run side by side (each is a process that starts JAX)."""
+  Each case runs the script's main in this process, as its command line would; the first case
+  of each script also runs as a real process (started first, so that they run meanwhile)."""
   from datafiles import idx_bytes
   from jaxlab.experiment import resolve_config
   from jaxlab.train import train_and_evaluate
@@ -331,17 +325,23 @@ def test_bad_input_is_one_line_and_status_2(data, tmp_path):
       "report_runs": ("report.py", [f"--runs={tmp_path / 'nowhere'}"],
                       f"--runs {tmp_path / 'nowhere'} is not a directory"),
   }
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  processes = {name: subprocess.Popen([sys.executable, str(ROOT / "scripts" / s), *args],
-                                      cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True)
-               for name, (s, args, _) in cases.items()}
+  processes = {}
+  for name, (s, args, _) in cases.items():
+    if s not in {s for s, _ in processes.values()}:
+      processes[name] = (s, start_script(s, *args))
   failures = []
-  for name, process in processes.items():
-    _, stderr = process.communicate(timeout=300)
+
+  def check(name, status, stderr):
     errors = [l for l in stderr.splitlines() if l.startswith("error: ")]
-    expected = cases[name][2]
-    if (process.returncode != 2 or "Traceback" in stderr or len(errors) != 1
-        or expected not in errors[0]):
-      failures.append(f"{name}: status {process.returncode}, stderr:\n{stderr[-1500:]}")
+    if (status != 2 or "Traceback" in stderr or len(errors) != 1
+        or cases[name.split(" ")[0]][2] not in errors[0]):
+      failures.append(f"{name}: status {status}, stderr:\n{stderr[-1500:]}")
+
+  for name, (s, args, _) in cases.items():
+    result = run_main(s, *args)
+    check(name, result.returncode, result.stderr)
+  assert len(processes) == 4  # train.py, evaluate.py, predict.py, report.py.
+  for name, (s, process) in processes.items():
+    _, stderr = process.communicate(timeout=300)
+    check(f"{name} (a process of {s})", process.returncode, stderr)
   assert not failures, "\n\n".join(failures)

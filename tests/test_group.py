@@ -201,14 +201,15 @@ def test_group_through_the_scripts(tmp_path):
   write_idx_dataset(tmp_path / "data", n_train=96, n_test=40)
   args = ["--experiment=mlp_halving", "--dataset=mnist", f"--data_dir={tmp_path / 'data'}",
           "--epochs=2", "--batch_size=32", "--steps_per_dispatch=3"]
-  first = script("train.py", *args, f"--workdir={tmp_path / 'a'}", "--seeds=0,1,2")
+  cache = {"JAXLAB_XLA_CACHE_DIR": str(tmp_path / "xla")}  # Empty: the first run compiles.
+  first = script("train.py", *args, f"--workdir={tmp_path / 'a'}", "--seeds=0,1,2", env=cache)
   assert "seed 2: final validation accuracy" in first.stdout
   evaluated = json.loads(script("evaluate.py", f"--workdir={tmp_path / 'a' / 'seed_1'}",
                                 "--json").stdout)
   summary = json.loads((tmp_path / "a" / "seed_1" / "metrics.json").read_text())
   assert evaluated["accuracy"] == summary["evaluation"]["best"]["accuracy"]
   assert summary["startup"]["compilations"] > 0
-  script("train.py", *args, f"--workdir={tmp_path / 'b'}", "--seeds=5,6,7")
+  script("train.py", *args, f"--workdir={tmp_path / 'b'}", "--seeds=5,6,7", env=cache)
   again = json.loads((tmp_path / "b" / "seed_6" / "metrics.json").read_text())["startup"]
   assert again["compilations"] == 0 and again["programs_from_cache"] > 0
   assert again["seconds_to_first_step"] is not None

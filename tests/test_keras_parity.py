@@ -42,7 +42,7 @@ def weights_dir(tmp_path_factory):
 
 @pytest.mark.parametrize("name", sorted(keras_models.MODELS))
 def test_every_layer_matches_keras(name, weights_dir):
-  reference = randomize(keras_models.MODELS[name]())
+  reference = randomize(keras_models.build(name))
   path = weights_dir / f"{name}.weights.h5"
   reference.save_weights(path)
   model = build_model(name)
@@ -58,7 +58,7 @@ def test_every_layer_matches_keras(name, weights_dir):
 
 def test_keras_order_matches_keras_layer_order():
   model = build_model("mlp_parallel_paths")
-  reference = keras_models.MODELS["mlp_parallel_paths"]()
+  reference = keras_models.build("mlp_parallel_paths")
   keras_types = [type(l).__name__ for l in reference.layers if type(l).__name__ != "InputLayer"]
   assert [op.keras_type for op in keras_order(model)] == keras_types
   shapes = [tuple(l.output.shape[1:]) for l in reference.layers[1:]]
@@ -74,7 +74,7 @@ def _saved(keras_model, path="/tmp/jaxlab-test-order.weights.h5"):
 
 def test_comparison_names_the_first_divergent_layer():
   model = build_model("mlp_halving")
-  reference = randomize(keras_models.MODELS["mlp_halving"]())
+  reference = randomize(keras_models.build("mlp_halving"))
   variables = import_keras_weights(model, _saved(reference))
   variables["params"]["dense_2"]["bias"] = variables["params"]["dense_2"]["bias"] + 0.5
   x = np.random.default_rng(0).random((4, 784), dtype=np.float32)
@@ -95,7 +95,7 @@ def test_comparison_names_the_first_divergent_layer():
 
 def test_capture_in_train_mode_applies_dropout_and_batch_statistics():
   model = build_model("mlp_dropout")
-  reference = randomize(keras_models.MODELS["mlp_dropout"]())
+  reference = randomize(keras_models.build("mlp_dropout"))
   variables = import_keras_weights(model, _saved(reference))
   x = np.random.default_rng(0).random((32, 784), dtype=np.float32)
   train = capture(model, variables, x, train=True)
@@ -111,7 +111,7 @@ def test_capture_in_train_mode_applies_dropout_and_batch_statistics():
 @pytest.mark.parametrize("suffix", [".keras", ".weights.h5"])
 def test_round_trip_jaxlab_keras_jaxlab_is_identical(tmp_path, name, suffix):
   model = build_model(name)
-  reference = randomize(keras_models.MODELS[name](), seed=3)
+  reference = randomize(keras_models.build(name), seed=3)
   variables = import_keras_weights(model, _saved(reference))
   path = str(tmp_path / f"m{suffix}")
   export_keras(model, variables, path)
@@ -123,7 +123,7 @@ def test_round_trip_jaxlab_keras_jaxlab_is_identical(tmp_path, name, suffix):
 
 
 def test_wrong_experiment_is_refused_naming_layers_and_shapes(tmp_path):
-  reference = keras_models.MODELS["mlp_halving"]()
+  reference = keras_models.build("mlp_halving")
   path = _saved(reference, str(tmp_path / "halving.weights.h5"))
   with pytest.raises(KerasWeightsError, match="6 Dense layers with weights but the model has 4"):
     import_keras_weights(build_model("mlp_baseline"), path)
@@ -135,7 +135,7 @@ def test_wrong_experiment_is_refused_naming_layers_and_shapes(tmp_path):
 
 def test_import_predict_match_keras_predict_through_the_scripts(tmp_path):
   for name in ("mlp_parallel_paths", "alexnet_pool_stride"):
-    reference = randomize(keras_models.MODELS[name](), seed=5)
+    reference = randomize(keras_models.build(name), seed=5)
     weights = tmp_path / f"{name}.keras"
     reference.save(weights)
     run = tmp_path / name
@@ -153,7 +153,7 @@ def test_import_predict_match_keras_predict_through_the_scripts(tmp_path):
 
 
 def test_script_errors_are_one_line(tmp_path):
-  reference = keras_models.MODELS["mlp_halving"]()
+  reference = keras_models.build("mlp_halving")
   weights = tmp_path / "h.weights.h5"
   reference.save_weights(weights)
   bad = script("import_keras.py", "--experiment=mlp_baseline", f"--keras_weights={weights}",

@@ -2,7 +2,6 @@
 and reported, as a user runs them (scripts/run_lab.py, scripts/report.py)."""
 
 import json
-import os
 import re
 import shutil
 import signal
@@ -19,7 +18,7 @@ from jaxlab.experiment import load_lab
 from jaxlab.lab import LabRunner, plan_lab
 from jaxlab.report import build_report
 from datafiles import write_idx_dataset
-from conftest import ROOT, run_main, script
+from conftest import ROOT, run_main, script, start_script
 
 TINY_LAB = """
 from jaxlab.experiment import Experiment, register
@@ -120,9 +119,7 @@ def lab_status(workdir):
 def kill_when(args, line_start, timeout=240, sig=signal.SIGKILL):
   """Starts run_lab.py and sends `sig` as soon as it prints a line starting with `line_start`;
   returns what it wrote to stderr."""
-  process = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "run_lab.py"), *args],
-                             cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"},
-                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+  process = start_script("run_lab.py", *args, stdout=subprocess.DEVNULL)
   seen = []
   try:
     for line in process.stderr:
@@ -283,7 +280,8 @@ def test_report_imports_nothing_of_training():
 
 
 def test_run_lab_bad_input(tmp_path):
-  """Each a one-line error and status 2; the commands run side by side (each starts JAX)."""
+  """Each a one-line error and status 2: each case in this process (run_lab.py's main, as its
+  command line would run it), the first also as a real process."""
   (tmp_path / "file.txt").write_text("x")
   cases = [
       (["--lab=lab77", f"--workdir={tmp_path}/w"], "unknown lab 'lab77'"),
@@ -294,11 +292,12 @@ def test_run_lab_bad_input(tmp_path):
        "experiment 'vgg_cifar10' is not in lab lab02"),
       (["--lab=lab02", f"--workdir={tmp_path}/file.txt"], "is a file, not a directory"),
   ]
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  processes = [subprocess.Popen([sys.executable, str(ROOT / "scripts" / "run_lab.py"), *args],
-                                cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True) for args, _ in cases]
-  for (args, message), process in zip(cases, processes):
-    _, stderr = process.communicate(timeout=300)
-    assert process.returncode == 2 and message in stderr, (args, stderr)
-    assert "Traceback" not in stderr
+  process = start_script("run_lab.py", *cases[0][0])
+  results = [run_main("run_lab.py", *args) for args, _ in cases]
+  _, stderr = process.communicate(timeout=300)
+  results.append(subprocess.CompletedProcess(cases[0][0], process.returncode, "", stderr))
+  for (args, message), result in zip(cases + cases[:1], results):
+    errors = [l for l in result.stderr.splitlines() if l.startswith("error: ")]
+    assert result.returncode == 2 and len(errors) == 1 and message in errors[0], (args,
+                                                                                   result.stderr)
+    assert "Traceback" not in result.stderr

@@ -4,19 +4,17 @@ Each test runs in subprocesses: the device count (XLA_FLAGS) is fixed when JAX s
 """
 
 import json
-import os
 import re
 import socket
 import subprocess
 import sys
 import textwrap
 
-import numpy as np
 import pytest
 
 from datafiles import synthetic_dataset, write_idx_arrays
 from runstate import assert_rounding_only, biases_before_batch_norm, final_state, largest_difference
-from conftest import ROOT
+from conftest import ROOT, script_environment
 
 TESTS = ROOT / "tests"
 
@@ -102,8 +100,7 @@ print(json.dumps({{
 def run_snippet(tmp_path, experiment, lr, resumes):
   code = SNIPPET.format(tests=str(TESTS), out=str(tmp_path), experiment=experiment, lr=lr,
                         resumes=resumes)
-  env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  env = script_environment(XLA_FLAGS="--xla_force_host_platform_device_count=8")
   result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=900)
   assert result.returncode == 0, result.stderr[-3000:]
@@ -174,8 +171,7 @@ def test_a_batch_the_mesh_does_not_divide_is_refused(tmp_path):
       except ValueError as e:
         print(e)
       """)
-  env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  env = script_environment(XLA_FLAGS="--xla_force_host_platform_device_count=8")
   result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
   assert ("batch_size 30 is not divisible by the 8 devices of the mesh: use a multiple of 8, "
@@ -201,8 +197,7 @@ def test_two_processes_train_one_run(tmp_path):
           "--learning_rate=0.05", "--eval_batch_size=32", "--noprogress"]
   script = str(ROOT / "scripts" / "train.py")
   port = free_port()
-  env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  env = script_environment(XLA_FLAGS="--xla_force_host_platform_device_count=2")
   processes = [subprocess.Popen(
       [sys.executable, script, *args, f"--workdir={tmp_path / f'process_{i}'}",
        f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
@@ -220,7 +215,7 @@ def test_two_processes_train_one_run(tmp_path):
   assert config["environment"]["mesh"] == {"axis": "data", "devices": 4, "processes": 2,
                                            "process_index": 0, "device_kinds": ["cpu"]}
   single = subprocess.run([sys.executable, script, *args, f"--workdir={tmp_path / 'single'}"],
-                          cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+                          cwd=ROOT, env=script_environment(),
                           capture_output=True, text=True, timeout=600)
   assert single.returncode == 0, single.stderr[-3000:]
   assert difference_of_runs(written, tmp_path / "single") < 1e-5

@@ -5,14 +5,14 @@ import json
 import pytest
 
 import keras_models
-from conftest import script
+from conftest import run_main, script
 from datafiles import write_idx_dataset
 
 
 def test_summary_json_has_keras_counts():
   out = json.loads(script("summary.py", "--experiment=mlp_back_n_forth", "--json").stdout)
   assert {k: out[k] for k in ("total_params", "trainable_params", "non_trainable_params")} == \
-      keras_models.counts(keras_models.MODELS["mlp_back_n_forth"]())
+      keras_models.counts(keras_models.build("mlp_back_n_forth"))
   assert [l["name"] for l in out["layers"]][:3] == ["dense", "dense_1", "batch_normalization"]
 
 
@@ -27,7 +27,7 @@ def test_summary_table():
 ])
 def test_unknown_names_list_the_known_ones(args, listed):
   for name in ("summary.py", "train.py"):
-    result = script(name, *args, check=False)
+    result = run_main(name, *args)
     assert result.returncode == 2, result.stderr
     assert listed in result.stderr and "Traceback" not in result.stderr
 

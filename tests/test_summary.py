@@ -10,7 +10,7 @@ from jaxlab.summary import format_summary, summarize
 
 @pytest.mark.parametrize("name", sorted(keras_models.MODELS))
 def test_counts_and_shapes_match_keras(name):
-  reference = keras_models.MODELS[name]()
+  reference = keras_models.build(name)
   summary = summarize(build_model(name))
   assert {k: summary[k] for k in keras_models.counts(reference)} == keras_models.counts(reference)
   keras_layers = [l for l in reference.layers if type(l).__name__ != "InputLayer"]
@@ -47,7 +47,7 @@ def test_format_summary_lists_layers_and_totals():
 @pytest.mark.parametrize("name", sorted(keras_models.LAB04_BUILDERS))
 @pytest.mark.parametrize("dataset,shape", [("fashion_mnist", (28, 28, 1)), ("cifar10", (32, 32, 3))])
 def test_cnn_block_shapes_match_keras_for_both_input_sizes(name, dataset, shape):
-  reference = keras_models.LAB04_BUILDERS[name](shape)
+  reference = keras_models.build(name, shape)
   summary = summarize(build_model(name, dataset))
   assert summary["input_shape"] == [None, *shape]
   expected = [(type(l).__name__, tuple(l.output.shape[1:]), l.count_params())
