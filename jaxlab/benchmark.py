@@ -74,6 +74,30 @@ def jaxlab_runner(model: PlanModel, images, labels, batch_size: int,
   return run
 
 
+def step_runner(model: PlanModel, images, labels, batch_size: int) -> EpochRunner:
+  """jaxlab's compiled train step alone (`Steps.train_step`, donated), one call per batch on
+  batches already on the device: the speed jaxlab's loop should keep (the guard against a loop
+  that runs off its step, as convolutions inside a scan on XLA:CPU did)."""
+  from jaxlab.state import create_train_state
+  from jaxlab.steps import make_steps
+
+  steps = make_steps(model)
+  state = create_train_state(model, make_optimizer("adam"), seed=0, learning_rate=1e-3)
+  full = len(labels) // batch_size
+  batches = [(jax.device_put(images[i * batch_size:(i + 1) * batch_size]),
+              jax.device_put(labels[i * batch_size:(i + 1) * batch_size])) for i in range(full)]
+
+  def run() -> float:
+    nonlocal state
+    start = time.perf_counter()
+    for x, y in batches:
+      state, metrics = steps.train_step(state, x, y)
+    jax.block_until_ready(metrics)
+    return (time.perf_counter() - start) * len(labels) / (full * batch_size)
+
+  return run
+
+
 def keras_runner(model: PlanModel, images, labels, batch_size: int) -> EpochRunner:
   """Keras 3 `model.fit`, one epoch per call; a callback times the epoch itself (Keras keeps
   the compiled train function between calls)."""
@@ -221,6 +245,8 @@ PEERS: dict[str, Callable[..., EpochRunner]] = {
     "torch_eager": torch_runner,
     # jaxlab's steps without a mesh: what the data-parallel path costs, on one device nothing.
     "jaxlab_unsharded": lambda *args: jaxlab_runner(*args, sharded=False),
+    # The step alone, as profile_step.py times it: the loop's target.
+    "jaxlab_step": step_runner,
 }
 
 
@@ -264,6 +290,8 @@ def run_benchmark(model: PlanModel, num_classes: int, batch_size: int, examples:
       results[name] = {"skipped": str(e)}
       continue
     results[name] = {"warmup_seconds": runners[name](), "epoch_seconds": []}
+  from jaxlab.steps import choose_loop
+  results["jaxlab"]["loop"] = choose_loop(model)
   peaks = []
   for i in range(epochs):
     order = rotation(list(runners), i)
@@ -322,6 +350,12 @@ def markdown(result: dict[str, Any], title: str) -> str:
     lines.append(f"| {name} | {r['median_epoch_seconds']:.3f} | "
                  f"{result['ratios_jaxlab_over_peer'][name]:.2f} | "
                  f"{statistics.median(rounds):.2f} ({min(rounds):.2f}-{max(rounds):.2f}) |")
+  step = result["results"].get("jaxlab_step", {})
+  if "median_epoch_seconds" in step:
+    lines += ["", f"The loop against its step alone (jaxlab / jaxlab_step): "
+                  f"{result['ratios_jaxlab_over_peer']['jaxlab_step']:.2f} "
+                  f"({result['results']['jaxlab'].get('loop', 'scan')} loop); above 1.10, the "
+                  "loop runs off its step."]
   peaks = result["matmul_peak_measurements"]
   source = (f"the best of {len(peaks)} matmul peak measurements (one per round; lowest "
             f"{min(peaks) / 1e9:.1f})" if peaks else "a given matmul peak")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import logging as std_logging
 import shlex
 import sys
@@ -44,6 +45,8 @@ def user_errors_exit(main: Callable[[list[str]], None]) -> Callable[[list[str]],
         from jaxlab import parallel  # Here: scripts that never train need no JAX.
         f = flags.FLAGS
         parallel.initialize(f.coordinator_address, f.num_processes, f.process_id)
+      if "loop" in flags.FLAGS and flags.FLAGS.loop:
+        os.environ["JAXLAB_LOOP"] = flags.FLAGS.loop  # jaxlab.steps.LOOP_ENV
       if "compilation_cache" in flags.FLAGS and flags.FLAGS.compilation_cache:
         from jaxlab import runtime  # Here: scripts that never compile need no JAX.
         runtime.enable_compilation_cache()
@@ -76,6 +79,15 @@ def define_compilation_cache_flag() -> None:
                     "cache ($JAXLAB_XLA_CACHE_DIR, or $JAXLAB_CACHE_DIR/xla; default "
                     "~/.cache/jaxlab/xla), so another process running the same architecture does "
                     "not compile it again.")
+
+
+def define_loop_flag() -> None:
+  flags.DEFINE_enum("loop", None, ["auto", "scan", "steps"], "How a compiled call of "
+                    "--steps_per_dispatch train steps runs: scan (one lax.scan), steps (one "
+                    "dispatch of the compiled step each: XLA:CPU runs a convolution inside a "
+                    "scan many times slower) or auto (steps for a model with convolutions on "
+                    "the CPU, scan otherwise). Default: auto; a resumed run keeps the loop it "
+                    "started with (config.json's environment).")
 
 
 def define_distributed_flags() -> None:

@@ -1,8 +1,9 @@
-"""The compiled steps: one train step, one eval step, and the scanned chunks that run them.
+"""The compiled steps: one train step, one eval step, and the chunks of steps that run them.
 
 - The whole data set lives on the device as uint8; the compiled steps gather a batch by index
   and scale it to float32 in [0, 1] there. Each step's dropout key is `fold_in(rng, step)`.
-- `train_chunk` runs `steps_per_dispatch` steps in one `lax.scan`, with the state donated.
+- `train_chunk` runs `steps_per_dispatch` steps, in one `lax.scan` or (on XLA:CPU, for
+  convolutions) one dispatch of the step each, with the state donated (`Steps.loop`).
   Metric sums stay on the device; the host reads a chunk's sums only after it has queued the
   next chunk, so reading them never stalls the device.
 - Keras keeps the last, smaller batch of an epoch; so does jaxlab (one more compiled shape).
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from typing import Any, Callable
 
 import jax
@@ -116,18 +118,28 @@ def _add(a: Metrics, b: Metrics) -> Metrics:
   return {k: (jnp.minimum if k == "first_nonfinite" else jnp.add)(a[k], b[k]) for k in a}
 
 
+LOOPS = ("auto", "scan", "steps")
+
+
 @dataclasses.dataclass(frozen=True)
 class Steps:
   """The compiled functions of one model. The chunks and the evaluation run a group of K
   members (a stacked state, `jaxlab.state.create_group_state`) as one vmapped program; a single
-  run is a group of one. All wrap the one `train_step` and `eval_step`."""
+  run is a group of one. All wrap the one `train_step` and `eval_step`.
+
+  `loop` says how a chunk runs: "scan", one compiled `lax.scan` over its steps (one dispatch a
+  chunk); "steps", one dispatch of the compiled (vmapped) step per train step, the metric sums
+  still added on the device, for XLA:CPU, whose convolutions inside a while loop (every
+  `lax.scan`) leave its fast kernels and run many times slower. Both give a chunk the same
+  meaning: the same positions to resume from, the same lagged metric reads."""
 
   train_step: Callable  # jitted, one state, donated: (state, images, labels) -> (state, metrics)
   eval_step: Callable  # jitted, one state: (variables, images, labels) -> (metrics, predictions)
-  train_chunk: Callable  # jitted, K members: (state, images, labels, batches, start, length=)
-  eval_batches: Callable  # jitted, K members: (variables, images, labels, batches)
+  train_chunk: Callable  # K members, donated: (state, images, labels, batches, start, length=)
+  eval_batches: Callable  # K members: (variables, images, labels, batches) -> (sums, preds)
   group_train_step: Callable  # jitted, K members, donated: one batch each (K, B, ...)
   group_eval_step: Callable  # jitted, K members: the same batch for every member
+  loop: str = "scan"
 
 
 def _zeros(sums: dict[str, float | int]) -> Metrics:
@@ -135,52 +147,115 @@ def _zeros(sums: dict[str, float | int]) -> Metrics:
           for k, v in sums.items()}
 
 
-@functools.lru_cache(maxsize=64)
-def make_steps(model: PlanModel, nan_policy: str = "stop", mesh: Mesh | None = None) -> Steps:
+EVAL_SUMS = {"loss_sum": 0.0, "correct": 0, "count": 0}
+
+
+def has_convolutions(model: PlanModel) -> bool:
+  """Whether `model` holds a convolution (its plan has a conv block)."""
+  return bool(getattr(model, "blocks", ()))
+
+
+LOOP_ENV = "JAXLAB_LOOP"  # The scripts' --loop; "auto" where unset.
+
+
+def choose_loop(model: PlanModel, loop: str | None = None, backend: str | None = None) -> str:
+  """The loop `make_steps` builds: `loop` (default: $JAXLAB_LOOP, else "auto") unless "auto";
+  "auto" is "steps" for a model with convolutions on the CPU (measured: AlexNet's step 0.26 s
+  alone, 4.7 s inside a scan of one step, on XLA:CPU) and "scan" otherwise (a scan of an MLP's
+  steps saves the dispatches)."""
+  loop = loop or os.environ.get(LOOP_ENV) or "auto"
+  if loop not in LOOPS:
+    raise ValueError(f"unknown loop {loop!r}; known: {', '.join(LOOPS)}")
+  if loop != "auto":
+    return loop
+  backend = backend or jax.default_backend()
+  return "steps" if backend == "cpu" and has_convolutions(model) else "scan"
+
+
+def make_steps(model: PlanModel, nan_policy: str = "stop", mesh: Mesh | None = None,
+               loop: str | None = None) -> Steps:
   """The compiled steps of `model`, made once per model (per process), so that a second run of
   the same architecture reuses the compiled code instead of compiling it again.
 
   With a `mesh`, the chunks and evaluation are data parallel (`jaxlab.parallel`): each batch
   gathered from the replicated data set is split across the mesh, the state stays replicated,
-  and XLA adds the all-reduces. The step itself is the same `train_step`."""
+  and XLA adds the all-reduces. The step itself is the same `train_step`. `loop`: see `Steps`
+  and `choose_loop`."""
+  return _make_steps(model, nan_policy, mesh, choose_loop(model, loop))
+
+
+@functools.lru_cache(maxsize=64)
+def _make_steps(model: PlanModel, nan_policy: str, mesh: Mesh | None, loop: str) -> Steps:
   train_step = make_train_step(model, nan_policy)
   eval_step = make_eval_step(model)
 
+  def step_on(images, labels):
+    """One member's step on the examples `idx`, its metrics added to the running sums."""
+    def step(carry, idx):
+      state, sums = carry
+      state, metrics = train_step(state, parallel.shard_batch(images[idx], mesh),
+                                  parallel.shard_batch(labels[idx], mesh))
+      return state, _add(sums, metrics)
+    return step
+
+  def eval_on(variables, images, labels):
+    def step(sums, idx):
+      metrics, preds = eval_step(variables, parallel.shard_batch(images[idx], mesh),
+                                 parallel.shard_batch(labels[idx], mesh))
+      return _add(sums, metrics), preds
+    return step
+
   @functools.partial(jax.jit, donate_argnums=0, static_argnames="length")
-  def train_chunk(state, images, labels, batches, start, *, length):
+  def scan_chunk(state, images, labels, batches, start, *, length):
     """`length` train steps of every member: member k's step i takes the examples
     `batches[k, start + i]` (each member has its own order)."""
 
     def member(state, batches):
-      def body(carry, idx):
-        state, sums = carry
-        state, metrics = train_step(state, parallel.shard_batch(images[idx], mesh),
-                                    parallel.shard_batch(labels[idx], mesh))
-        return (state, _add(sums, metrics)), None
-
+      step = step_on(images, labels)
       chunk = jax.lax.dynamic_slice_in_dim(batches, start, length)
-      (state, sums), _ = jax.lax.scan(body, (state, _zeros(train_sums_zeros())), chunk)
-      return state, sums
+      return jax.lax.scan(lambda carry, idx: (step(carry, idx), None),
+                          (state, _zeros(train_sums_zeros())), chunk)[0]
 
     return parallel.replicate(jax.vmap(member)(state, batches), mesh)
 
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  def one_step(state, sums, images, labels, batches, index):
+    """Train step `index` of every member, added to its sums."""
+    step = step_on(images, labels)
+    return parallel.replicate(
+        jax.vmap(lambda s, t, b: step((s, t), b[index]))(state, sums, batches), mesh)
+
+  def step_chunk(state, images, labels, batches, start, *, length):
+    sums = {k: jnp.zeros((batches.shape[0],), v.dtype)
+            for k, v in _zeros(train_sums_zeros()).items()}
+    for i in range(length):
+      state, sums = one_step(state, sums, images, labels, batches, start + i)
+    return state, sums
+
   @jax.jit
-  def eval_batches(variables, images, labels, batches):
+  def scan_eval(variables, images, labels, batches):
     """Every member's metric sums and predictions over the same batches."""
-
-    def member(variables):
-      def body(sums, idx):
-        metrics, preds = eval_step(variables, parallel.shard_batch(images[idx], mesh),
-                                   parallel.shard_batch(labels[idx], mesh))
-        return _add(sums, metrics), preds
-
-      return jax.lax.scan(body, _zeros({"loss_sum": 0.0, "correct": 0, "count": 0}), batches)
-
+    member = lambda v: jax.lax.scan(eval_on(v, images, labels), _zeros(EVAL_SUMS), batches)
     return parallel.replicate(jax.vmap(member)(variables), mesh)
 
-  return Steps(jax.jit(train_step, donate_argnums=0), jax.jit(eval_step), train_chunk,
-               eval_batches, jax.jit(jax.vmap(train_step), donate_argnums=0),
-               jax.jit(jax.vmap(eval_step, in_axes=(0, None, None))))
+  @jax.jit
+  def one_eval(variables, sums, images, labels, batches, index):
+    step = lambda v, t: eval_on(v, images, labels)(t, batches[index])
+    return parallel.replicate(jax.vmap(step)(variables, sums), mesh)
+
+  def step_eval(variables, images, labels, batches):
+    members = jax.tree_util.tree_leaves(variables)[0].shape[0]
+    sums = {k: jnp.zeros((members,), v.dtype) for k, v in _zeros(EVAL_SUMS).items()}
+    preds = []
+    for i in range(batches.shape[0]):
+      sums, p = one_eval(variables, sums, images, labels, batches, i)
+      preds.append(p)
+    return sums, jnp.stack(preds, axis=1)
+
+  chunk, evaluation = (scan_chunk, scan_eval) if loop == "scan" else (step_chunk, step_eval)
+  return Steps(jax.jit(train_step, donate_argnums=0), jax.jit(eval_step), chunk, evaluation,
+               jax.jit(jax.vmap(train_step), donate_argnums=0),
+               jax.jit(jax.vmap(eval_step, in_axes=(0, None, None))), loop)
 
 
 def split_batches(order: jax.Array, batch_size: int) -> list[jax.Array]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import pathlib
 import sys
 import time
@@ -37,7 +38,8 @@ from jaxlab.optim import make_optimizer
 from jaxlab.restore import restore_group, restore_state
 from jaxlab.run import Run
 from jaxlab.state import TrainState, create_group_state, member, seed_keys
-from jaxlab.steps import Steps, evaluate, evaluate_group, make_steps, train_epoch
+from jaxlab.steps import (LOOP_ENV, Steps, evaluate, evaluate_group, make_steps,
+                          train_epoch)
 from jaxlab.summary import param_counts, summarize
 from jaxlab.tensorboard import TensorBoard
 
@@ -128,6 +130,9 @@ class _Group:
   shuffle_keys: jax.Array
   started: runtime.Mark
   first_step: float | None = None  # When the first train step was done (Unix time).
+  # The validation of the state in memory (each member's metrics, predictions), once an epoch
+  # has ended in this process: the final evaluation is the last epoch's.
+  validation: tuple[list[dict[str, float]], np.ndarray] | None = None
 
   @property
   def config(self) -> TrainConfig:
@@ -185,8 +190,20 @@ def _set_up(configs: Sequence[TrainConfig], workdirs: Sequence[str | pathlib.Pat
   arrays = parallel.put_replicated((dataset.train_images, dataset.train_labels,
                                     dataset.test_images, dataset.test_labels), mesh)
   shuffle_keys = jnp.stack([seed_keys(c.seed)[2] for c in configs])
-  return _Group(runs, hooks, model, make_steps(model, base.nan_policy, mesh), state, sums,
+  steps = make_steps(model, base.nan_policy, mesh, _loop(runs, restart))
+  for run in runs:
+    run.environment = {**run.environment, "loop": steps.loop}
+  return _Group(runs, hooks, model, steps, state, sums,
                 template, dataset, arrays, shuffle_keys, started)
+
+
+def _loop(runs: Sequence[Run], restart: bool) -> str | None:
+  """The loop a resumed run started with (so that it resumes bit for bit), unless $JAXLAB_LOOP
+  (--loop) names one; None (the choice for this model and backend) for a fresh run."""
+  if os.environ.get(LOOP_ENV) or restart:
+    return None
+  saved = Run.read(runs[0].root)
+  return saved.environment.get("loop") if saved else None
 
 
 def _check_group(configs: Sequence[TrainConfig], workdirs: Sequence[Any]) -> None:
@@ -235,15 +252,15 @@ def _epoch(group: _Group, epoch: int) -> None:
         totals=group.sums if offset else None, wants_state=hooks.wants_state,
         on_state=lambda state, totals: hooks.step_boundary(epoch, state, totals))
     t1 = time.perf_counter()
-    val_metrics, _ = evaluate_group(group.steps, group.state.variables, test_images,
-                                    test_labels, config.eval_batch_size)
+    group.validation = evaluate_group(group.steps, group.state.variables, test_images,
+                                      test_labels, config.eval_batch_size)
   except Exception as e:  # K members that do not fit: say so in words.
     raise _out_of_memory(e, len(runs), group.model) from e
   t2 = time.perf_counter()
   host = checkpoint.to_host(group.state)
   records = []
   for k, run in enumerate(runs):
-    train, val = train_metrics[k], val_metrics[k]
+    train, val = train_metrics[k], group.validation[0][k]
     records.append({"epoch": epoch, "step": int(host.step[k]),
                     "train_loss": train["loss"], "train_data_loss": train["data_loss"],
                     "train_l2_loss": train["l2_loss"], "train_accuracy": train["accuracy"],
@@ -261,8 +278,8 @@ def _finish(group: _Group) -> list[dict[str, Any]]:
   group.hooks.flush()
   parallel.sync("checkpoints written")  # Every process reads the best checkpoint next.
   _, _, test_images, test_labels = group.arrays
-  finals, predictions = evaluate_group(group.steps, group.state.variables, test_images,
-                                       test_labels, group.config.eval_batch_size)
+  finals, predictions = group.validation or evaluate_group(
+      group.steps, group.state.variables, test_images, test_labels, group.config.eval_batch_size)
   final_steps = [int(s) for s in jax.device_get(group.state.step)]
   startup = {**runtime.startup_report(group.started),
              "seconds_to_first_step": (group.first_step - group.started.time

@@ -26,6 +26,7 @@ flags.DEFINE_list("seeds", ["0"], "Seeds to train each experiment with.")
 flags.DEFINE_bool("progress", None, "Per-epoch progress bars. Default: when stderr is a "
                   "terminal.")
 cli.define_compilation_cache_flag()
+cli.define_loop_flag()
 cli.define_distributed_flags()
 # --dataset, --epochs, --batch_size, ...: the overrides of scripts/train.py, applied to every run.
 OVERRIDES = cli.define_config_flags(exclude=("seed",))

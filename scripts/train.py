@@ -31,6 +31,7 @@ flags.DEFINE_list("seeds", None, "Train these seeds as one vmapped group (WORKDI
 flags.DEFINE_list("learning_rates", None, "Train these learning rates as one vmapped group "
                   "(WORKDIR/lr_R each; with --seeds, their grid).")
 cli.define_compilation_cache_flag()
+cli.define_loop_flag()
 cli.define_distributed_flags()
 # --dataset, --epochs, --batch_size, ...: one flag per TrainConfig setting.
 OVERRIDES = cli.define_config_flags()

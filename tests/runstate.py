@@ -34,8 +34,10 @@ def largest_difference(a, b, skip=()):
 def biases_before_batch_norm(run):
   """params/NAME/bias of every layer whose output BatchNormalization normalizes: in training
   their exact gradient is 0 (the batch mean takes the bias away), so their values are float
-  rounding noise that any change in the order of sums (vmap, devices) accumulates differently."""
-  layers = json.loads((run / "config.json").read_text())["model"]["layers"]
+  rounding noise that any change in the order of sums (vmap, devices) accumulates differently.
+  `run`: a run directory, or a model's layers as `jaxlab.models.describe` gives them."""
+  layers = (json.loads((run / "config.json").read_text())["model"]["layers"]
+            if not isinstance(run, list) else run)
   names, last = set(), None
   for layer in layers:
     if layer["type"] in ("Dense", "Conv2D"):

@@ -51,13 +51,14 @@ for first, then in {resumes}:
                      run, dataset=ds)
   train_and_evaluate(resolve_config({experiment!r}, epochs=2, num_devices=then, **settings),
                      run, dataset=ds)
-# What the step of 8 devices is: its compiled program, as XLA partitioned it.
+# What the step of 8 devices is: its compiled program, as XLA partitioned it (a chunk as one
+# program: the scan loop, whatever loop the CPU trains CNNs with).
 mesh = parallel.data_mesh(8)
 model = build_model({experiment!r}, "mnist")
 state = create_group_state(model, make_optimizer("sgd"), [0], [0.01], parallel.replicated(mesh))
 images, labels = parallel.put_replicated((ds.train_images, ds.train_labels), mesh)
 batches = jax.numpy.arange(640).reshape(1, 20, 32)
-compiled = make_steps(model, "stop", mesh).train_chunk.lower(
+compiled = make_steps(model, "stop", mesh, "scan").train_chunk.lower(
     state, images, labels, batches, 0, length=5).compile()
 out_state, _ = compiled.output_shardings
 # One step on 4 and on 8 devices against one step on one device from the same state, at each
