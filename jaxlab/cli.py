@@ -41,6 +41,9 @@ def user_errors_exit(main: Callable[[list[str]], None]) -> Callable[[list[str]],
     try:
       if len(argv) > 1:
         raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
+      if "kernels" in flags.FLAGS:  # Before JAX starts: XLA reads its flags once.
+        from jaxlab import kernels
+        kernels.apply(flags.FLAGS.kernels, _started_kernels())
       if "coordinator_address" in flags.FLAGS:
         from jaxlab import parallel  # Here: scripts that never train need no JAX.
         f = flags.FLAGS
@@ -79,6 +82,31 @@ def define_compilation_cache_flag() -> None:
                     "cache ($JAXLAB_XLA_CACHE_DIR, or $JAXLAB_CACHE_DIR/xla; default "
                     "~/.cache/jaxlab/xla), so another process running the same architecture does "
                     "not compile it again.")
+
+
+def define_kernels_flag() -> None:
+  flags.DEFINE_enum("kernels", None, ["auto", "xla", "ynn_dot", "ynn_dot_eltwise"],
+                    "XLA:CPU's kernel library for dots and convolutions (jaxlab.kernels): auto "
+                    "(the fastest on this machine whose results equal XLA's own within float "
+                    "rounding, measured once and cached in $JAXLAB_CACHE_DIR/kernels.json), xla "
+                    "(as XLA comes), or one by name. Default: $JAXLAB_KERNELS, else auto; a "
+                    "resumed run keeps the kernels it started with.")
+
+
+def _started_kernels() -> str | None:
+  """The kernels recorded in --workdir's config.json (or its first member's), if any."""
+  workdir = flags.FLAGS["workdir"].value if "workdir" in flags.FLAGS else None
+  if not workdir:
+    return None
+  import json
+  import pathlib
+  root = pathlib.Path(workdir)
+  for path in [root / "config.json", *sorted(root.glob("*/config.json"))[:1]]:
+    try:
+      return json.loads(path.read_text()).get("environment", {}).get("kernels")
+    except (OSError, ValueError, AttributeError):
+      continue
+  return None
 
 
 def define_loop_flag() -> None:

@@ -17,6 +17,7 @@ from typing import Any
 import jax
 
 import jaxlab
+from jaxlab import kernels
 
 # JAX reports every program it gets for a backend (compiled, or loaded from the persistent
 # cache) as one duration event; loads also come as cache hits, with their retrieval time.
@@ -125,7 +126,12 @@ def enable_compilation_cache(directory: str | os.PathLike | None = None) -> path
 
 
 def environment() -> dict[str, Any]:
-  """jaxlab and JAX versions, and the backend and device the computation runs on."""
+  """jaxlab and JAX versions, the backend and device the computation runs on, and on the CPU
+  the kernels XLA uses (`jaxlab.kernels`) with the XLA flags the backend started with."""
   device = jax.devices()[0]
-  return {"jaxlab": jaxlab.__version__, "jax": jax.__version__, "backend": jax.default_backend(),
-          "device": getattr(device, "device_kind", str(device)), "device_count": jax.device_count()}
+  found = {"jaxlab": jaxlab.__version__, "jax": jax.__version__,
+           "backend": jax.default_backend(), "device": getattr(device, "device_kind", str(device)),
+           "device_count": jax.device_count()}
+  if found["backend"] == "cpu":
+    found.update(kernels=kernels.applied(), xla_flags=os.environ.get("XLA_FLAGS", ""))
+  return found

@@ -18,6 +18,7 @@ from jaxlab.experiment import build_model
 from jaxlab.data import DATASETS
 from jaxlab.experiment import get_experiment
 
+cli.define_kernels_flag()
 flags.DEFINE_string("experiment", "mlp_big_small_big", "Experiment whose architecture to train.")
 flags.DEFINE_string("dataset", None, "Data set whose shape the random data takes. Default: the "
                     "experiment's.")

@@ -18,6 +18,7 @@ from jaxlab.experiment import build_model
 from jaxlab.experiment import get_experiment
 from jaxlab.keras_io import import_keras, import_keras_weights, keras_capture, to_keras
 
+cli.define_kernels_flag()
 cli.define_experiment_flags()
 flags.DEFINE_string("keras_weights", None, "A Keras .weights.h5 or .keras file.")
 flags.DEFINE_integer("batch_size", 8, "Random examples to compare on.", lower_bound=1)

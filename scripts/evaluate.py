@@ -13,6 +13,7 @@ from jaxlab.data import load_dataset
 from jaxlab.restore import load_run
 from jaxlab.steps import evaluate, make_steps
 
+cli.define_kernels_flag()
 flags.DEFINE_string("workdir", None, "Run directory written by scripts/train.py.")
 flags.DEFINE_enum("checkpoint", "best", ["best", "last"], "Which checkpoint to evaluate.")
 flags.DEFINE_string("data_dir", None, "Where the data set is, if not where the run found it.")

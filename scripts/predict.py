@@ -15,6 +15,7 @@ from absl import flags
 from jaxlab import cli
 from jaxlab.restore import load_run
 
+cli.define_kernels_flag()
 flags.DEFINE_string("workdir", None, "Run directory.")
 flags.DEFINE_string("inputs", None, "A .npy file of model inputs.")
 flags.DEFINE_string("output", None, "Where to write the probabilities (.npy).")

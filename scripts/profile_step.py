@@ -26,6 +26,7 @@ from jaxlab.runtime import environment
 from jaxlab.state import create_group_state, create_train_state
 from jaxlab.steps import make_steps
 
+cli.define_kernels_flag()
 cli.define_experiment_flag()
 OVERRIDES = cli.define_config_flags(["dataset", "batch_size", "precision"])
 flags.DEFINE_integer("steps", 50, "Timed steps (after 3 warm-up steps).", lower_bound=1)
@@ -116,8 +117,9 @@ def format_table(r: dict) -> str:
   lines = [f"{r['experiment']} on {r['dataset']}, batch {r['batch_size']}, {r['precision']}, "
            + (f"{r['members']} members (one vmapped group; FLOPs and times are of all), "
               if r["members"] > 1 else "") +
-           f"{r['backend']} ({r['device']}); measured matmul peak "
-           f"{r['matmul_peak_flops_per_second'] / 1e12:.3f} TFLOP/s"]
+           f"{r['backend']} ({r['device']})"
+           + (f", kernels {r['kernels']}" if "kernels" in r else "")
+           + f"; measured matmul peak {r['matmul_peak_flops_per_second'] / 1e12:.3f} TFLOP/s"]
   rows = [("", "train_step", "eval_step"),
           ("compile (s)",) + tuple(f"{r[s]['compile_seconds']:.2f}" for s in ("train_step", "eval_step")),
           ("XLA GFLOP",) + tuple(f"{r[s]['xla_flops'] / 1e9:.3f}" for s in ("train_step", "eval_step")),

@@ -17,6 +17,7 @@ from jaxlab.experiment import load_lab
 from jaxlab.lab import LabRunner, plan_lab
 from jaxlab.report import results_table
 
+cli.define_kernels_flag()
 flags.DEFINE_string("lab", None, "A built-in lab (lab02, lab04_alexnet, lab04_vgg) or the path "
                     "of a Python file that declares experiments as experiments/lab02.py does.")
 flags.DEFINE_string("workdir", None, "Lab directory: DIR/lab.json and DIR/EXPERIMENT/seed_S/.")

@@ -18,6 +18,7 @@ from jaxlab.experiment import resolve_config
 from jaxlab.experiment import load_lab
 from jaxlab.train import group_configs, member_dir, train_group
 
+cli.define_kernels_flag()
 cli.define_experiment_flag()
 flags.DEFINE_string("lab", None, "A lab file (path/to/my_lab.py) to load first, for an "
                     "experiment it declares.")

@@ -42,9 +42,18 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))
 # scripts that tests start as processes compile as a user's do (`script_environment`).
 # (Worker processes of pytest-xdist inherit this process's settings: the user's flags are kept
 # aside once, by the first.)
+# XLA:CPU's kernels (jaxlab.kernels) are those of $JAXLAB_TEST_KERNELS (default xla, XLA as it
+# comes), here and in every script a test starts, so that no test measures the machine: run
+# the suite with JAXLAB_TEST_KERNELS=ynn_dot (say) to check it under another choice.
 _USER_XLA_FLAGS = os.environ.setdefault("JAXLAB_TEST_USER_XLA_FLAGS",
                                         os.environ.get("XLA_FLAGS", ""))
-os.environ["XLA_FLAGS"] = f"{_USER_XLA_FLAGS} --xla_backend_optimization_level=0".strip()
+from jaxlab import kernels  # noqa: E402  (no JAX: before the backend starts)
+
+KERNELS = os.environ.setdefault("JAXLAB_TEST_KERNELS", "xla")
+os.environ["JAXLAB_KERNELS"] = KERNELS
+os.environ["XLA_FLAGS"] = (f"{_USER_XLA_FLAGS} {kernels.KERNELS[KERNELS]} "
+                           "--xla_backend_optimization_level=0").strip()
+os.environ[kernels.APPLIED_ENV] = KERNELS
 
 import jax  # noqa: E402
 
@@ -59,9 +68,11 @@ SMALL = dict(dataset="mnist", epochs=3, batch_size=32, steps_per_dispatch=4, eva
 
 def script_environment(**extra: str) -> dict[str, str]:
   """The environment of a process a test starts: this one's, on the CPU, with the user's XLA
-  flags (not this process's compile settings), and `extra`."""
+  flags (not this process's compile settings; its kernels come from $JAXLAB_KERNELS, as a
+  user's would), and `extra`."""
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   env.pop("XLA_FLAGS")
+  env.pop(kernels.APPLIED_ENV)
   return {**env, **({"XLA_FLAGS": _USER_XLA_FLAGS} if _USER_XLA_FLAGS else {}), **extra}
 
 

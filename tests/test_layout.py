@@ -67,8 +67,9 @@ def test_modules_look_only_down():
 
 
 @pytest.mark.parametrize("module", ["jaxlab.run", "jaxlab.config", "jaxlab.report",
-                                    "jaxlab.errors", "jaxlab.metrics"])
+                                    "jaxlab.errors", "jaxlab.metrics", "jaxlab.kernels"])
 def test_modules_that_read_run_directories_import_no_jax(module):
+  """The readers of run directories need no JAX; jaxlab.kernels must run before JAX starts."""
   code = (f"import sys, {module}; "
           "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'flax', 'optax')); "
           "print(bad); sys.exit(1 if bad else 0)")
