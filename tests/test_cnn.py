@@ -84,6 +84,7 @@ def test_conv_and_pool_match_float64_reference(padding, stride, size, kernel):
                              atol=1e-5 * scale)
 
 
+@pytest.mark.slow
 def test_l2_term_in_the_logged_loss(tmp_path):
   """The logged L2 term is c * sum(w**2) over the regularized kernels, by hand."""
   config = resolve_config("alexnet_l2", dataset="fashion_mnist", epochs=1, batch_size=8,
@@ -105,6 +106,7 @@ def test_l2_term_in_the_logged_loss(tmp_path):
   assert record["train_loss"] == pytest.approx(record["train_data_loss"] + by_hand, rel=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", CNN_EXPERIMENTS)
 def test_one_train_step_of_every_cnn_experiment(name):
   dataset_name = build_model(name).input_shape() == (32, 32, 3) and "cifar10" or "fashion_mnist"
@@ -140,11 +142,13 @@ def overfit(model, steps=80):
   return state, float(metrics["loss_sum"]) / 64, int(metrics["correct"]) / 64
 
 
+@pytest.mark.slow
 def test_small_cnn_overfits_64_examples():
   _, loss, accuracy = overfit(SMALL_CNN)
   assert accuracy == 1.0 and loss < 0.05
 
 
+@pytest.mark.slow
 def test_bf16_computes_in_bfloat16_and_keeps_float32_state():
   model = SMALL_CNN.clone(dtype=jnp.bfloat16)
   state, loss, accuracy = overfit(model)

@@ -30,6 +30,7 @@ def test_confusion_matrix_counts_pairs():
 
 # At lr 1e-3 the last epoch is the best; at 0.3 training degrades, so the best checkpoint is
 # an earlier one and its report comes from that checkpoint.
+@pytest.mark.slow
 @pytest.mark.parametrize("learning_rate", [1e-3, 0.3])
 def test_metrics_json_holds_final_and_best_reports(tmp_path, learning_rate):
   config = resolve_config("mlp_baseline", dataset="fashion_mnist", epochs=3, batch_size=32,
@@ -49,6 +50,7 @@ def test_metrics_json_holds_final_and_best_reports(tmp_path, learning_rate):
   assert json.loads((tmp_path / "metrics.json").read_text())["evaluation"] == summary["evaluation"]
 
 
+@pytest.mark.slow
 def test_evaluate_script_recomputes_the_report(tmp_path):
   write_idx_dataset(tmp_path / "data", n_train=64, n_test=40)
   run = tmp_path / "run"

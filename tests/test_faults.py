@@ -86,6 +86,7 @@ def saved_steps(workdir):
                 ) if (workdir / "checkpoints").is_dir() else []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1])
 def test_sigkill_at_a_random_moment_then_resume(data, reference, tmp_path, seed):
   """Killed after a random number of checkpoints, a random time later (inside an epoch, often
@@ -105,6 +106,7 @@ def test_sigkill_at_a_random_moment_then_resume(data, reference, tmp_path, seed)
   assert not list((workdir / "checkpoints").glob("*.tmp*"))
 
 
+@pytest.mark.slow
 def test_sigterm_saves_stops_and_resumes(data, reference, tmp_path):
   workdir = tmp_path / "run"
   process = start_script("train.py", *train_args(data, workdir))
@@ -132,6 +134,7 @@ def flip_a_bit(path):
   path.write_bytes(bytes(raw))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", [truncate, flip_a_bit])
 def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(data, reference, tmp_path,
                                                                   damage):
@@ -146,6 +149,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(data, referenc
   assert_same_as_reference(workdir, reference)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_another_experiment_is_refused(data, tmp_path):
   other = tmp_path / "other"
   script("train.py", *train_args(data, other, "--epochs=1", experiment="mlp_halving"))
@@ -163,6 +167,7 @@ def test_a_checkpoint_of_another_experiment_is_refused(data, tmp_path):
   assert [r["epoch"] for r in metrics_lines(workdir)] == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_an_edited_declaration_is_refused_unless_restarted(data, tmp_path):
   lab = tmp_path / "edited_lab.py"
   declaration = ("from jaxlab.experiment import Experiment, register\n"
@@ -190,6 +195,7 @@ def test_an_edited_declaration_is_refused_unless_restarted(data, tmp_path):
   assert [r["epoch"] for r in metrics_lines(run)] == [1, 2]
 
 
+@pytest.mark.slow
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(data, tmp_path):
   """SGD at rate 2 diverges after some 150 steps: the run stops there, keeps only finite
   checkpoints from before that step, and resumes with --nan_policy=skip."""
@@ -220,6 +226,7 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(data, tmp_path):
              parse_constant=lambda c: pytest.fail(f"{c} in metrics.json"))
 
 
+@pytest.mark.slow
 def test_a_half_written_metrics_line_is_skipped(data, reference, tmp_path):
   workdir = tmp_path / "run"
   process = start_script("train.py", *train_args(data, workdir))
@@ -234,6 +241,7 @@ def test_a_half_written_metrics_line_is_skipped(data, reference, tmp_path):
   assert_same_as_reference(workdir, reference)
 
 
+@pytest.mark.slow
 def test_a_full_disk_keeps_the_previous_checkpoint(data, tmp_path):
   """The file-size limit makes every write past 200 kB fail (EFBIG) as a full disk would."""
   workdir = tmp_path / "run"
@@ -254,6 +262,7 @@ def test_a_full_disk_keeps_the_previous_checkpoint(data, tmp_path):
   assert not list((workdir / "checkpoints").glob("*.tmp*"))
 
 
+@pytest.mark.slow
 def test_bad_input_is_one_line_and_status_2(data, tmp_path):
   """Every bad input a script can get, each a one-line `error:` naming the bad value, status 2.
   Each case runs the script's main in this process, as its command line would; the first case

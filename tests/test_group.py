@@ -52,6 +52,7 @@ def assert_same_metrics(group_run, single_run, rtol, keys=METRICS):
       assert g[key] == pytest.approx(w[key], rel=rtol, abs=1e-7), key
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("experiment,dataset", [("mlp_dropout", "mnist"),
                                                 ("group_small_cnn", "fashion_mnist")])
 def test_members_equal_single_runs(tmp_path, experiment, dataset):
@@ -100,6 +101,7 @@ def test_members_equal_single_runs(tmp_path, experiment, dataset):
   assert largest_difference(final_state(dirs[0]), final_state(dirs[1])) > 0.1
 
 
+@pytest.mark.slow
 def test_a_member_does_not_depend_on_its_group(tmp_path):
   """Seed 4 first beside seed 5 and second beside seed 7: bit-identical, with Adam, BatchNorm
   and Dropout. Nothing leaks between members (statistics, keys, orders) and a member's position
@@ -122,6 +124,7 @@ def test_a_member_does_not_depend_on_its_group(tmp_path):
                       keys=("train_loss", "val_loss"))
 
 
+@pytest.mark.slow
 def test_learning_rate_grid(tmp_path):
   ds = synthetic_dataset(n_train=128, n_test=64)
   base = resolve_config("mlp_halving", **{**SMALL, "optimizer": "sgd", "epochs": 1})
@@ -143,6 +146,7 @@ def test_learning_rate_grid(tmp_path):
     assert float(saved_rate) == pytest.approx(config.learning_rate)
 
 
+@pytest.mark.slow
 def test_a_killed_group_resumes_to_the_same_end(tmp_path):
   ds = synthetic_dataset(n_train=256, n_test=64)
   base = resolve_config("mlp_dropout", **{**SMALL, "epochs": 3})
@@ -194,6 +198,7 @@ def test_members_that_do_not_fit_are_named():
   assert _out_of_memory(other, 32, build_model("vgg_cifar10")) is other
 
 
+@pytest.mark.slow
 def test_group_through_the_scripts(tmp_path):
   """train.py --seeds: each member a run directory that evaluate.py reads; a second process
   running the same architecture (other seeds) compiles no XLA program."""

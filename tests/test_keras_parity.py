@@ -40,6 +40,7 @@ def weights_dir(tmp_path_factory):
   return tmp_path_factory.mktemp("keras")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(keras_models.MODELS))
 def test_every_layer_matches_keras(name, weights_dir):
   reference = randomize(keras_models.build(name))
@@ -72,6 +73,7 @@ def _saved(keras_model, path="/tmp/jaxlab-test-order.weights.h5"):
   return path
 
 
+@pytest.mark.slow
 def test_comparison_names_the_first_divergent_layer():
   model = build_model("mlp_halving")
   reference = randomize(keras_models.build("mlp_halving"))
@@ -107,6 +109,7 @@ def test_capture_in_train_mode_applies_dropout_and_batch_statistics():
                              atol=1e-4)  # Normalized by the batch's own statistics.
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["mlp_parallel_paths", "alexnet_pool_stride"])
 @pytest.mark.parametrize("suffix", [".keras", ".weights.h5"])
 def test_round_trip_jaxlab_keras_jaxlab_is_identical(tmp_path, name, suffix):
@@ -133,6 +136,7 @@ def test_wrong_experiment_is_refused_naming_layers_and_shapes(tmp_path):
     import_keras_weights(MLP(layers=tuple(Dense(n) for n in (128, 256, 128, 64, 32))), path)
 
 
+@pytest.mark.slow
 def test_import_predict_match_keras_predict_through_the_scripts(tmp_path):
   for name in ("mlp_parallel_paths", "alexnet_pool_stride"):
     reference = randomize(keras_models.build(name), seed=5)
@@ -152,6 +156,7 @@ def test_import_predict_match_keras_predict_through_the_scripts(tmp_path):
     assert json.loads((run / "metrics.json").read_text())["status"] == "imported"
 
 
+@pytest.mark.slow
 def test_script_errors_are_one_line(tmp_path):
   reference = keras_models.build("mlp_halving")
   weights = tmp_path / "h.weights.h5"

@@ -59,6 +59,7 @@ def test_of_kernels_within_the_margin_the_simplest_is_chosen(tmp_path, monkeypat
   assert kernels.choose(log=lambda s: None)["name"] == "ynn_dot"
 
 
+@pytest.mark.slow
 def test_the_measured_step_runs_and_is_exact_to_float_rounding(tmp_path):
   """The real measurement of XLA as it comes, in its own process."""
   found = kernels.measure("xla", tmp_path / "xla.npz", repeats=1)
@@ -80,6 +81,7 @@ def test_unknown_kernels_are_named(monkeypatch):
   assert kernels.applied() == "xla"
 
 
+@pytest.mark.slow
 def test_scripts_apply_the_kernels_before_jax_starts_and_a_resumed_run_keeps_them(tmp_path):
   from datafiles import write_idx_dataset
 

@@ -143,6 +143,7 @@ def tiny_lab(tmp_path, name, a, b):
   return data, workdir, run_lab_args(write_lab(tmp_path / f"{name}.py", a, b), workdir, data)
 
 
+@pytest.mark.slow
 def test_lab_killed_resumed_and_reported(tmp_path):
   data, workdir, args = tiny_lab(tmp_path, "two", "lab_test_bn_dropout", "lab_test_plain")
   # Killed as the second experiment's group (runs 3 and 4) starts compiling.
@@ -221,6 +222,7 @@ def test_lab_killed_resumed_and_reported(tmp_path):
   assert "src='http" not in page and "href=" not in page
 
 
+@pytest.mark.slow
 def test_sigterm_stops_the_lab_after_a_checkpoint(tmp_path):
   _, workdir, args = tiny_lab(tmp_path, "term", "lab_term_a", "lab_term_b")
   stderr = kill_when(args, "[term] runs 3-4/4: lab_term_b seeds 0,1 ->", sig=signal.SIGTERM)
@@ -239,6 +241,7 @@ def test_sigterm_stops_the_lab_after_a_checkpoint(tmp_path):
   assert set(lab_status(workdir).values()) == {"completed"}
 
 
+@pytest.mark.slow
 def test_a_failing_run_beside_a_passing_one(tmp_path):
   data = tmp_path / "data"
   write_idx_dataset(data, n_train=64, n_test=32)
@@ -270,6 +273,7 @@ def test_a_failing_run_beside_a_passing_one(tmp_path):
       tmp_path / "report" / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_report_imports_nothing_of_training():
   code = ("import sys, jaxlab.report; "
           "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'flax', 'optax') "

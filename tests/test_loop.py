@@ -25,6 +25,7 @@ if "loop_small_cnn" not in EXPERIMENTS:
                     head=(Dense(16, "relu", batch_norm=True, dropout=0.5),))))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,dataset", [("mlp_dropout", "mnist"),
                                           ("loop_small_cnn", "fashion_mnist")])
 def test_both_loops_train_and_evaluate_the_same(name, dataset):
@@ -74,6 +75,7 @@ def test_auto_picks_steps_for_convolutions_on_the_cpu(monkeypatch):
     choose_loop(mlp, "while")
 
 
+@pytest.mark.slow
 def test_a_resumed_run_keeps_the_loop_it_started_with(tmp_path, monkeypatch):
   ds = random_dataset(n_train=64, n_test=32)
   config = resolve_config("mlp_baseline", **{**SMALL, "epochs": 1})

@@ -134,6 +134,7 @@ def difference_of_runs(run, reference):
 # 8e-4 of its scale; the 8-device run's mean train loss then 0.2% off), as between two
 # machines.
 # A checkpoint of 8 devices resumed on 1 (the MLP), one of 1 on 8 (the CNN).
+@pytest.mark.slow
 @pytest.mark.parametrize("experiment,lr,resumes", [("mlp_halving", 0.05, ((8, 1),)),
                                                    ("parallel_small_cnn", 0.01, ((1, 8),))])
 def test_data_parallel_steps_compute_what_one_device_does(tmp_path, experiment, lr, resumes):
@@ -159,6 +160,7 @@ def test_data_parallel_steps_compute_what_one_device_does(tmp_path, experiment, 
     assert config["environment"]["mesh"]["devices"] == then
 
 
+@pytest.mark.slow
 def test_a_batch_the_mesh_does_not_divide_is_refused(tmp_path):
   code = textwrap.dedent(f"""
       import sys; sys.path.insert(0, {str(TESTS)!r})
@@ -185,6 +187,7 @@ def free_port():
     return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_train_one_run(tmp_path):
   """train.py as two processes (jax.distributed on a loopback coordinator), two simulated CPU
   devices each: both end with the same state, that of a one-process run up to float rounding,

@@ -16,6 +16,7 @@ from datafiles import synthetic_dataset
 from conftest import script
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("experiment,batch", [("mlp_halving", 32), ("alexnet_pool_stride", 4)])
 def test_profile_step_json(tmp_path, experiment, batch):
   out = script("profile_step.py", f"--experiment={experiment}", f"--batch_size={batch}",
@@ -57,11 +58,13 @@ def test_matmul_instructions_finds_dots_and_fusions_that_hold_them():
   assert profiling.matmul_instructions(conv)
 
 
+@pytest.mark.slow
 def test_profile_step_table():
   out = script("profile_step.py", "--experiment=mlp_baseline", "--batch_size=16", "--steps=2").stdout
   assert "median step (ms)" in out and "fraction of peak" in out
 
 
+@pytest.mark.slow
 def test_second_run_does_not_recompile(tmp_path):
   config = resolve_config("mlp_diamond", dataset="mnist", epochs=2, batch_size=32,
                           steps_per_dispatch=4, eval_batch_size=64)
@@ -72,6 +75,7 @@ def test_second_run_does_not_recompile(tmp_path):
   assert counter.count == 0
 
 
+@pytest.mark.slow
 def test_epochs_after_the_first_do_not_compile(tmp_path):
   config = resolve_config("mlp_wide_narrow", dataset="mnist", epochs=3, batch_size=32,
                           steps_per_dispatch=3, eval_batch_size=64)
@@ -83,6 +87,7 @@ def test_epochs_after_the_first_do_not_compile(tmp_path):
   assert counts[0] > 0 and counts[1] == counts[2] == counts[0]
 
 
+@pytest.mark.slow
 def test_resumed_run_compiles_what_a_fresh_run_does(tmp_path):
   config = resolve_config("mlp_wide_narrow", dataset="mnist", epochs=2, batch_size=32,
                           steps_per_dispatch=3, eval_batch_size=64)
@@ -102,6 +107,7 @@ def test_compile_counter_sees_compilations():
   assert counter.count >= 1
 
 
+@pytest.mark.slow
 def test_benchmark_runs_jaxlab_and_keras_on_a_tiny_setting():
   model = build_model("mlp_halving")
   result = run_benchmark(model, 10, batch_size=32, examples=96, epochs=2, peers=["keras_fit"],

@@ -9,6 +9,7 @@ from conftest import run_main, script
 from datafiles import write_idx_dataset
 
 
+@pytest.mark.slow
 def test_summary_json_has_keras_counts():
   out = json.loads(script("summary.py", "--experiment=mlp_back_n_forth", "--json").stdout)
   assert {k: out[k] for k in ("total_params", "trainable_params", "non_trainable_params")} == \
@@ -16,6 +17,7 @@ def test_summary_json_has_keras_counts():
   assert [l["name"] for l in out["layers"]][:3] == ["dense", "dense_1", "batch_normalization"]
 
 
+@pytest.mark.slow
 def test_summary_table():
   out = script("summary.py", "--experiment=mlp_baseline").stdout
   assert 'Model: "mlp_baseline"' in out and "Total params:" in out and "dropout (Dropout)" in out
@@ -32,6 +34,7 @@ def test_unknown_names_list_the_known_ones(args, listed):
     assert listed in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_train_missing_data_says_how_to_provide_it(tmp_path):
   result = script("train.py", "--experiment=mlp_baseline", "--dataset=mnist",
                   f"--data_dir={tmp_path}", f"--workdir={tmp_path / 'run'}", check=False, timeout=60)
@@ -39,6 +42,7 @@ def test_train_missing_data_says_how_to_provide_it(tmp_path):
   assert "data set 'mnist' was not found" in result.stderr and "--data_dir" in result.stderr
 
 
+@pytest.mark.slow
 def test_train_end_to_end_then_resume(tmp_path):
   write_idx_dataset(tmp_path / "data", n_train=96, n_test=40)
   args = ["--experiment=mlp_halving", "--dataset=mnist", f"--data_dir={tmp_path / 'data'}",
@@ -66,6 +70,7 @@ def test_train_end_to_end_then_resume(tmp_path):
   assert other.returncode == 2 and "batch_size: 32 -> 16" in other.stderr
 
 
+@pytest.mark.slow
 def test_stray_arguments_are_refused():
   result = script("summary.py", "--experiment=mlp_baseline", "oops", check=False)
   assert result.returncode == 2 and "unexpected arguments: oops" in result.stderr

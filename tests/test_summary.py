@@ -8,6 +8,7 @@ from jaxlab.experiment import experiment_names
 from jaxlab.summary import format_summary, summarize
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(keras_models.MODELS))
 def test_counts_and_shapes_match_keras(name):
   reference = keras_models.build(name)
@@ -44,6 +45,7 @@ def test_format_summary_lists_layers_and_totals():
   assert len(text.splitlines()) == len(summary["layers"]) + 9
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(keras_models.LAB04_BUILDERS))
 @pytest.mark.parametrize("dataset,shape", [("fashion_mnist", (28, 28, 1)), ("cifar10", (32, 32, 3))])
 def test_cnn_block_shapes_match_keras_for_both_input_sizes(name, dataset, shape):

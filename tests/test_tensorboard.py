@@ -45,6 +45,7 @@ def assert_events_equal_metrics(run):
       assert [p.wall_time for p in points] == pytest.approx([r["time"] for r in history])
 
 
+@pytest.mark.slow
 def test_events_match_metrics_also_after_a_resume(tmp_path):
   config = resolve_config("mlp_dropout", **SMALL)
   ds = synthetic_dataset()

@@ -53,6 +53,7 @@ def one_member(state):
   return jax.tree_util.tree_map(lambda x: x[None], state)
 
 
+@pytest.mark.slow
 def test_partial_last_batch_is_trained_like_keras():
   model = build_model("mlp_baseline")
   steps = make_steps(model)
@@ -65,6 +66,7 @@ def test_partial_last_batch_is_trained_like_keras():
   assert metrics[0]["skipped_steps"] == 0
 
 
+@pytest.mark.slow
 def test_checkpoint_round_trip(tmp_path):
   model = build_model("mlp_halving")
   tx = make_optimizer("adam")
@@ -110,6 +112,7 @@ def crash_after(epoch):
   return OnEpochEnd(callback)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("experiment", ["mlp_dropout", "mlp_parallel_paths"])
 def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, experiment):
   config = resolve_config(experiment, **SMALL)
@@ -184,6 +187,7 @@ def test_bad_settings_are_named(bad, match):
     resolve_config("mlp_baseline", **bad)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer", ["sgd", "momentum", "nadam", "rmsprop"])
 def test_every_optimizer_trains(tmp_path, optimizer):
   config = resolve_config("mlp_halving", **{**SMALL, "epochs": 2, "optimizer": optimizer,
