@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from flax import serialization
 
-from jaxlab import checkpoint
+from jaxlab import checkpoint, lock
 from jaxlab.config import TrainConfig
 from jaxlab.experiment import build_model, describe_experiment
 from jaxlab.hooks import ConfigFile, MetricsLog, SummaryFile
@@ -266,6 +266,12 @@ def write_imported_run(workdir: str | pathlib.Path, config: TrainConfig,
   Every script that reads run directories works on it; `scripts/train.py` with the same
   settings trains on from the imported weights."""
   run = Run(workdir, config)
+  with lock.holding(run.root):  # One writer, as a training run.
+    return _write_imported(run, config, variables, source)
+
+
+def _write_imported(run: Run, config: TrainConfig, variables: dict[str, Any],
+                    source: str) -> Run:
   if run.config_file.exists():
     raise FileExistsError(f"{run.root} already holds a run; import into a new --workdir")
   model = build_model(config.experiment, config.dataset, config.precision)

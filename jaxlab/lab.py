@@ -1,19 +1,27 @@
-"""Running a lab: each (experiment, seed) as one ordinary run directory, all in one process.
+"""Running a lab: each (experiment, seed) as one ordinary run directory, by one or many workers.
 
-  DIR/lab.json                 the lab, its settings, and every run's status
+  DIR/lab.json                 the lab, its settings, and every run's status and worker
   DIR/EXPERIMENT/seed_S/       a run directory, as `scripts/train.py` writes one
 
 Runs are trained as `scripts/train.py --seeds=...` trains them: an experiment's seeds as one
 vmapped group (`train_group`); in one process a data set is loaded once and an architecture's
 steps are compiled once. A finished run is skipped, an interrupted one resumes, and a failing
 one is recorded with its one-line error while the lab goes on.
+
+Any number of workers (processes of `run_lab.py` on the same lab directory, on one machine or
+on several sharing a file system) share the lab: each claims the next group nobody holds (the
+run directories' locks, `jaxlab.lock`), trains it, and takes the next; a group held by another
+worker is left to it, and taken (resumed) if that worker dies. lab.json is read, merged and
+written under a lock of its own, each worker writing only the runs it has claimed.
 """
 
 from __future__ import annotations
 
 import datetime
 import json
+import os
 import pathlib
+import socket
 import sys
 import time
 import traceback
@@ -21,7 +29,7 @@ from typing import Any, Callable, Sequence
 
 from absl import logging
 
-from jaxlab import preemption
+from jaxlab import lock, preemption
 from jaxlab.config import TrainConfig, changed_settings
 from jaxlab.data import Dataset, load_dataset
 from jaxlab.errors import USER_ERRORS, describe
@@ -71,10 +79,17 @@ class LabRunner:
     self.root = pathlib.Path(workdir)
     if self.root.exists() and not self.root.is_dir():
       raise ValueError(f"--workdir {self.root} is a file, not a directory")
-    self.say = say or (lambda line: print(line, file=sys.stderr, flush=True))
+    worker = f"[worker {os.environ['JAXLAB_WORKER']}] " if os.environ.get("JAXLAB_WORKER") else ""
+    self.say = say or (lambda line: print(worker + line, file=sys.stderr, flush=True))
     self._datasets: dict[tuple, Dataset | Exception] = {}
     self._others: list[dict[str, Any]] = []
+    self._mine: set[str] = set()  # The runs this worker claimed (or found finished).
+    self.trained_failed = False  # Whether a run this worker trained failed.
     self.started = _now()
+    self.poll_seconds = 2.0  # How often to look at runs that other workers hold.
+    self.me = {"host": socket.gethostname(), "pid": os.getpid(), "started": _now()}
+    self._active = False  # Registered in lab.json's "workers" while it runs.
+    self._last_out = False
     self._check_previous()
 
   def _check_previous(self) -> None:
@@ -97,13 +112,31 @@ class LabRunner:
     self._others = [r for r in previous.get("runs", []) if r.get("path") not in mine]
 
   def write(self) -> dict[str, Any]:
-    record = {"lab": self.lab.name, "source": self.lab.path, "settings": self.settings,
-              "experiments": list(dict.fromkeys(r.experiment for r in self.runs)),
-              "seeds": list(dict.fromkeys(r.seed for r in self.runs)),
-              "started": self.started, "updated": _now(),
-              "runs": [r.lab_record() for r in self.runs] + self._others}
-    write_json(self.root / LAB_FILE, record)
+    """lab.json, merged under its lock: this worker's claimed runs as it sees them, every
+    other run as the file has it (another worker's), or as planned if the file has none."""
+    with lock.waiting(self.root, "lab"):
+      try:
+        previous = json.loads((self.root / LAB_FILE).read_text())
+      except (OSError, ValueError):
+        previous = {}
+      found = {r.get("path"): r for r in previous.get("runs", [])}
+      runs = [r.lab_record() if self._ours(r, found.get(r.path)) else found[r.path]
+              for r in self.runs]
+      mine = {r.path for r in self.runs}
+      others = [r for r in previous.get("runs", []) if r.get("path") not in mine] or self._others
+      record = {"lab": self.lab.name, "source": self.lab.path, "settings": self.settings,
+                "experiments": list(dict.fromkeys(r.experiment for r in self.runs)),
+                "seeds": list(dict.fromkeys(r.seed for r in self.runs)),
+                "started": previous.get("started", self.started), "updated": _now(),
+                "workers": self._workers(previous.get("workers", [])), "runs": runs + others}
+      write_json(self.root / LAB_FILE, record)
     return record
+
+  def _ours(self, run: Run, found: dict[str, Any] | None) -> bool:
+    """Whether lab.json takes this worker's record of `run`: one it claimed, one the file does
+    not have, or one found completed that the file still has running (its worker died)."""
+    return (run.path in self._mine or found is None
+            or (run.status == "completed" and found.get("status") != "completed"))
 
   def _dataset(self, config: TrainConfig) -> Dataset:
     key = (config.dataset, config.data_dir, config.download)
@@ -120,22 +153,83 @@ class LabRunner:
 
   def run(self) -> dict[str, Any]:
     """Trains the lab experiment by experiment: an experiment's unfinished seeds as one
-    vmapped group (`train_group`), each seed into its own run directory."""
+    vmapped group (`train_group`), each seed into its own run directory. A group that another
+    worker holds is left to it; once every other group is done, this worker waits for those,
+    and takes (resumes) any whose worker has died."""
     self.root.mkdir(parents=True, exist_ok=True)
+    self._active = True
     self.write()
+    try:
+      self._run()
+    finally:
+      self._active = False
+      record = self.write()
+    return record
+
+  def _run(self) -> None:
     numbers = {id(run): i for i, run in enumerate(self.runs, 1)}
-    for experiment in dict.fromkeys(r.experiment for r in self.runs):
-      group = []
-      for run in (r for r in self.runs if r.experiment == experiment):
-        if run.finished(run.config):
-          self._completed(run, Run.read(run.root).summary)
-          self.say(f"{self._head([numbers[id(run)]], [run])}: finished earlier, skipped")
-        else:
-          group.append(run)
+    groups = [[r for r in self.runs if r.experiment == e]
+              for e in dict.fromkeys(r.experiment for r in self.runs)]
+    held_elsewhere = [g for g in groups if not self._claim(g, numbers)]
+    if held_elsewhere:
+      self.say(f"[{self.lab.name}] waiting for {sum(map(len, held_elsewhere))} runs that other "
+               "workers hold (taken over if a worker dies)")
+    while held_elsewhere:
+      time.sleep(self.poll_seconds)
+      if preemption.requested():
+        raise preemption.Preempted(f"[{self.lab.name}] stopped while other workers train")
+      held_elsewhere = [g for g in held_elsewhere if not self._claim(g, numbers, quiet=True)]
+
+  @property
+  def last_out(self) -> bool:
+    """Whether this worker was the last of the lab's workers to end (it prints the table)."""
+    return self._last_out
+
+  def _workers(self, listed: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """lab.json's active workers: `listed` without this one and without dead processes of this
+    host (a SIGKILLed worker never signs off), and with this one while it runs."""
+    def alive(w: dict[str, Any]) -> bool:
+      if w.get("host") != self.me["host"]:
+        return True  # Another machine's: taken at its word.
+      try:
+        os.kill(int(w["pid"]), 0)
+      except (OSError, ValueError, KeyError, TypeError):
+        return False
+      return True
+
+    others = [w for w in listed if isinstance(w, dict) and alive(w)
+              and (w.get("host"), w.get("pid")) != (self.me["host"], self.me["pid"])]
+    if not self._active:
+      self._last_out = not others
+    return others + [self.me] * self._active
+
+  def _claim(self, runs: list[Run], numbers: dict[int, int], quiet: bool = False) -> bool:
+    """Claims and trains `runs`' unfinished ones as a group; False where another worker holds
+    one of them (nothing is done then)."""
+    unfinished = [r for r in runs if not self._finished(r, numbers)]
+    if not unfinished:
+      return True
+    try:
+      with lock.holding(*[r.root for r in unfinished]):
+        unfinished = [r for r in unfinished if not self._finished(r, numbers)]  # Meanwhile?
+        if unfinished:
+          self._train(unfinished, [numbers[id(r)] for r in unfinished])
+    except lock.BusyError as e:
+      if not quiet:
+        self.say(f"{self._head([numbers[id(r)] for r in unfinished], unfinished)}: held by "
+                 f"{lock.describe_holder(e.holder)}; left to it")
+      return False
+    return True
+
+  def _finished(self, run: Run, numbers: dict[int, int]) -> bool:
+    if run.path in self._mine and run.status in ("completed", "failed"):
+      return True
+    if run.finished(run.config):
+      self._completed(run, Run.read(run.root).summary)
       self.write()
-      if group:
-        self._train(group, [numbers[id(run)] for run in group])
-    return self.write()
+      self.say(f"{self._head([numbers[id(run)]], [run])}: finished earlier, skipped")
+      return True
+    return False
 
   def _train(self, group: list[Run], numbers: list[int]) -> None:
     """Trains one experiment's unfinished runs as a group, recording how it went."""
@@ -145,6 +239,8 @@ class LabRunner:
                                  f"{len(self.runs)}")
     for run in group:
       run.status, run.error = "running", None
+      run.worker = {"host": socket.gethostname(), "pid": os.getpid()}
+      self._mine.add(run.path)
     self.write()
     self.say(f"{head} -> {self.root / group[0].experiment}")
     t0 = time.perf_counter()
@@ -155,6 +251,7 @@ class LabRunner:
       self.write()
       raise preemption.Preempted(f"{head}: {e}") from None
     except Exception as e:  # A failing group is recorded; the lab goes on.
+      self.trained_failed = True
       for run in group:
         run.status, run.error = "failed", describe(e)
       if not isinstance(e, USER_ERRORS):
@@ -183,3 +280,80 @@ class LabRunner:
   @staticmethod
   def _completed(run: Run, summary: dict[str, Any]) -> None:
     run.status, run.error, run.summary = "completed", None, summary
+
+
+def _gpus() -> list[str]:
+  """This machine's GPUs as CUDA_VISIBLE_DEVICES names them (that variable's list where it is
+  set, else nvidia-smi's), without starting JAX; none on a machine without them."""
+  visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+  if visible is not None:
+    return [d for d in visible.split(",") if d.strip() and d.strip() != "-1"]
+  import shutil
+  import subprocess
+  if not shutil.which("nvidia-smi"):
+    return []
+  try:
+    listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
+  except (OSError, subprocess.SubprocessError):
+    return []
+  return [str(i) for i, line in enumerate(listed.stdout.splitlines()) if line.startswith("GPU")]
+
+
+def worker_devices(workers: int) -> list[dict[str, Any]]:
+  """What each of `workers` processes on this machine gets: one GPU each where there are GPUs
+  (`CUDA_VISIBLE_DEVICES`), else an equal share of the CPU cores this process may use (its CPU
+  affinity, which sets the size of XLA's thread pool)."""
+  if workers < 1:
+    raise ValueError(f"--workers must be a positive integer, got {workers}")
+  gpus = _gpus()
+  if gpus:
+    if workers > len(gpus):
+      raise ValueError(f"--workers={workers}, but this machine has {len(gpus)} GPUs "
+                       f"({','.join(gpus)}): one worker per GPU")
+    return [{"env": {"CUDA_VISIBLE_DEVICES": gpus[k]}, "cores": None} for k in range(workers)]
+  cores = sorted(os.sched_getaffinity(0))
+  if workers > len(cores):
+    raise ValueError(f"--workers={workers}, but this process may use {len(cores)} CPU cores "
+                     "(at least one per worker)")
+  shares = [cores[k * len(cores) // workers:(k + 1) * len(cores) // workers]
+            for k in range(workers)]
+  return [{"env": {"JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}, "cores": share}
+          for share in shares]
+
+
+def run_workers(workers: int, argv: Sequence[str],
+                say: Callable[[str], None] = lambda line: print(line, file=sys.stderr)) -> int:
+  """Starts `workers` processes of `argv` (a `run_lab.py` command without --workers) on this
+  machine, one device each (`worker_devices`), forwards SIGTERM and SIGINT to them, waits, and
+  returns the status to exit with: 75 if any was stopped by a signal (the same command
+  resumes), else 2 for bad input, else 1 if a run failed, else 0."""
+  import signal
+  import subprocess
+
+  devices = worker_devices(workers)
+  procs = []
+  for k, device in enumerate(devices):
+    cores = device["cores"]
+    env = {**os.environ, **device["env"], "JAXLAB_WORKER": f"{k + 1}/{workers}"}
+    procs.append(subprocess.Popen(
+        list(argv), env=env,
+        preexec_fn=(lambda c=cores: os.sched_setaffinity(0, c)) if cores else None))
+    say(f"worker {k + 1}/{workers}: process {procs[-1].pid}, "
+        + (f"CPU cores {','.join(map(str, cores))}" if cores
+           else f"GPU {device['env']['CUDA_VISIBLE_DEVICES']}"))
+
+  def forward(signum, frame):
+    for p in procs:
+      if p.poll() is None:
+        p.send_signal(signum)
+
+  previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+  try:
+    codes = [p.wait() for p in procs]
+  finally:
+    for s, handler in previous.items():
+      signal.signal(s, handler)
+  for code in (75, 2, 1):
+    if code in codes:
+      return code
+  return 0 if all(c == 0 for c in codes) else max(abs(c) for c in codes)

@@ -13,6 +13,7 @@ leaves behind is a hook (`jaxlab.hooks`), one list per member; a member is a `ja
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -26,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from jaxlab import checkpoint, evaluation, parallel, runtime
+from jaxlab import checkpoint, evaluation, lock, parallel, runtime
 from jaxlab.config import TrainConfig, changed_settings
 from jaxlab.data import Dataset, load_dataset
 from jaxlab.experiment import build_model, describe_experiment
@@ -103,14 +104,15 @@ def train_group(configs: Sequence[TrainConfig], workdirs: Sequence[str | pathlib
   its seed, so its results are those of `train_and_evaluate` up to float rounding. The group
   resumes as a group. `hooks[k]` are member k's own hooks (after the default ones).
   """
-  group = _set_up(configs, workdirs, dataset, progress, hooks, restart)
-  try:
-    group.hooks.run_start()
-    for epoch in range(group.runs[0].start_epoch + 1, group.config.epochs + 1):
-      _epoch(group, epoch)
-    return _finish(group)
-  finally:
-    group.hooks.close()
+  with contextlib.ExitStack() as held:  # Each run directory's lock (`jaxlab.lock`).
+    group = _set_up(configs, workdirs, dataset, progress, hooks, restart, held)
+    try:
+      group.hooks.run_start()
+      for epoch in range(group.runs[0].start_epoch + 1, group.config.epochs + 1):
+        _epoch(group, epoch)
+      return _finish(group)
+    finally:
+      group.hooks.close()
 
 
 @dataclasses.dataclass
@@ -147,7 +149,8 @@ class _Group:
 
 def _set_up(configs: Sequence[TrainConfig], workdirs: Sequence[str | pathlib.Path],
             dataset: Dataset | None, progress: bool | None,
-            extra_hooks: Sequence[Sequence[Hook]] | None, restart: bool) -> _Group:
+            extra_hooks: Sequence[Sequence[Hook]] | None, restart: bool,
+            held: contextlib.ExitStack) -> _Group:
   """Checks the group, prepares its directories, loads the data, builds the model and its
   steps, and restores the newest state every member has saved."""
   _check_group(configs, workdirs)
@@ -161,6 +164,7 @@ def _set_up(configs: Sequence[TrainConfig], workdirs: Sequence[str | pathlib.Pat
   for run in runs:
     if writer:
       run.prepare()
+      held.enter_context(lock.holding(run.root))  # One writer: a second process fails here.
       if restart:
         run.clear()
     if run.config_file.exists() and not restart:

@@ -6,6 +6,12 @@
 Writes DIR/EXPERIMENT/seed_S/ (ordinary run directories) and DIR/lab.json, prints the results
 table at the end, and exits with status 1 if any run failed (2 for bad input). SIGTERM or
 Ctrl-C stops the lab as it stops train.py: a checkpoint, then status 75.
+
+Many workers share one lab: `--workers=N` starts N on this machine (one GPU, or a share of the
+CPU cores, each), and any number of run_lab.py processes on the same --workdir (a SLURM job
+array, several machines on a shared file system) claim its runs one group at a time, with no
+run trained twice. The worker that finishes the last group prints the table; a worker exits
+with status 1 only if a run it trained failed.
 """
 
 import sys
@@ -14,7 +20,7 @@ from absl import flags, logging
 
 from jaxlab import cli, preemption
 from jaxlab.experiment import load_lab
-from jaxlab.lab import LabRunner, plan_lab
+from jaxlab.lab import LabRunner, plan_lab, run_workers
 from jaxlab.report import results_table
 
 cli.define_kernels_flag()
@@ -24,6 +30,10 @@ flags.DEFINE_string("workdir", None, "Lab directory: DIR/lab.json and DIR/EXPERI
 flags.DEFINE_list("experiments", None, "Only these experiments of the lab. Default: all of "
                   "them, in the lab's order.")
 flags.DEFINE_list("seeds", ["0"], "Seeds to train each experiment with.")
+flags.DEFINE_integer("workers", 1, "Start this many worker processes on this machine, one "
+                     "device each (a GPU each, or an equal share of the CPU cores), that share "
+                     "the lab's runs; several run_lab.py processes started by hand or by SLURM "
+                     "on one lab directory share it the same way.", lower_bound=1)
 flags.DEFINE_bool("progress", None, "Per-epoch progress bars. Default: when stderr is a "
                   "terminal.")
 cli.define_compilation_cache_flag()
@@ -43,16 +53,21 @@ def main(argv):
   runs = plan_lab(lab, FLAGS.workdir, FLAGS.experiments, cli.parse_list(FLAGS.seeds, int, "seeds"),
                   overrides)
   settings = {k: v for k, v in overrides.items() if v is not None}
+  if FLAGS.workers > 1:  # Checked above (lab, experiments, settings); the workers do the rest.
+    argv = [a for a in sys.argv[1:] if not a.startswith(("--workers", "-workers"))]
+    sys.exit(run_workers(FLAGS.workers, [sys.executable, sys.argv[0], *argv]))
+  runner = LabRunner(lab, FLAGS.workdir, runs, settings, progress=FLAGS.progress)
   with preemption.stop_on_signals():
-    record = LabRunner(lab, FLAGS.workdir, runs, settings, progress=FLAGS.progress).run()
-  print(results_table(FLAGS.workdir))
+    record = runner.run()
   failed = [r for r in record["runs"] if r["status"] == "failed"]
   done = sum(r["status"] == "completed" for r in record["runs"])
+  if runner.last_out:  # The worker that finished the lab's last group prints its table.
+    print(results_table(FLAGS.workdir))
   print(f"\n{lab.name}: {done} of {len(record['runs'])} runs completed"
         + (f", {len(failed)} failed" if failed else "") + f"; lab directory: {FLAGS.workdir}")
   for r in failed:
     print(f"  failed: {r['path']}: {r['error']}")
-  if failed:
+  if runner.trained_failed:  # 1 only for a run this worker trained.
     sys.exit(1)
 
 
