@@ -156,8 +156,11 @@ def over_members(fn: Callable) -> Callable:
   return wrapped
 
 
-def _zeros(sums: dict[str, float | int]) -> Metrics:
-  return {k: jnp.asarray(v, jnp.float32 if isinstance(v, float) else jnp.int32)
+def _zeros(sums: dict[str, float | int], members: int | None = None) -> Metrics:
+  """`sums` (the sums of no step: zeros, and NO_STEP for the first bad step) as arrays:
+  scalars, or one per member."""
+  shape = () if members is None else (members,)
+  return {k: jnp.full(shape, v, jnp.float32 if isinstance(v, float) else jnp.int32)
           for k, v in sums.items()}
 
 
@@ -240,8 +243,7 @@ def _make_steps(model: PlanModel, nan_policy: str, mesh: Mesh | None, loop: str)
         over_members(lambda s, t, b: step((s, t), b[index]))(state, sums, batches), mesh)
 
   def step_chunk(state, images, labels, batches, start, *, length):
-    sums = {k: jnp.zeros((batches.shape[0],), v.dtype)
-            for k, v in _zeros(train_sums_zeros()).items()}
+    sums = _zeros(train_sums_zeros(), batches.shape[0])
     for i in range(length):
       state, sums = one_step(state, sums, images, labels, batches, start + i)
     return state, sums
@@ -258,8 +260,7 @@ def _make_steps(model: PlanModel, nan_policy: str, mesh: Mesh | None, loop: str)
     return parallel.replicate(over_members(step)(variables, sums), mesh)
 
   def step_eval(variables, images, labels, batches):
-    members = jax.tree_util.tree_leaves(variables)[0].shape[0]
-    sums = {k: jnp.zeros((members,), v.dtype) for k, v in _zeros(EVAL_SUMS).items()}
+    sums = _zeros(EVAL_SUMS, jax.tree_util.tree_leaves(variables)[0].shape[0])
     preds = []
     for i in range(batches.shape[0]):
       sums, p = one_eval(variables, sums, images, labels, batches, i)

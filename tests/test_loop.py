@@ -11,7 +11,7 @@ import pytest
 from jaxlab.experiment import (EXPERIMENTS, Experiment, build_model, register, resolve_config)
 from jaxlab.models import Conv, ConvBlock, ConvNet, Dense, MaxPool, describe
 from jaxlab.optim import make_optimizer
-from jaxlab.state import create_group_state
+from jaxlab.state import NO_STEP, create_group_state
 from jaxlab.steps import choose_loop, evaluate_group, make_steps, train_epoch
 from jaxlab.train import train_and_evaluate
 from datafiles import random_dataset
@@ -48,6 +48,11 @@ def test_both_loops_train_and_evaluate_the_same(name, dataset):
     val, preds = evaluate_group(steps, state.variables, jax.device_put(ds.test_images),
                                 jax.device_put(ds.test_labels), 16)
     results[loop] = arrays(state), metrics, val, preds, chunks
+    # A chunk's raw sums of finite steps: the first bad step is none (NO_STEP), not step 0.
+    batches = jnp.arange(64).reshape(2, 2, 16)
+    _, sums = steps.train_chunk(state, images, labels, batches, 0, length=2)
+    assert jax.device_get(sums["first_nonfinite"]).tolist() == [NO_STEP, NO_STEP], loop
+    assert jax.device_get(sums["count"]).tolist() == [32, 32], loop
   (a, ma, va, pa, ca), (b, mb, vb, pb, cb) = results["scan"], results["steps"]
   assert ca == cb == [2, 2, 1]  # The same chunks reach the host.
   assert int(a["step"][0]) == int(b["step"][0]) == 5
