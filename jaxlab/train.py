@@ -194,17 +194,18 @@ def _set_up(configs: Sequence[TrainConfig], workdirs: Sequence[str | pathlib.Pat
   arrays = parallel.put_replicated((dataset.train_images, dataset.train_labels,
                                     dataset.test_images, dataset.test_labels), mesh)
   shuffle_keys = jnp.stack([seed_keys(c.seed)[2] for c in configs])
-  steps = make_steps(model, base.nan_policy, mesh, _loop(runs, restart))
+  steps = make_steps(model, base.nan_policy, mesh, _loop(runs))
   for run in runs:
     run.environment = {**run.environment, "loop": steps.loop}
   return _Group(runs, hooks, model, steps, state, sums,
                 template, dataset, arrays, shuffle_keys, started)
 
 
-def _loop(runs: Sequence[Run], restart: bool) -> str | None:
+def _loop(runs: Sequence[Run]) -> str | None:
   """The loop a resumed run started with (so that it resumes bit for bit), unless $JAXLAB_LOOP
-  (--loop) names one; None (the choice for this model and backend) for a fresh run."""
-  if os.environ.get(LOOP_ENV) or restart:
+  (--loop) names one; None (the choice for this model and backend) for a fresh run (or one
+  restarted: its config.json is gone by now)."""
+  if os.environ.get(LOOP_ENV):
     return None
   saved = Run.read(runs[0].root)
   return saved.environment.get("loop") if saved else None
