@@ -22,7 +22,7 @@ from absl import app, flags
 
 from jaxlab.config import TrainConfig
 from jaxlab.errors import USER_ERRORS, NonFiniteError, one_line
-from jaxlab.preemption import EXIT_PREEMPTED, Preempted
+from jaxlab.preemption import EXIT_PREEMPTED, Preempted, under_launcher
 
 # JAX logs at INFO that it found no TPU library on every start; that is not news to a user.
 std_logging.getLogger("jax._src.xla_bridge").setLevel(std_logging.WARNING)
@@ -44,15 +44,16 @@ def user_errors_exit(main: Callable[[list[str]], None]) -> Callable[[list[str]],
       if "kernels" in flags.FLAGS:  # Before JAX starts: XLA reads its flags once.
         from jaxlab import kernels
         kernels.apply(flags.FLAGS.kernels, _started_kernels())
-      if "coordinator_address" in flags.FLAGS:
-        from jaxlab import parallel  # Here: scripts that never train need no JAX.
-        f = flags.FLAGS
+      f = flags.FLAGS
+      if "coordinator_address" in f and (
+          under_launcher() or any(getattr(f, n) is not None for n in
+                                  ("coordinator_address", "num_processes", "process_id"))):
+        from jaxlab import parallel  # Only here: a single process starts JAX when it needs it.
         parallel.initialize(f.coordinator_address, f.num_processes, f.process_id)
       if "loop" in flags.FLAGS and flags.FLAGS.loop:
         os.environ["JAXLAB_LOOP"] = flags.FLAGS.loop  # jaxlab.steps.LOOP_ENV
       if "compilation_cache" in flags.FLAGS and flags.FLAGS.compilation_cache:
-        from jaxlab import runtime  # Here: scripts that never compile need no JAX.
-        runtime.enable_compilation_cache()
+        _enable_compilation_cache()
       main(argv)
     except Preempted as e:
       print(f"{e}\nresume with the same command: python {shlex.join(sys.argv)}",
@@ -75,6 +76,19 @@ def _parse_flags(argv: list[str]) -> list[str]:
   except flags.Error as e:
     print(f"error: {one_line(e)} (see --help)", file=sys.stderr)
     sys.exit(EXIT_BAD_INPUT)
+
+
+def _enable_compilation_cache() -> None:
+  """JAX's persistent compilation cache, through the environment JAX reads when it is imported,
+  so that a script that refuses its input (a busy run directory) does so before importing JAX;
+  through jax.config where JAX is already running (a script's main called in-process)."""
+  if "jax" in sys.modules:
+    from jaxlab import runtime
+    runtime.enable_compilation_cache()
+    return
+  from jaxlab.data import compilation_cache_options
+  os.environ.update({name.upper(): str(value)
+                     for name, value in compilation_cache_options().items()})
 
 
 def define_compilation_cache_flag() -> None:

@@ -24,7 +24,7 @@ import pathlib
 import pickle
 import tarfile
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 from absl import logging
@@ -348,6 +348,21 @@ def find_source(info: DatasetInfo, data_dir: str | None = None, download: bool =
 
 def default_cache_dir() -> pathlib.Path:
   return pathlib.Path(os.environ.get("JAXLAB_CACHE_DIR", "~/.cache/jaxlab")).expanduser()
+
+
+def default_compilation_cache() -> pathlib.Path:
+  """$JAXLAB_XLA_CACHE_DIR if set, else $JAXLAB_CACHE_DIR/xla (default ~/.cache/jaxlab/xla)."""
+  if os.environ.get("JAXLAB_XLA_CACHE_DIR"):
+    return pathlib.Path(os.environ["JAXLAB_XLA_CACHE_DIR"]).expanduser()
+  return default_cache_dir() / "xla"
+
+
+def compilation_cache_options(directory: str | os.PathLike | None = None) -> dict[str, Any]:
+  """JAX's options for its persistent compilation cache in `directory` (default
+  `default_compilation_cache()`), for every program however quick to compile."""
+  path = pathlib.Path(directory) if directory else default_compilation_cache()
+  return {"jax_compilation_cache_dir": str(path), "jax_persistent_cache_min_compile_time_secs": 0,
+          "jax_persistent_cache_min_entry_size_bytes": 0}
 
 
 ARRAY_NAMES = ("train_images", "train_labels", "test_images", "test_labels")

@@ -86,6 +86,21 @@ def holder_of(directory: str | os.PathLike) -> dict[str, Any] | None:
   return None
 
 
+def refuse_busy(*directories: str | os.PathLike, what: str = "run directory") -> None:
+  """Raises BusyError, naming the holder, for the first of `directories` that another process
+  holds: a script's check before its slow start (importing JAX, loading data), so that a second
+  process on a busy directory is refused at once. `acquire` is still what guarantees it."""
+  for directory in directories:
+    holder = holder_of(directory)
+    if holder is not None and pathlib.Path(directory).resolve() not in _HELD:
+      raise BusyError(_busy_message(what, directory, holder), holder)
+
+
+def _busy_message(what: str, directory: str | os.PathLike, holder: dict[str, Any]) -> str:
+  return (f"{what} {directory} is being written by {describe_holder(holder)}; wait for it to "
+          "end, or stop it")
+
+
 def acquire(directory: str | os.PathLike, what: str = "run directory") -> None:
   """Takes `directory`'s lock, or raises BusyError naming its holder, at once. Taken again by
   the process that holds it, it counts (each `acquire` wants a `release`)."""
@@ -100,8 +115,7 @@ def acquire(directory: str | os.PathLike, what: str = "run directory") -> None:
   except BlockingIOError:
     holder = _read(fd)
     os.close(fd)
-    raise BusyError(f"{what} {directory} is being written by {describe_holder(holder)}; "
-                    "wait for it to end, or stop it", holder) from None
+    raise BusyError(_busy_message(what, directory, holder), holder) from None
   previous = _read(fd)
   if previous.get("pid") is not None:
     logging.warning("%s %s: taking over the lock of %s, which is gone", what, directory,

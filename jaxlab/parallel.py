@@ -20,10 +20,9 @@ import jax
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxlab.preemption import under_launcher
+
 AXIS = "data"
-# Environment variables by which JAX's cluster detection recognizes a launcher.
-CLUSTER_ENVIRONMENT = ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "JOBSET_NAME",
-                       "MEGASCALE_COORDINATOR_ADDRESS")
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
@@ -34,8 +33,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   if any(given) and not all(given):
     raise ValueError("--coordinator_address, --num_processes and --process_id go together "
                      "(or none of them, to let JAX read a launcher's environment)")
-  detected = [name for name in CLUSTER_ENVIRONMENT if name in os.environ]
-  if not any(given) and not detected:
+  if not any(given) and not under_launcher():
     return False
   if num_processes is not None and not 0 <= process_id < num_processes:
     raise ValueError(f"--process_id must be in [0, {num_processes}), got {process_id}")

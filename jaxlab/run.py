@@ -59,6 +59,23 @@ def step_of(path: pathlib.Path) -> int:
   return int(match.group(1)) if match else 0
 
 
+def member_path(workdir: str | os.PathLike, seed: int | None = None,
+                learning_rate: float | None = None) -> pathlib.Path:
+  """A group member's run directory: WORKDIR/seed_S, WORKDIR/lr_R or WORKDIR/lr_R/seed_S (WORKDIR
+  itself for a single run)."""
+  path = pathlib.Path(workdir)
+  if learning_rate is not None:
+    path = path / f"lr_{learning_rate:g}"
+  return path / f"seed_{seed}" if seed is not None else path
+
+
+def member_dir(workdir: str | os.PathLike, config: TrainConfig, by_seed: bool,
+               by_rate: bool) -> pathlib.Path:
+  """`member_path` of `config`, for a group over seeds, learning rates or both."""
+  return member_path(workdir, config.seed if by_seed else None,
+                     config.learning_rate if by_rate else None)
+
+
 class Run:
   """A run directory and what is known of the run in it.
 

@@ -18,6 +18,7 @@ import jax
 
 import jaxlab
 from jaxlab import kernels
+from jaxlab.data import compilation_cache_options, default_compilation_cache  # noqa: F401
 
 # JAX reports every program it gets for a backend (compiled, or loaded from the persistent
 # cache) as one duration event; loads also come as cache hits, with their retrieval time.
@@ -105,24 +106,15 @@ def startup_report(since: Mark) -> dict[str, Any]:
           "programs_from_cache": now.cache_hits - then.cache_hits}
 
 
-def default_compilation_cache() -> pathlib.Path:
-  """$JAXLAB_XLA_CACHE_DIR if set, else $JAXLAB_CACHE_DIR/xla (default ~/.cache/jaxlab/xla)."""
-  if os.environ.get("JAXLAB_XLA_CACHE_DIR"):
-    return pathlib.Path(os.environ["JAXLAB_XLA_CACHE_DIR"]).expanduser()
-  root = pathlib.Path(os.environ.get("JAXLAB_CACHE_DIR", "~/.cache/jaxlab")).expanduser()
-  return root / "xla"
-
-
 def enable_compilation_cache(directory: str | os.PathLike | None = None) -> pathlib.Path:
   """Turns on JAX's persistent compilation cache in `directory` (default
   `default_compilation_cache()`), for every program however quick to compile: a second process
   (another seed, another learning rate, a resumed run) then loads them instead of compiling
   them."""
-  path = pathlib.Path(directory) if directory else default_compilation_cache()
-  jax.config.update("jax_compilation_cache_dir", str(path))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-  return path
+  options = compilation_cache_options(directory)
+  for name, value in options.items():
+    jax.config.update(name, value)
+  return pathlib.Path(options["jax_compilation_cache_dir"])
 
 
 def environment() -> dict[str, Any]:

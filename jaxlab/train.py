@@ -37,7 +37,7 @@ from jaxlab.metrics import read_jsonl
 from jaxlab.models import PlanModel, describe
 from jaxlab.optim import make_optimizer
 from jaxlab.restore import restore_group, restore_state
-from jaxlab.run import Run
+from jaxlab.run import Run, member_dir  # noqa: F401  (member_dir: part of this module's API)
 from jaxlab.state import TrainState, create_group_state, member, seed_keys
 from jaxlab.steps import (LOOP_ENV, Steps, evaluate, evaluate_group, make_steps,
                           train_epoch)
@@ -68,16 +68,6 @@ def group_configs(config: TrainConfig, seeds: Sequence[int] | None = None,
     if len(set(values)) != len(values):
       raise ValueError(f"--{name} lists a value twice: {values}")
   return [config.replace(seed=s, learning_rate=r) for r in rates for s in seeds]
-
-
-def member_dir(workdir: str | pathlib.Path, config: TrainConfig, by_seed: bool,
-               by_rate: bool) -> pathlib.Path:
-  """WORKDIR/seed_S, WORKDIR/lr_R or WORKDIR/lr_R/seed_S, for a group over seeds, learning rates
-  or both."""
-  path = pathlib.Path(workdir)
-  if by_rate:
-    path = path / f"lr_{config.learning_rate:g}"
-  return path / f"seed_{config.seed}" if by_seed else path
 
 
 def train_and_evaluate(config: TrainConfig, workdir: str | pathlib.Path,

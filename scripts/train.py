@@ -13,10 +13,8 @@ same command resumes. A second signal aborts at once.
 
 from absl import flags, logging
 
-from jaxlab import cli, preemption
-from jaxlab.experiment import resolve_config
-from jaxlab.experiment import load_lab
-from jaxlab.train import group_configs, member_dir, train_group
+from jaxlab import cli, lock, preemption
+from jaxlab.run import member_dir, member_path
 
 cli.define_kernels_flag()
 cli.define_experiment_flag()
@@ -42,12 +40,18 @@ FLAGS = flags.FLAGS
 @cli.user_errors_exit
 def main(argv):
   logging.set_verbosity(logging.INFO)
+  workdir = FLAGS.workdir or f"runs/{FLAGS.experiment}"
+  seeds = cli.parse_list(FLAGS.seeds, int, "seeds")
+  rates = cli.parse_list(FLAGS.learning_rates, float, "learning_rates")
+  # A busy run directory is refused before JAX and the data load (train_group's lock is the
+  # guarantee; this makes the refusal immediate).
+  lock.refuse_busy(*(member_path(workdir, s, r) for s in seeds or [None]
+                     for r in rates or [None]))
+  from jaxlab.experiment import load_lab, resolve_config  # pylint: disable=g-import-not-at-top
+  from jaxlab.train import group_configs, train_group  # pylint: disable=g-import-not-at-top
   if FLAGS.lab:
     load_lab(FLAGS.lab)
   config = resolve_config(FLAGS.experiment, **cli.config_overrides(OVERRIDES))
-  workdir = FLAGS.workdir or f"runs/{config.experiment}"
-  seeds = cli.parse_list(FLAGS.seeds, int, "seeds")
-  rates = cli.parse_list(FLAGS.learning_rates, float, "learning_rates")
   if seeds and FLAGS["seed"].present:
     raise ValueError("--seed and --seeds do not go together: give the seeds in --seeds")
   if rates and FLAGS["learning_rate"].present:

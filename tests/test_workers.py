@@ -76,10 +76,15 @@ def test_a_second_train_py_on_a_busy_run_exits_2_naming_the_holder(tmp_path):
     while not (tmp_path / "run" / "metrics.jsonl").exists():  # Training, the lock held.
       assert first.poll() is None and time.time() < deadline, first.stderr.read()
       time.sleep(0.2)
-    second = script("train.py", *args, "--epochs=1", check=False)
+    # Python's import log on: the refusal comes before JAX (and the data) would load.
+    second = script("train.py", *args, "--epochs=1", check=False,
+                    env={"PYTHONPROFILEIMPORTTIME": "1"})
     assert second.returncode == 2
     assert (f"error: run directory {tmp_path / 'run'} is being written by process {first.pid}"
             in second.stderr)
+    imported = [l.rsplit("|", 1)[-1].strip() for l in second.stderr.splitlines()
+                if l.startswith("import time:")]
+    assert "jaxlab.cli" in imported and "jax" not in imported
   finally:
     first.send_signal(signal.SIGKILL)
     first.wait()
