@@ -10,6 +10,7 @@ import random
 
 from jaxlab.experiment import Experiment, register
 from jaxlab.models import MLP, Dense, Parallel
+from jaxlab.report.findings import Compare, Question
 
 DROPOUT = 0.15  # The Dropout right before the output layer, where the report shows one.
 RANDOM_SIZES = (512, 28, 64, 32, 16)
@@ -56,3 +57,37 @@ _mlp("mlp_back_n_forth",
       D(512), D(256)], "12", "0.97")
 _mlp("mlp_thick_thin", [D(64)] + ([D(512)] * 5 + [D(64)] * 3) * 5, "13", "0.68")
 _mlp("mlp_dropout", [D(n, dropout=0.5) for n in (512, 256, 128, 64)], "14", "0.9811")
+
+# The seed report's questions, answered by the report from the runs (jaxlab.report.findings).
+QUESTIONS = [
+    Question("Depth", "Do 20 more layers help?",
+             "No: 0.968 against the baseline's 0.976, and slow to converge (section 2).",
+             (Compare("mlp_deep", "mlp_baseline", "23 hidden layers of 128, not 3"),)),
+    Question("Width", "Do wider layers help?",
+             "No: five layers of 1024 reached 0.968 against 0.976 (section 3).",
+             (Compare("mlp_wide_shallow", "mlp_baseline",
+                      "5 layers of 1024 at batch 512, not 3 of 128"),)),
+    Question("Shape of the layer sizes", "Do narrowing, widening or mixed sizes beat equal ones?",
+             "Narrowing sizes were best (halving 0.979, big-small-big 0.9767); most shapes land "
+             "within a point of the baseline (sections 4, 6-12).",
+             (Compare("mlp_halving", "mlp_baseline", "halving sizes 512 to 32"),
+              Compare("mlp_big_small_big", "mlp_baseline", "sizes 64, 512 down to 32, back up"),
+              Compare("mlp_big_small_big_big", "mlp_baseline", "halving, then five of 512"),
+              Compare("mlp_small_big_small", "mlp_baseline", "sizes 32 up to 512 and down"),
+              Compare("mlp_diamond", "mlp_baseline", "32 up to 128 and down to 32"),
+              Compare("mlp_wide_narrow", "mlp_baseline", "256 and 32 alternating"),
+              Compare("mlp_parallel_paths", "mlp_baseline", "two parallel paths, concatenated"))),
+    Question("BatchNorm", "Does leaving BatchNorm out of some layers hurt?",
+             "Mid/good: 0.97, a point below the baseline (section 12; sizes change too).",
+             (Compare("mlp_back_n_forth", "mlp_baseline",
+                      "3 of 7 layers without BatchNorm, sizes alternating"),)),
+    Question("Dropout", "Does Dropout after every layer help?",
+             "Yes, strongly: 0.9811, one of the best (section 14).",
+             (Compare("mlp_dropout", "mlp_halving",
+                      "Dropout 0.5 after each of 512-256-128-64, not 0.15 before the output"),
+              Compare("mlp_dropout", "mlp_baseline", "4 layers with Dropout 0.5"))),
+    Question("Instability", "Which architectures fail, and is their training stable?",
+             "50 layers of random sizes reached 0.20; thick-thin 0.68, with accuracy swinging "
+             "from epoch to epoch (sections 5 and 13).",
+             stability=("mlp_random_sizes", "mlp_thick_thin", "mlp_deep")),
+]

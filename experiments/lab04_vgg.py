@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from experiments.lab04_common import cnn
 from jaxlab.models import Conv, ConvBlock, Dense, MaxPool
+from jaxlab.report.findings import Compare, Question
 
 
 def vgg_blocks(batch_norm=True, dropouts=(0.0,) * 5):
@@ -38,3 +39,23 @@ cnn("vgg_cifar10_dropouts_no_bn", "cifar10", vgg_blocks(batch_norm=False, dropou
 cnn("vgg_cifar10_deep_head", "cifar10", vgg_blocks(dropouts=SHRINKING),
     [Dense(4096, "relu", dropout=0.5), Dense(1024, "relu", dropout=0.5),
      Dense(4096, "relu", dropout=0.5)], "VGG Net: Deeper Flattened Part", "not given")
+
+# The seed report's questions, answered by the report from the runs (jaxlab.report.findings).
+QUESTIONS = [
+    Question("Dropout variants", "Which Dropout scheme suits VGG on CIFAR-10?",
+             "Shrinking Dropouts (0.1 to 0.5) were best, 0.8176; 0.5 everywhere hurt (0.6982); "
+             "a 0.4 head changed little (0.79).",
+             (Compare("vgg_cifar10_dropout04", "vgg_cifar10", "head Dropout 0.4, not 0.5"),
+              Compare("vgg_cifar10_many_dropouts", "vgg_cifar10", "Dropout 0.5 after every block"),
+              Compare("vgg_cifar10_shrinking_dropouts", "vgg_cifar10",
+                      "Dropout 0.1 to 0.5 after the blocks"))),
+    Question("BatchNorm", "Can VGG with Dropouts train without BatchNorm?",
+             "No: stuck at 10% (chance) without BatchNorm.",
+             (Compare("vgg_cifar10_dropouts_no_bn", "vgg_cifar10_shrinking_dropouts",
+                      "no BatchNorm"),),
+             stability=("vgg_cifar10_dropouts_no_bn",)),
+    Question("Head depth", "Does a deeper dense head help?",
+             "Not measured in the seed report.",
+             (Compare("vgg_cifar10_deep_head", "vgg_cifar10_shrinking_dropouts",
+                      "dense head 4096-1024-4096"),)),
+]

@@ -57,6 +57,8 @@ class Lab:
   module: str  # The module's name in sys.modules.
   path: str  # Its file.
   experiments: tuple[str, ...]
+  # The seed report's questions (jaxlab.report.findings.Question), from the module's QUESTIONS.
+  questions: tuple = ()
 
 
 EXPERIMENTS: Registry[Experiment] = Registry("experiment")
@@ -102,7 +104,7 @@ def _lab_of_module(name: str, module: str, path: str) -> Lab:
     raise ValueError(f"lab {path} declares no experiments; a lab calls "
                      "jaxlab.experiment.register(Experiment(...)) at its top level, as "
                      "experiments/lab02.py does")
-  return Lab(name, module, path, names)
+  return Lab(name, module, path, names, tuple(getattr(sys.modules.get(module), "QUESTIONS", ())))
 
 
 def load_lab(spec: str) -> Lab:

@@ -127,6 +127,7 @@ class LabRunner:
       record = {"lab": self.lab.name, "source": self.lab.path, "settings": self.settings,
                 "experiments": list(dict.fromkeys(r.experiment for r in self.runs)),
                 "seeds": list(dict.fromkeys(r.seed for r in self.runs)),
+                "questions": [q.to_json() for q in self.lab.questions],
                 "started": previous.get("started", self.started), "updated": _now(),
                 "workers": self._workers(previous.get("workers", [])), "runs": runs + others}
       write_json(self.root / LAB_FILE, record)

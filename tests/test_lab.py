@@ -2,6 +2,7 @@
 and reported, as a user runs them (scripts/run_lab.py, scripts/report.py)."""
 
 import json
+import math
 import re
 import shutil
 import signal
@@ -28,6 +29,10 @@ register(Experiment(name="{a}", dataset="mnist", epochs=2, batch_size=32,
                     model=MLP(layers=(Dense(32, "relu", batch_norm=True, dropout=0.2),))))
 register(Experiment(name="{b}", dataset="{b_dataset}", epochs=2, batch_size=32,
                     model=MLP(layers=(Dense(16, "relu"), Dense(16, "relu", batch_norm=True)))))
+
+from jaxlab.report.findings import Compare, Question
+QUESTIONS = [Question("Width", "Does {b} differ?", "it did",
+                      (Compare("{b}", "{a}", "two layers of 16"),))]
 """
 
 
@@ -47,6 +52,7 @@ def test_builtin_labs_split_the_catalog():
 def test_user_lab_file(tmp_path):
   lab = load_lab(str(write_lab(tmp_path / "my_lab.py", "user_lab_a", "user_lab_b")))
   assert (lab.name, lab.experiments) == ("my_lab", ("user_lab_a", "user_lab_b"))
+  assert [(q.topic, q.compare[0].experiment) for q in lab.questions] == [("Width", "user_lab_b")]
   assert load_lab(str(tmp_path / "my_lab.py")) is lab  # Loaded once per process.
   runs = plan_lab(lab, tmp_path / "lab", None, [0, 3], {"epochs": 1})
   assert [(r.experiment, r.seed, r.config.epochs) for r in runs] == [
@@ -189,6 +195,11 @@ def test_lab_killed_resumed_and_reported(tmp_path):
   assert [row["experiment"] for row in document["experiments"]] == ["lab_test_bn_dropout",
                                                                      "lab_test_plain"]
   markdown = (out / "report.md").read_text()
+  # The lab's question, recorded in lab.json, answered in the report.
+  (question,) = document["findings"]["questions"]
+  assert question["comparisons"][0]["against"] == "lab_test_bn_dropout"
+  assert "### Width: Does lab_test_plain differ?" in markdown
+  assert "`lab_test_plain` (two layers of 16) ends " in markdown
   for row in document["experiments"]:
     mine = [summaries[row["experiment"], seed] for seed in (0, 1)]
     assert row["seeds"] == [0, 1] and row["epochs"] == 2
@@ -198,9 +209,13 @@ def test_lab_killed_resumed_and_reported(tmp_path):
       assert row[key]["per_seed"] == {"0": values[0], "1": values[1]}
       assert row[key]["mean"] == pytest.approx(statistics.fmean(values), abs=1e-15)
       assert row[key]["std"] == pytest.approx(statistics.stdev(values), abs=1e-15)
-      cell = f"{statistics.fmean(values):.4f} ± {statistics.stdev(values):.4f} (n=2)"
-      assert cell in next(l for l in markdown.splitlines()
-                          if l.startswith(f"| {row['experiment']} |")), cell
+      cell = f"{statistics.fmean(values):.4f} ± {statistics.stdev(values):.4f}"
+      if key == "final_val_accuracy":  # With the mean's 95% t interval.
+        half = stats.t.ppf(0.975, 1) * statistics.stdev(values) / math.sqrt(2)
+        mean = statistics.fmean(values)
+        cell += f" [{mean - half:.3f}, {mean + half:.3f}]"
+      assert cell + " (n=2)" in next(l for l in markdown.splitlines()
+                                     if l.startswith(f"| {row['experiment']} |")), cell
     matrices = [m["evaluation"]["final"]["confusion_matrix"] for m in mine]
     np.testing.assert_allclose(row["confusion"]["matrix"], np.mean(matrices, axis=0))
     assert (out / row["confusion"]["file"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -209,16 +224,16 @@ def test_lab_killed_resumed_and_reported(tmp_path):
   expected_p = stats.ttest_ind(other, base, equal_var=False).pvalue
   p = document["experiments"][1]["p_value_vs_baseline"]
   assert (p is None and np.isnan(expected_p)) or p == pytest.approx(expected_p)
-  for name in ("val_accuracy", "val_loss", "top5_val_accuracy", "top5_val_loss",
-               "train_vs_validation"):
+  for name in ("forest", "val_accuracy", "val_loss", "train_vs_validation"):
     assert document["figures"][name] == f"{name}.png"
     assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   assert document["samples"] == [{"dataset": "mnist", "file": "samples_mnist.png",
-                                  "source": f"IDX files in {data}"}]
+                                  "source": "IDX files"}]
   assert (out / "samples_mnist.png").stat().st_size > 1000
   page = (out / "report.html").read_text()
   images = markdown.count("](")
-  assert page.count("<img src='data:image/png;base64,") == images == 5 + 2 + 1
+  # Curves 3, forest 1, samples 1, confusion matrices 2 (the baseline and the best: no others).
+  assert page.count("<img src='data:image/png;base64,") == images == 4 + 1 + 2
   assert "src='http" not in page and "href=" not in page
 
 
@@ -275,7 +290,7 @@ def test_a_failing_run_beside_a_passing_one(tmp_path):
 
 @pytest.mark.slow
 def test_report_imports_nothing_of_training():
-  code = ("import sys, jaxlab.report; "
+  code = ("import sys, jaxlab.report.build; "
           "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'flax', 'optax') "
           "or m in ('jaxlab.train', 'jaxlab.steps', 'jaxlab.state', 'jaxlab.models')); "
           "print(bad); sys.exit(1 if bad else 0)")

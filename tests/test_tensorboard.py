@@ -1,8 +1,11 @@
 """TensorBoard event files: read back with TensorBoard's own reader, equal to metrics.jsonl."""
 
+import json
+
 import numpy as np
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import metadata as hparams_metadata
 
 from jaxlab.experiment import resolve_config
 from jaxlab.hooks import OnEpochEnd
@@ -71,3 +74,23 @@ def test_an_epoch_trained_twice_is_written_once(tmp_path):
   assert [r["epoch"] for r in history] == [1, 2, 3]
   assert history[1]["time"] != first_epoch_2["time"]  # Epoch 2 really was trained again.
   assert_events_equal_metrics(tmp_path / "run")
+  assert_hparams_equal_run(tmp_path / "run", config)
+
+
+def assert_hparams_equal_run(run, config):
+  """TensorBoard's hparams plugin finds the run's settings in one session-start summary and
+  its final metrics (metrics.json's) as scalars, once each, also after a resume."""
+  events = EventAccumulator(str(run / "tensorboard"), purge_orphaned_data=False)
+  events.Reload()
+  assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) == 1
+  start = hparams_metadata.parse_session_start_info_plugin_data(
+      events.SummaryMetadata(hparams_metadata.SESSION_START_INFO_TAG).plugin_data.content)
+  assert start.hparams["experiment"].string_value == config.experiment
+  assert start.hparams["learning_rate"].number_value == pytest.approx(config.learning_rate)
+  assert start.hparams["epochs"].number_value == config.epochs
+  assert start.hparams["seed"].number_value == config.seed
+  summary = json.loads((run / "metrics.json").read_text())
+  for tag, key in {"final/val_accuracy": "final_val_accuracy",
+                   "final/best_val_accuracy": "best_val_accuracy"}.items():
+    points = events.Scalars(tag)
+    assert [(p.step, p.value) for p in points] == [(config.epochs, np.float32(summary[key]))]

@@ -7,8 +7,10 @@ sample images, as Markdown, a self-contained HTML page and JSON.
 from __future__ import annotations
 
 import datetime
+import os
 import pathlib
 import re
+import shutil
 import statistics
 from typing import Any
 
@@ -16,11 +18,17 @@ import numpy as np
 
 from jaxlab import data
 from jaxlab.metrics import write_json
-from jaxlab.report import figures, render
+from jaxlab.report import figures, findings, render
 from jaxlab.report.runs import Collection, Group, find_runs
-from jaxlab.report.stats import seed_figure, spread, welch_p_value
+from jaxlab.report.stats import (holm, indistinguishable_tiers, seed_figure, spread,
+                                 welch_p_value)
+from jaxlab.run import Run
 
-TOP = 5  # Experiments in the "top five" figures.
+LAST_EPOCHS = 3  # The mean of the last epochs, beside the final one.
+ZOOM_POINTS = 0.10  # Zoomed panels: experiments within 10 points of the median final accuracy.
+# Where the data lives: a machine's paths, which change no result and stay out of a report.
+WHERE_SETTINGS = ("data_dir", "download")
+UNSTABLE_STD = findings.UNSTABLE_POINTS  # Seeds that disagree: per-seed confusion matrices.
 CONFUSED_PAIRS = 3  # Most confused pairs listed per experiment.
 
 
@@ -31,21 +39,50 @@ def _class_names(dataset: str, size: int) -> list[str]:
 
 
 def _confusion(group: Group) -> dict[str, Any] | None:
-  """The mean over seeds of the final checkpoint's confusion matrix, and its most confused
-  pairs (true class, predicted class) by mean count."""
-  matrices = [np.asarray(r.summary["evaluation"]["final"]["confusion_matrix"], float)
-              for r in group.completed]
-  if not matrices:
+  """The final checkpoint's confusion matrix of every seed and their mean, each seed's
+  per-class accuracy (recall), and the most confused pairs (true class, predicted class) by mean
+  count."""
+  done = [r for r in group.completed if "confusion_matrix" in
+          r.summary.get("evaluation", {}).get("final", {})]
+  if not done:
     return None
+  matrices = [np.asarray(r.summary["evaluation"]["final"]["confusion_matrix"], float)
+              for r in done]
   matrix = np.mean(matrices, axis=0)
   names = _class_names(group.dataset, len(matrix))
   support = matrix.sum(1)
   pairs = sorted(((matrix[i, j], i, j) for i in range(len(matrix)) for j in range(len(matrix))
                   if i != j and matrix[i, j] > 0), reverse=True)[:CONFUSED_PAIRS]
+  recall = [(np.diag(m) / np.maximum(m.sum(1), 1)).tolist() for m in matrices]
   return {"matrix": matrix.tolist(), "class_names": names, "seeds": len(matrices),
+          "per_seed": {str(r.seed): m.tolist() for r, m in zip(done, matrices)},
+          "class_accuracy": np.mean(recall, axis=0).tolist(),
+          "class_accuracy_per_seed": {str(r.seed): a for r, a in zip(done, recall)},
           "most_confused": [{"true": names[i], "predicted": names[j], "count": float(c),
                              "fraction_of_true": float(c / support[i]) if support[i] else None}
                             for c, i, j in pairs]}
+
+
+def _last_epochs(run: Run, key: str = "val_accuracy") -> float | None:
+  """The mean of `key` over the run's last LAST_EPOCHS epochs (fewer if it has fewer)."""
+  values = [r[key] for r in run.history[-LAST_EPOCHS:] if r.get(key) is not None]
+  return statistics.fmean(values) if values else None
+
+
+def _timing(group: Group) -> dict[str, Any] | None:
+  """Median seconds of a training epoch, with what it was measured on: the device, the
+  backend's kernels, and the size of the vmapped group that shared the epoch."""
+  done = [r for r in group.completed if r.summary.get("median_epoch_seconds") is not None]
+  if not done:
+    return None
+  sizes = [len(r.summary.get("group") or [r.path]) for r in done]
+  environment = done[0].environment
+  seconds = statistics.median(r.summary["median_epoch_seconds"] for r in done)
+  size = max(sizes)
+  return {"seconds_per_epoch": seconds, "group_size": size,
+          "seconds_per_member_epoch": seconds / size,
+          "device": environment.get("device") or "?", "backend": environment.get("backend"),
+          "kernels": environment.get("kernels"), "device_count": environment.get("device_count")}
 
 
 def experiment_rows(collection: Collection) -> list[dict[str, Any]]:
@@ -59,36 +96,72 @@ def experiment_rows(collection: Collection) -> list[dict[str, Any]]:
     seeds = [r.seed for r in done]
     final = [r.summary["final_val_accuracy"] for r in done]
     best = [r.summary["best_val_accuracy"] for r in done]
+    last = [(r.seed, _last_epochs(r)) for r in done]
+    last = [(s, v) for s, v in last if v is not None]
     summaries = [r.summary for r in group.runs if r.summary]
     about = group.about
     figure = seed_figure(about.get("seed_accuracy", ""))
     final_stats, best_stats = spread(final, seeds), spread(best, seeds)
     same_data = bool(about.get("seed_dataset")) and about.get("seed_dataset") == group.dataset
-    difference = {key: (stats["mean"] - figure[key]
-                        if same_data and stats["mean"] is not None and figure[key] is not None
-                        else None)
-                  for key, stats in (("final", final_stats), ("best", best_stats))}
-    seconds = [r.summary["median_epoch_seconds"] for r in done
-               if r.summary.get("median_epoch_seconds") is not None]
+    delta = {key: (stats["mean"] - figure[key]
+                   if same_data and stats["mean"] is not None and figure[key] is not None
+                   else None)
+             for key, stats in (("final", final_stats), ("best", best_stats))}
+    timing = _timing(group)
     rows.append({
         "experiment": group.experiment, "label": group.label, "dataset": group.dataset,
         "lab": about.get("lab", ""),
         "params": summaries[0].get("total_params") if summaries else None,
         "epochs": next((r.epochs for r in group.runs if r.epochs), None),
-        "seconds_per_epoch": statistics.median(seconds) if seconds else None,
+        "seconds_per_epoch": timing["seconds_per_epoch"] if timing else None,
+        "timing": timing,
         "seeds": seeds, "runs": [r.path for r in group.runs],
         "not_completed": [{"path": r.path, "status": r.status, "note": r.note()}
                           for r in group.runs if r.status != "completed"],
-        "final_val_accuracy": final_stats, "best_val_accuracy": best_stats,
+        "final_val_accuracy": final_stats,
+        f"last{LAST_EPOCHS}_val_accuracy": spread([v for _, v in last], [s for s, _ in last]),
+        # Chosen on the split it is reported on: an optimistic figure, not a test result.
+        "best_val_accuracy": {**best_stats, "chosen_on": "validation split"},
         "seed_report": {"figure": about.get("seed_accuracy", ""), **figure,
                         "dataset": about.get("seed_dataset", ""),
                         "section": about.get("report", "")},
-        "difference_vs_seed": difference,
+        "difference_vs_seed": delta,
         "p_value_vs_baseline": (welch_p_value(final, base_final)
                                 if group is not baseline else None),
         "confusion": _confusion(group),
     })
+  for row, p in zip(rows, holm([r["p_value_vs_baseline"] for r in rows])):
+    row["p_holm_vs_baseline"] = p
   return rows
+
+
+def _evidence(rows: list[dict[str, Any]]) -> findings.Evidence:
+  """What the findings read, per experiment (its first configuration where it has several)."""
+  first = {}
+  for row in rows:
+    first.setdefault(row["experiment"], row)
+  return findings.Evidence(
+      final={k: list(r["final_val_accuracy"]["per_seed"].values()) for k, r in first.items()},
+      best={k: [r["best_val_accuracy"]["per_seed"][s] for s in r["final_val_accuracy"]["per_seed"]]
+            for k, r in first.items()},
+      seed_figure={k: r["seed_report"]["final"] for k, r in first.items()},
+      seed_dataset={k: r["seed_report"]["dataset"] for k, r in first.items()},
+      dataset={k: r["dataset"] for k, r in first.items()})
+
+
+def study(collection: Collection, rows: list[dict[str, Any]]) -> dict[str, Any]:
+  """The findings: each lab's questions answered, the tiers the data cannot split, and the rank
+  agreement with the seed report."""
+  evidence = _evidence(rows)
+  questions = [findings.Question.from_json(q) for lab in collection.labs
+               for q in lab.get("questions") or []]
+  baseline = rows[0]["experiment"] if rows else ""
+  labelled = {r["label"]: list(r["final_val_accuracy"]["per_seed"].values()) for r in rows}
+  means = {k: statistics.fmean(v) for k, v in evidence.final.items() if v}
+  agreement = findings.rank_agreement(evidence, means)
+  return {"questions": findings.answer(questions, evidence, baseline) if questions else [],
+          "tiers": indistinguishable_tiers(labelled),
+          "rank_agreement": agreement, "rank_sentence": findings.rank_sentence(agreement)}
 
 
 def _mean_std(stats: dict[str, Any]) -> str:
@@ -103,12 +176,36 @@ def _signed(value: float | None) -> str:
   return "—" if value is None else f"{value:+.4f}"
 
 
+def _mean_interval(stats: dict[str, Any]) -> str:
+  """mean ± std [95% t interval] (n)."""
+  if stats["mean"] is None:
+    return "— (n=0)"
+  text = _mean_std(stats)
+  if stats.get("ci95"):
+    lo, hi = stats["ci95"]
+    text = text.replace(f" (n={stats['n']})", f" [{lo:.3f}, {hi:.3f}] (n={stats['n']})")
+  return text
+
+
+def _seconds(timing: dict[str, Any] | None) -> str:
+  if not timing:
+    return "—"
+  size = timing["group_size"]
+  return (f"{timing['seconds_per_epoch']:.2f} ({timing['device']}"
+          + (f", group of {size}" if size > 1 else "") + ")")
+
+
+def _p(p: float | None) -> str:
+  return "—" if p is None else f"{p:.2g}"
+
+
 def table_rows(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
   """The results table's header and cells."""
   baseline = rows[0]["label"] if rows else ""
-  header = ["experiment", "data set", "params", "epochs", "s/epoch",
-            "final val acc (mean ± std)", "best val acc (mean ± std)", "report (its data set)",
-            "Δ final / best vs report", f"p vs {baseline} (final)"]
+  header = ["experiment", "data set", "params", "epochs", "s/epoch (device, group)",
+            "final val acc: mean ± std [95% CI]", f"last {LAST_EPOCHS} epochs (mean)",
+            "best epoch (chosen on val)", "seed report (its data set)", "Δ final / best vs report",
+            f"p vs {baseline}", "Holm p"]
   cells = []
   for i, row in enumerate(rows):
     seed = row["seed_report"]
@@ -119,18 +216,32 @@ def table_rows(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
       delta = f"n/a: {seed['dataset']}"
     else:
       delta = "—"
-    p = row["p_value_vs_baseline"]
+    last = row[f"last{LAST_EPOCHS}_val_accuracy"]
     cells.append([
         row["label"], row["dataset"],
         f"{row['params']:,}" if row["params"] is not None else "—",
-        str(row["epochs"] or "—"),
-        f"{row['seconds_per_epoch']:.2f}" if row["seconds_per_epoch"] is not None else "—",
-        _mean_std(row["final_val_accuracy"]), _mean_std(row["best_val_accuracy"]),
+        str(row["epochs"] or "—"), _seconds(row.get("timing")),
+        _mean_interval(row["final_val_accuracy"]),
+        f"{last['mean']:.4f}" if last["mean"] is not None else "—",
+        _mean_std(row["best_val_accuracy"]),
         f"{seed['figure']} ({seed['dataset']})" if seed["figure"] else "—",
         delta,
-        "baseline" if i == 0 else (f"{p:.3g}" if p is not None else "—"),
+        "baseline" if i == 0 else _p(row["p_value_vs_baseline"]),
+        "" if i == 0 else _p(row.get("p_holm_vs_baseline")),
     ])
   return header, cells
+
+
+def class_accuracy_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]] | None:
+  """Experiments x classes: each class's accuracy (recall) at the final checkpoint, mean over
+  seeds."""
+  having = [r for r in rows if r["confusion"]]
+  if not having:
+    return None
+  names = having[0]["confusion"]["class_names"]
+  return (["experiment", *names],
+          [[r["label"], *(f"{a:.3f}" for a in r["confusion"]["class_accuracy"])]
+           for r in having if r["confusion"]["class_names"] == names])
 
 
 def results_table(runs_dir: str | pathlib.Path) -> str:
@@ -151,14 +262,100 @@ def _sample_images(collection: Collection, out: pathlib.Path) -> list[dict[str, 
     try:
       loaded = data.load_dataset(dataset, data_dir=config.get("data_dir"))
     except Exception as e:  # A report still comes out where the data set is not at hand.
-      samples.append({"dataset": dataset, "file": None, "error": str(e).splitlines()[0]})
+      samples.append({"dataset": dataset, "file": None,
+                      "error": f"{type(e).__name__}: the data set could not be loaded here"})
       continue
     path = figures.samples_figure(
         loaded.train_images, loaded.train_labels, loaded.info.class_names,
         f"{dataset}: samples of every class (the first eight of each in the train split)",
         out / f"samples_{_slug(dataset)}.png")
-    samples.append({"dataset": dataset, "file": path.name, "source": loaded.source})
+    # The kind of source ("IDX files"), not its directory: no machine's path in a report.
+    samples.append({"dataset": dataset, "file": path.name,
+                    "source": loaded.source.split(" in /")[0]})
   return samples
+
+
+SMALL_FILES = ("config.json", "metrics.json", "metrics.jsonl")  # A run's files, but its weights.
+
+
+def copy_small_files(runs_dir: str | pathlib.Path, to: str | pathlib.Path) -> pathlib.Path:
+  """Copies what a report reads (every lab.json, and each run's config.json, metrics.json and
+  metrics.jsonl; no checkpoints, no event files) from `runs_dir` into `to`, keeping the
+  layout: a folder of kilobytes from which the report is rebuilt anywhere."""
+  source, target = pathlib.Path(runs_dir), pathlib.Path(to)
+  if target.resolve() == source.resolve():
+    return target
+  found = [p for name in ("lab.json", *SMALL_FILES) for p in source.rglob(name)
+           if target.resolve() not in p.resolve().parents]
+  for path in found:
+    copy = target / path.relative_to(source)
+    copy.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(path, copy)
+  return target
+
+
+def _source(path: str | None) -> str | None:
+  """A lab file's name as the report shows it: from `experiments/` on for a lab of the
+  repository, its file name otherwise (no machine's absolute path in a report)."""
+  if not path:
+    return path
+  parts = pathlib.PurePath(path).parts
+  return "/".join(parts[parts.index("experiments"):]) if "experiments" in parts else parts[-1]
+
+
+def _most_in_range(rows: list[dict[str, Any]]) -> list[str]:
+  """The experiments whose final accuracy lies within ZOOM_POINTS of the median one's: where
+  most curves are, for the zoomed panels."""
+  means = {r["label"]: r["final_val_accuracy"]["mean"] for r in rows
+           if r["final_val_accuracy"]["mean"] is not None}
+  if len(means) < 3:
+    return []
+  middle = statistics.median(means.values())
+  inside = [k for k, v in means.items() if abs(v - middle) <= ZOOM_POINTS]
+  return inside if len(inside) < len(means) else []
+
+
+def _confusion_figures(rows: list[dict[str, Any]], found: dict[str, Any], out: pathlib.Path
+                       ) -> dict[str, Any]:
+  """Every experiment's confusion matrix (mean over seeds) in confusion/; the baseline's, the
+  best's and the failures' (per seed where the seeds disagree) shown in the report."""
+  having = [r for r in rows if r["confusion"]]
+  if not having:
+    return {"shown": [], "others": []}
+  unstable = {s["experiment"] for q in found["questions"] for s in q["stability_checks"]
+              if s.get("unstable")}
+  means = [r["final_val_accuracy"]["mean"] for r in having]
+  middle = statistics.median(means)
+  best = max(having, key=lambda r: r["final_val_accuracy"]["mean"])
+  failed = [r for r in having if r["experiment"] in unstable
+            or r["final_val_accuracy"]["mean"] < middle - ZOOM_POINTS]
+  chosen = {having[0]["label"]: "the baseline", best["label"]: "the best final mean"}
+  for r in failed:
+    chosen.setdefault(r["label"], "a failure")
+  shown, others = [], []
+  for row in having:
+    confusion = row["confusion"]
+    title = (f"{row['label']} on {row['dataset']}, final checkpoint, accuracy "
+             f"{row['final_val_accuracy']['mean']:.4f}")
+    stem = out / "confusion" / _slug(row["label"])
+    mean = figures.confusion_figure([np.asarray(confusion["matrix"])], confusion["class_names"],
+                                    f"{title} (mean over {confusion['seeds']} seed(s))",
+                                    stem.with_suffix(".png"))
+    confusion["file"] = mean.relative_to(out).as_posix()
+    std = row["final_val_accuracy"]["std"]
+    if row["label"] in chosen and confusion["seeds"] > 1 and std and std > UNSTABLE_STD:
+      seeds = list(confusion["per_seed"].items())
+      path = figures.confusion_figure(
+          [np.asarray(m) for _, m in seeds], confusion["class_names"],
+          f"{title}: each seed (they disagree: std {std:.3f})", stem.with_name(
+              stem.name + "_seeds.png"),
+          [f"seed {s}: accuracy {row['final_val_accuracy']['per_seed'][s]:.4f}"
+           for s, _ in seeds])
+      confusion["seeds_file"] = path.relative_to(out).as_posix()
+    entry = {"label": row["label"], "why": chosen.get(row["label"]),
+             "file": confusion.get("seeds_file") or confusion["file"]}
+    (shown if row["label"] in chosen else others).append(entry)
+  return {"shown": shown, "others": others}
 
 
 def build_report(runs_dir: str | pathlib.Path, out_dir: str | pathlib.Path) -> dict[str, Any]:
@@ -172,48 +369,48 @@ def build_report(runs_dir: str | pathlib.Path, out_dir: str | pathlib.Path) -> d
   if out.exists() and not out.is_dir():
     raise ValueError(f"--out {out} is a file, not a directory")
   (out / "confusion").mkdir(parents=True, exist_ok=True)
+  for old in (out / "confusion").glob("*.png"):  # A rebuilt report keeps no stale figure.
+    old.unlink()
   rows = experiment_rows(collection)
   groups = collection.groups
   plotted = [g for g in groups if g.completed]
-  ranked = sorted(zip(rows, groups), key=lambda rg: -(rg[0]["final_val_accuracy"]["mean"] or -1))
-  top = [g for row, g in ranked if g.completed][:TOP]
+  style = figures.styles([g.label for g in groups])
+  zoom = _most_in_range(rows)
+  found = study(collection, rows)
   files = {}
   if plotted:
-    for key, name, title in (("val_accuracy", "val_accuracy", "Validation accuracy"),
-                             ("val_loss", "val_loss", "Validation loss")):
-      files[name] = figures.curves_figure(
-          plotted, key, f"{title} per epoch, all experiments (mean over seeds; band: range)",
-          title.lower(), out / f"{name}.png").name
-      files[f"top5_{name}"] = figures.curves_figure(
-          top, key, f"{title} per epoch, top {len(top)} by final validation accuracy",
-          title.lower(), out / f"top5_{name}.png").name
+    files["forest"] = figures.forest_figure(rows, style, out / "forest.png", zoom).name
+    files["val_accuracy"] = figures.curves_figure(
+        plotted, "val_accuracy", "Validation accuracy per epoch (mean over seeds; band: range)",
+        "validation accuracy", out / "val_accuracy.png", style, zoom=zoom).name
+    files["val_loss"] = figures.curves_figure(
+        plotted, "val_loss", "Validation loss per epoch (mean over seeds; band: range)",
+        "validation loss", out / "val_loss.png", style, log=True).name
     files["train_vs_validation"] = figures.train_vs_validation_figure(
-        plotted, out / "train_vs_validation.png").name
-  for row in rows:
-    confusion = row["confusion"]
-    if confusion:
-      accuracy = row["final_val_accuracy"]["mean"]
-      path = figures.confusion_figure(
-          np.asarray(confusion["matrix"]), confusion["class_names"],
-          f"{row['label']} on {row['dataset']}: final checkpoint\n"
-          f"mean over {confusion['seeds']} seed(s), accuracy {accuracy:.4f}",
-          out / "confusion" / f"{_slug(row['label'])}.png")
-      confusion["file"] = path.relative_to(out).as_posix()
+        plotted, out / "train_vs_validation.png", style).name
+  for stale in ("top5_val_accuracy.png", "top5_val_loss.png"):  # Older reports' figures.
+    (out / stale).unlink(missing_ok=True)
+  confusions = _confusion_figures(rows, found, out)
   samples = _sample_images(collection, out)
   document = {
-      "runs_dir": str(pathlib.Path(runs_dir).resolve()),
+      "runs_dir": os.path.relpath(pathlib.Path(runs_dir).resolve(), out.resolve()),
       "generated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "labs": [{k: lab.get(k) for k in ("lab", "dir", "source", "settings", "experiments",
-                                        "seeds")} for lab in collection.labs],
+      "labs": [{**{k: lab.get(k) for k in ("lab", "dir", "experiments", "seeds")},
+                "settings": {k: v for k, v in (lab.get("settings") or {}).items()
+                             if k not in WHERE_SETTINGS},
+                "source": _source(lab.get("source"))} for lab in collection.labs],
       "baseline": rows[0]["label"] if rows else None,
-      "top5": [g.label for g in top],
+      "zoomed": zoom,
+      "findings": found,
       "experiments": rows,
+      "class_accuracy": class_accuracy_table(rows),
       "runs": [{"path": r.path, "experiment": r.experiment, "seed": r.seed, "status": r.status,
                 "epochs_completed": len(r.history), "epochs": r.epochs,
                 "final_val_accuracy": r.summary.get("final_val_accuracy"),
                 "best_val_accuracy": r.summary.get("best_val_accuracy"),
+                "history": r.history,
                 **({"error": r.error} if r.error else {})} for r in collection.runs],
-      "figures": files, "samples": samples,
+      "figures": files, "confusion_figures": confusions, "samples": samples,
   }
   blocks = render.report_blocks(document, table_rows(rows))
   (out / "report.md").write_text(render.markdown(blocks))

@@ -39,7 +39,15 @@ class Items:
   items: list[str]
 
 
-Block = Union[Heading, Paragraph, Table, Image, Items]
+@dataclasses.dataclass
+class Details:
+  """Images one click away: a folded section in HTML, a list of links in Markdown."""
+
+  summary: str
+  images: list[Image]
+
+
+Block = Union[Heading, Paragraph, Table, Image, Items, Details]
 
 
 def _md_cell(text: str) -> str:
@@ -62,6 +70,9 @@ def markdown(blocks: Sequence[Block]) -> str:
       out.append(f"![{block.alt}]({block.file})")
     elif isinstance(block, Items):
       out.append("\n".join(f"- {item}" for item in block.items))
+    elif isinstance(block, Details):
+      out.append(f"{block.summary}:\n\n" + "\n".join(f"- [{i.alt}]({i.file})"
+                                                    for i in block.images))
   return "\n\n".join(out) + "\n"
 
 
@@ -74,6 +85,8 @@ th { background: #f0f3f7; }
 tr:nth-child(even) td { background: #fafbfc; }
 img { max-width: 100%; border: 1px solid #eee; margin: 0.5em 0; }
 code { background: #f4f4f4; padding: 0 0.2em; }
+figcaption { font-size: 0.8em; color: #555; }
+details { margin: 1em 0; } summary { cursor: pointer; font-weight: 600; }
 """
 
 
@@ -81,6 +94,13 @@ def _inline(text: str) -> str:
   """HTML of a Markdown-ish line: escaped, with `code` spans."""
   parts = html_lib.escape(str(text)).split("`")
   return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
+
+
+def _img(image: Image, folder: pathlib.Path) -> str:
+  encoded = base64.b64encode((folder / image.file).read_bytes()).decode()
+  return (f"<figure><img src='data:image/png;base64,{encoded}' "
+          f"alt='{html_lib.escape(image.alt)}'><figcaption>{_inline(image.alt)}</figcaption>"
+          "</figure>")
 
 
 def html(blocks: Sequence[Block], folder: pathlib.Path, title: str) -> str:
@@ -98,9 +118,10 @@ def html(blocks: Sequence[Block], folder: pathlib.Path, title: str) -> str:
                      for row in block.rows)
       out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
     elif isinstance(block, Image):
-      encoded = base64.b64encode((folder / block.file).read_bytes()).decode()
-      out.append(f"<figure><img src='data:image/png;base64,{encoded}' "
-                 f"alt='{html_lib.escape(block.alt)}'></figure>")
+      out.append(_img(block, folder))
+    elif isinstance(block, Details):
+      out.append(f"<details><summary>{_inline(block.summary)}</summary>"
+                 + "".join(_img(i, folder) for i in block.images) + "</details>")
     elif isinstance(block, Items):
       out.append("<ul>" + "".join(f"<li>{_inline(i)}</li>" for i in block.items) + "</ul>")
   out.append("</body></html>")
@@ -109,6 +130,37 @@ def html(blocks: Sequence[Block], folder: pathlib.Path, title: str) -> str:
 
 def _percent(x: float | None) -> str:
   return "—" if x is None else f"{x:.1%}"
+
+
+def _findings(document: dict[str, Any]) -> list[Block]:
+  found = document["findings"]
+  blocks: list[Block] = [Heading("Findings")]
+  if not any(r["final_val_accuracy"]["n"] for r in document["experiments"]):
+    return blocks + [Paragraph("No run has completed yet: nothing to conclude.")]
+  tests = sum(c.get("p") is not None for q in found["questions"] for c in q["comparisons"])
+  blocks.append(Paragraph(
+      "Each comparison is the difference of the final validation accuracies' means over seeds, "
+      "in points, with its 95% Welch interval; it is called a difference only where Welch's "
+      f"test, Holm-corrected over the report's {tests} comparisons, is below 0.05. With three "
+      "seeds an interval is wide: 'cannot tell apart' says the data is too thin to decide, not "
+      "that the two are equal."))
+  for q in found["questions"]:
+    blocks += [Heading(f"{q['topic']}: {q['question']}", 3)]
+    if q.get("seed_answer"):
+      blocks.append(Paragraph(f"Seed report: {q['seed_answer']}"))
+    blocks.append(Items(q["answer"]))
+  blocks += [Heading("Against the seed report", 3), Paragraph(found["rank_sentence"])]
+  tiers = found["tiers"]
+  if tiers:
+    blocks += [Heading("Experiments the data cannot tell apart", 3),
+               Paragraph("Tiers by final validation accuracy: each holds the best remaining "
+                         "experiment and every one whose difference from it is not significant "
+                         "(Welch, Holm-corrected within the tier); experiments with fewer than "
+                         "two seeds are left out. This replaces a ranking: inside a tier, order "
+                         "is noise."),
+               Items([f"Tier {i + 1}: " + ", ".join(f"`{name}`" for name in tier)
+                      for i, tier in enumerate(tiers)])]
+  return blocks
 
 
 def report_blocks(document: dict[str, Any], table: tuple[list[str], list[list[str]]]) -> list[Block]:
@@ -120,28 +172,43 @@ def report_blocks(document: dict[str, Any], table: tuple[list[str], list[list[st
   completed = sum(r["status"] == "completed" for r in runs)
   blocks: list[Block] = [
       Heading(f"Lab report: {title}", 1),
-      Paragraph(f"{len(runs)} runs under `{document['runs_dir']}` ({completed} completed), "
-                f"{len(rows)} experiments; generated {document['generated']}."),
+      Paragraph(f"{len(runs)} runs in `{document['runs_dir']}` (relative to this report; "
+                f"{completed} completed), {len(rows)} experiments; generated "
+                f"{document['generated']}."),
   ]
   for lab in labs:
     settings = ", ".join(f"{k}={v}" for k, v in (lab.get("settings") or {}).items()) or "none"
-    blocks.append(Paragraph(f"Lab `{lab['lab']}` in `{lab['dir'] or '.'}` (from "
-                            f"`{lab.get('source')}`): seeds {lab.get('seeds')}, overrides: "
+    where = f" in `{lab['dir']}`" if lab.get("dir") not in (None, "", ".") else ""
+    blocks.append(Paragraph(f"Lab `{lab['lab']}`{where}, declared in `{lab.get('source')}`: "
+                            f"seeds {lab.get('seeds')}, settings changed from the declarations: "
                             f"{settings}."))
+  if not completed:
+    blocks.append(Paragraph("No run has completed: the tables below list what is failed, "
+                            "running or missing."))
+  blocks += _findings(document)
   header, cells = table
+  baseline = document["baseline"]
   blocks += [
       Heading("Results"),
       Table(header, cells),
       Paragraph("Validation accuracy is on the data set's test split, as in the reports. "
-                "Mean ± sample standard deviation over seeds (n completed runs); s/epoch is "
-                "the median training time of an epoch (of a run trained in a vmapped group: the "
-                "group's epoch, all its members). `report` is the seed report's own "
-                "figure (final, or final / best) and the data set it was measured on; Δ is "
-                "this table's mean minus that figure, only where the data sets match. p is "
-                "the two-sided Welch's t-test of the final validation accuracies against the "
-                f"first experiment ({document['baseline']}), where both have two seeds or more: "
-                "a small p says the difference is larger than seed-to-seed noise."),
+                "Mean ± sample standard deviation over seeds, then the mean's 95% t interval "
+                "(n completed runs). `last 3 epochs` is the mean over seeds of each run's mean "
+                "validation accuracy over its last three epochs, less noisy than the final "
+                "epoch. `best epoch` is each run's best epoch, chosen on the same split it is "
+                "measured on: an optimistic figure, not a held-out result. s/epoch is the "
+                "median training time of an epoch, on the device named, for the whole vmapped "
+                "group where a group of seeds trained as one (divide by its size for one run). "
+                "`seed report` is the report's own figure (final, or final / best) and the data "
+                "set it was measured on; Δ is this table's mean minus that figure, only where "
+                f"the data sets match. p is the two-sided Welch's t-test against {baseline} "
+                "(final accuracies), Holm p its Holm correction over the table's tests."),
   ]
+  figures = document["figures"]
+  if figures.get("forest"):
+    blocks += [Heading("Final accuracy of every seed"),
+               Image(figures["forest"], "final validation accuracy per experiment: seeds, "
+                                        "mean and 95% interval")]
   unfinished = [r for r in runs if r["status"] != "completed"]
   if unfinished:
     blocks += [Heading("Runs not in the numbers"),
@@ -151,33 +218,40 @@ def report_blocks(document: dict[str, Any], table: tuple[list[str], list[list[st
                       + (f" ({r['epochs_completed']} of {r['epochs']} epochs)"
                          if r["status"] == "running" else "")
                       + (f": {r['error']}" if r.get("error") else "") for r in unfinished])]
-  figures = document["figures"]
-  if figures:
+  if figures.get("val_accuracy"):
     blocks += [
         Heading("Validation curves"),
-        Paragraph("Each line is an experiment's mean over its seeds; the band is the range "
-                  "over seeds."),
-        Image(figures["val_accuracy"], "validation accuracy per epoch, all experiments"),
-        Image(figures["val_loss"], "validation loss per epoch, all experiments"),
-        Heading(f"Top {len(document['top5'])} by final validation accuracy"),
-        Items(document["top5"]),
-        Image(figures["top5_val_accuracy"], "validation accuracy per epoch, top five"),
-        Image(figures["top5_val_loss"], "validation loss per epoch, top five"),
+        Paragraph("Each line is an experiment's mean over its seeds, the band the range over "
+                  "seeds; an experiment keeps its colour, line style and marker in every figure."
+                  + (" The right panel zooms on the experiments within 10 points of the median "
+                     "final accuracy." if document.get("zoomed") else "")
+                  + " Loss is on a log scale, so that failures do not flatten the rest."),
+        Image(figures["val_accuracy"], "validation accuracy per epoch"),
+        Image(figures["val_loss"], "validation loss per epoch (log scale)"),
         Heading("Train against validation accuracy"),
         Image(figures["train_vs_validation"], "train and validation accuracy per experiment"),
     ]
-  confusions = [row for row in rows if row["confusion"]]
-  if confusions:
+  if document.get("class_accuracy"):
+    header, cells = document["class_accuracy"]
+    blocks += [Heading("Accuracy per class (final checkpoint, mean over seeds)"),
+               Table(header, cells)]
+  confusions = document["confusion_figures"]
+  if confusions["shown"]:
     blocks.append(Heading("Confusion matrices (final checkpoint)"))
-    for row in confusions:
-      confusion = row["confusion"]
-      blocks += [Heading(row["label"], 3),
-                 Image(confusion["file"], f"confusion matrix of {row['label']}"),
+    by_label = {r["label"]: r for r in rows}
+    for shown in confusions["shown"]:
+      confusion = by_label[shown["label"]]["confusion"]
+      blocks += [Heading(f"{shown['label']}: {shown['why']}", 3),
+                 Image(shown["file"], f"confusion matrix of {shown['label']}"),
                  Paragraph("Most confused (true → predicted, mean count over seeds): " + "; ".join(
                      f"{p['true']} → {p['predicted']}: {p['count']:.1f} "
                      f"({_percent(p['fraction_of_true'])} of {p['true']})"
                      for p in confusion["most_confused"]) + "." if confusion["most_confused"]
                      else "No confusions.")]
+    if confusions["others"]:
+      blocks.append(Details("The other experiments' confusion matrices",
+                            [Image(o["file"], f"confusion matrix of {o['label']}")
+                             for o in confusions["others"]]))
   if document["samples"]:
     blocks.append(Heading("Samples of every class"))
     for sample in document["samples"]:
@@ -189,7 +263,7 @@ def report_blocks(document: dict[str, Any], table: tuple[list[str], list[list[st
                                 f"not be read: {sample['error']}"))
   blocks += [Heading("Every run"),
              Table(["run", "experiment", "seed", "status", "epochs", "final val acc",
-                    "best val acc"],
+                    "best val acc (chosen on val)"],
                    [[r["path"], r["experiment"], str(r["seed"]), r["status"],
                      f"{r['epochs_completed']}/{r['epochs'] or '?'}",
                      f"{r['final_val_accuracy']:.4f}" if r["final_val_accuracy"] is not None

@@ -1,4 +1,8 @@
-"""The table's numbers: mean and spread over seeds, Welch's t-test, the seed reports' figures."""
+"""The report's statistics over seeds: t intervals, Welch's test, Holm's correction, tiers.
+
+Means with their t intervals, Welch's test and the interval of a difference, Holm's correction
+for a family of tests, Spearman's rank agreement, and the tiers of experiments the data cannot
+tell apart. Every function takes plain lists of floats."""
 
 from __future__ import annotations
 
@@ -9,12 +13,28 @@ from typing import Any, Sequence
 
 from scipy import stats as scipy_stats
 
+ALPHA = 0.05  # The family-wise error rate of the report's tests, and 1 - the intervals' level.
+
+
+def t_interval(values: Sequence[float], confidence: float = 1 - ALPHA
+               ) -> tuple[float, float] | None:
+  """The two-sided t interval of the mean of `values` (None below two values)."""
+  values = list(values)
+  if len(values) < 2:
+    return None
+  mean, sem = statistics.fmean(values), statistics.stdev(values) / math.sqrt(len(values))
+  half = float(scipy_stats.t.ppf(0.5 + confidence / 2, len(values) - 1)) * sem
+  return mean - half, mean + half
+
 
 def spread(values: Sequence[float], seeds: Sequence[Any]) -> dict[str, Any]:
-  """Mean, sample standard deviation (n - 1; None below two values), n, and each seed's value."""
+  """Mean, sample standard deviation (n - 1; None below two values), its 95% t interval, n,
+  and each seed's value."""
   values = list(values)
+  interval = t_interval(values)
   return {"mean": statistics.fmean(values) if values else None,
           "std": statistics.stdev(values) if len(values) > 1 else None,
+          "ci95": list(interval) if interval else None,
           "n": len(values),
           "per_seed": {str(s): v for s, v in zip(seeds, values)}}
 
@@ -26,6 +46,63 @@ def welch_p_value(a: Sequence[float], b: Sequence[float]) -> float | None:
     return None
   p = float(scipy_stats.ttest_ind(list(a), list(b), equal_var=False).pvalue)
   return None if math.isnan(p) else p
+
+
+def difference(a: Sequence[float], b: Sequence[float]) -> dict[str, Any] | None:
+  """mean(a) - mean(b), its 95% Welch interval (Welch-Satterthwaite degrees of freedom) and
+  Welch's two-sided p; None unless both have two values or more."""
+  if len(a) < 2 or len(b) < 2:
+    return None
+  va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
+  delta = statistics.fmean(a) - statistics.fmean(b)
+  if va + vb == 0:
+    return {"difference": delta, "ci95": [delta, delta], "p": None}
+  df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+  half = float(scipy_stats.t.ppf(1 - ALPHA / 2, df)) * math.sqrt(va + vb)
+  return {"difference": delta, "ci95": [delta - half, delta + half],
+          "p": welch_p_value(a, b)}
+
+
+def holm(p_values: Sequence[float | None]) -> list[float | None]:
+  """Holm's step-down adjusted p-values of a family of tests (None stays None and does not
+  count as a test): reject where the adjusted p is below ALPHA, at a family-wise error rate of
+  ALPHA."""
+  tested = sorted((p, i) for i, p in enumerate(p_values) if p is not None)
+  adjusted: list[float | None] = [None] * len(p_values)
+  running = 0.0
+  for rank, (p, i) in enumerate(tested):
+    running = max(running, min(1.0, (len(tested) - rank) * p))
+    adjusted[i] = running
+  return adjusted
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> dict[str, Any] | None:
+  """Spearman's rank correlation of paired values and its two-sided p (None below 3 pairs)."""
+  if len(x) < 3:
+    return None
+  result = scipy_stats.spearmanr(list(x), list(y))
+  rho, p = float(result.statistic), float(result.pvalue)
+  return {"rho": None if math.isnan(rho) else rho, "p": None if math.isnan(p) else p,
+          "n": len(x)}
+
+
+def indistinguishable_tiers(samples: dict[str, Sequence[float]]) -> list[list[str]]:
+  """Experiments in tiers the data cannot split: the first tier is the best mean and every
+  experiment whose difference from it is not significant (Welch, Holm-corrected over the
+  tier's tests); the next tier starts from the best of the rest, and so on. Experiments with
+  fewer than two seeds form no tier (their spread is unknown)."""
+  left = {k: list(v) for k, v in samples.items() if len(v) >= 2}
+  tiers = []
+  while left:
+    order = sorted(left, key=lambda k: -statistics.fmean(left[k]))
+    best, others = order[0], order[1:]
+    adjusted = holm([welch_p_value(left[best], left[k]) for k in others])
+    # A test that cannot be made (no variance in either) cannot tell them apart either.
+    tier = [best] + [k for k, p in zip(others, adjusted) if p is None or p >= ALPHA]
+    tiers.append(tier)
+    for k in tier:
+      del left[k]
+  return tiers
 
 
 def seed_figure(text: str) -> dict[str, float | None]:
