@@ -45,8 +45,8 @@ def cache_file() -> pathlib.Path:
   return root / "kernels.json"
 
 
-def machine_key() -> str:
-  """The CPU (model name and feature flags) and the jaxlib version: what decides the choice."""
+def cpu() -> tuple[str, str]:
+  """This machine's CPU model name and its feature flags, as /proc/cpuinfo names them."""
   model, features = "", ""
   try:
     for line in open("/proc/cpuinfo"):
@@ -57,6 +57,12 @@ def machine_key() -> str:
   except OSError:
     import platform
     model = platform.processor() or platform.machine()
+  return model, features
+
+
+def machine_key() -> str:
+  """The CPU (model name and feature flags) and the jaxlib version: what decides the choice."""
+  model, features = cpu()
   try:
     jaxlib = importlib.metadata.version("jaxlib")
   except importlib.metadata.PackageNotFoundError:

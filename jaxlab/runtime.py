@@ -125,5 +125,6 @@ def environment() -> dict[str, Any]:
            "backend": jax.default_backend(), "device": getattr(device, "device_kind", str(device)),
            "device_count": jax.device_count()}
   if found["backend"] == "cpu":
-    found.update(kernels=kernels.applied(), xla_flags=os.environ.get("XLA_FLAGS", ""))
+    found.update(kernels=kernels.applied(), xla_flags=os.environ.get("XLA_FLAGS", ""),
+                 cpu=kernels.cpu()[0], cores=len(os.sched_getaffinity(0)))
   return found

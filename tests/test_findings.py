@@ -98,6 +98,8 @@ def test_rank_agreement_is_spearmans_over_experiments_with_a_figure():
   means = {k: statistics.fmean(v) for k, v in final.items()}
   agreement = findings.rank_agreement(evidence(final, figures=figures), means)
   assert agreement["experiments"] == ["a", "b", "c"] and agreement["rho"] == pytest.approx(1.0)
+  # Exact at small n: of the 3! orderings, the two perfectly (anti-)ordered are as extreme.
+  assert agreement["p"] == pytest.approx(2 / 6)
   assert "Spearman ρ = 1.00" in findings.rank_sentence(agreement)
 
 

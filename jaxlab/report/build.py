@@ -81,8 +81,17 @@ def _timing(group: Group) -> dict[str, Any] | None:
   size = max(sizes)
   return {"seconds_per_epoch": seconds, "group_size": size,
           "seconds_per_member_epoch": seconds / size,
-          "device": environment.get("device") or "?", "backend": environment.get("backend"),
+          "device": _device(environment), "backend": environment.get("backend"),
           "kernels": environment.get("kernels"), "device_count": environment.get("device_count")}
+
+
+def _device(environment: dict[str, Any]) -> str:
+  """The device a run trained on, in words: the GPU's kind, or the CPU's model and the cores
+  it had (runs that did not record them: the backend's name for it)."""
+  if environment.get("cpu"):
+    cores = environment.get("cores")
+    return environment["cpu"] + (f", {cores} cores" if cores else "")
+  return environment.get("device") or "?"
 
 
 def experiment_rows(collection: Collection) -> list[dict[str, Any]]:

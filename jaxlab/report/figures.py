@@ -200,9 +200,9 @@ def confusion_figure(matrices: Sequence[np.ndarray], class_names: Sequence[str],
     share = matrix / np.maximum(matrix.sum(1, keepdims=True), 1e-12)
     errors = np.where(np.eye(k, dtype=bool), np.nan, share)
     top = float(np.nanmax(errors)) if np.isfinite(errors).any() else 1.0
-    image = ax.imshow(errors, cmap="Reds", vmin=0, vmax=max(top, 1e-6))
+    image = ax.imshow(100 * errors, cmap="Reds", vmin=0, vmax=100 * max(top, 1e-6))
     ax.imshow(np.where(np.eye(k, dtype=bool), 1.0, np.nan), cmap="Greys", vmin=0, vmax=4)
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="% of the true class")
     ax.set_xticks(range(k), class_names, rotation=45, ha="right", fontsize=8)
     ax.set_yticks(range(k), class_names, fontsize=8)
     ax.set_xlabel("predicted class")

@@ -76,12 +76,22 @@ def holm(p_values: Sequence[float | None]) -> list[float | None]:
   return adjusted
 
 
+EXACT_PERMUTATIONS = 8  # Up to 8 pairs (40,320 orderings) Spearman's p is computed exactly.
+
+
 def spearman(x: Sequence[float], y: Sequence[float]) -> dict[str, Any] | None:
-  """Spearman's rank correlation of paired values and its two-sided p (None below 3 pairs)."""
+  """Spearman's rank correlation of paired values and its two-sided p (None below 3 pairs): by
+  every permutation up to EXACT_PERMUTATIONS pairs, by the t approximation above."""
   if len(x) < 3:
     return None
-  result = scipy_stats.spearmanr(list(x), list(y))
-  rho, p = float(result.statistic), float(result.pvalue)
+  x, y = list(x), list(y)
+  rho = float(scipy_stats.spearmanr(x, y).statistic)
+  if len(x) <= EXACT_PERMUTATIONS:  # Exact: every ordering of y (the t approximation is off).
+    p = float(scipy_stats.permutation_test(
+        (y,), lambda v: scipy_stats.spearmanr(x, v).statistic, permutation_type="pairings",
+        alternative="two-sided").pvalue)
+  else:
+    p = float(scipy_stats.spearmanr(x, y).pvalue)
   return {"rho": None if math.isnan(rho) else rho, "p": None if math.isnan(p) else p,
           "n": len(x)}
 
