@@ -76,7 +76,7 @@ class TensorBoard(Hook):
       self._writers[split] = EventFileWriter(str(directory))
     self._writers[""].add_event(event_pb2.Event(
         wall_time=time.time(), step=0,
-        summary=hparams_summary.hparams_pb(hparams(run.settings), trial_id=run.root.name)))
+        summary=hparams_summary.hparams_pb(hparams(run.settings))))
     for record in run.history:
       self._write(record)
     self._flush()
