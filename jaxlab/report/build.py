@@ -238,6 +238,11 @@ def table_rows(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
         "baseline" if i == 0 else _p(row["p_value_vs_baseline"]),
         "" if i == 0 else _p(row.get("p_holm_vs_baseline")),
     ])
+  column = header.index("Δ final / best vs report")
+  if not any(any(v is not None for v in row["difference_vs_seed"].values()) for row in rows):
+    # No seed figure on these data sets: the column says nothing (rank agreement does).
+    header = header[:column] + header[column + 1:]
+    cells = [row[:column] + row[column + 1:] for row in cells]
   return header, cells
 
 

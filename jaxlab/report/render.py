@@ -138,12 +138,16 @@ def _findings(document: dict[str, Any]) -> list[Block]:
   if not any(r["final_val_accuracy"]["n"] for r in document["experiments"]):
     return blocks + [Paragraph("No run has completed yet: nothing to conclude.")]
   tests = sum(c.get("p") is not None for q in found["questions"] for c in q["comparisons"])
-  blocks.append(Paragraph(
-      "Each comparison is the difference of the final validation accuracies' means over seeds, "
-      "in points, with its 95% Welch interval; it is called a difference only where Welch's "
-      f"test, Holm-corrected over the report's {tests} comparisons, is below 0.05. With three "
-      "seeds an interval is wide: 'cannot tell apart' says the data is too thin to decide, not "
-      "that the two are equal."))
+  if found["questions"]:
+    blocks.append(Paragraph(
+        "Each comparison is the difference of the final validation accuracies' means over "
+        "seeds, in points, with its 95% Welch interval; it is called a difference only where "
+        f"Welch's test, Holm-corrected over the report's {tests} comparisons, is below 0.05. "
+        "With three seeds an interval is wide: 'cannot tell apart' says the data is too thin "
+        "to decide, not that the two are equal."))
+  else:
+    blocks.append(Paragraph("The lab declares no questions (a lab module's `QUESTIONS`): what "
+                            "follows compares every experiment at once."))
   for q in found["questions"]:
     blocks += [Heading(f"{q['topic']}: {q['question']}", 3)]
     if q.get("seed_answer"):
