@@ -217,7 +217,7 @@ def confusion_figure(matrices: Sequence[np.ndarray], class_names: Sequence[str],
   fig.suptitle(title + "\n(% of each true class; diagonal: the class's accuracy, in grey, "
                "off the colour scale)", fontsize=10)
   fig.tight_layout()
-  return _save(fig, path)
+  return _save(fig, path, tight=True)  # tight_layout leaves the suptitle's second line out.
 
 
 def samples_figure(images: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
