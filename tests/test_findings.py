@@ -240,3 +240,20 @@ def test_a_lab_with_no_completed_run_still_reports(tmp_path):
   assert "No run has completed" in markdown and "nothing to conclude" in markdown
   assert "`a/seed_0`: failed: it broke" in markdown
   assert document["figures"] == {}
+
+
+@pytest.mark.slow  # Draws the committed report's figures again: about a minute.
+def test_the_committed_lab02_report_rebuilds_from_the_repository(tmp_path):
+  """docs/results/lab02_fashion_mnist/runs (the runs' small files) alone rebuild the committed
+  report's numbers: every run's history and every experiment's statistics."""
+  from conftest import ROOT
+  committed = ROOT / "docs" / "results" / "lab02_fashion_mnist"
+  build_report(committed / "runs", tmp_path / "report")
+  saved = json.loads((committed / "report.json").read_text())
+  rebuilt = json.loads((tmp_path / "report" / "report.json").read_text())
+  assert len(rebuilt["runs"]) == len(saved["runs"]) == 42
+  assert [r["history"] for r in rebuilt["runs"]] == [r["history"] for r in saved["runs"]]
+  for key in ("final_val_accuracy", "last3_val_accuracy", "best_val_accuracy",
+              "p_value_vs_baseline", "p_holm_vs_baseline"):
+    assert [r[key] for r in rebuilt["experiments"]] == [r[key] for r in saved["experiments"]]
+  assert rebuilt["findings"] == saved["findings"]
