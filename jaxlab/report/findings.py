@@ -116,7 +116,7 @@ def _sentence(found: dict[str, Any], tests: int) -> str:
   return text
 
 
-def _stability(name: str, evidence: Evidence, baseline: str) -> dict[str, Any]:
+def _stability(name: str, evidence: Evidence) -> dict[str, Any]:
   final, best = evidence.final.get(name, []), evidence.best.get(name, [])
   if not final:
     return {"experiment": name, "n": 0}
@@ -155,10 +155,10 @@ def answer(questions: Sequence[Question], evidence: Evidence, baseline: str
     f["p_holm"] = p
     f["verdict"] = _verdict(f)
   tests = sum(p is not None for p in adjusted)
-  reference = _stability(baseline, evidence, baseline)
+  reference = _stability(baseline, evidence)
   answers = []
   for q, comparisons in zip(questions, found):
-    stability = [_stability(name, evidence, baseline) for name in q.stability]
+    stability = [_stability(name, evidence) for name in q.stability]
     sentences = ([_sentence(f, tests) for f in comparisons]
                  + [_stability_sentence(s, reference) for s in stability])
     answers.append({**q.to_json(), "comparisons": comparisons, "stability_checks": stability,
