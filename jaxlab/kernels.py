@@ -26,6 +26,8 @@ import tempfile
 import time
 from typing import Any, Callable
 
+from jaxlab.data import default_cache_dir
+
 # Name -> the XLA flags that select it. "xla" is XLA:CPU as it comes.
 KERNELS: dict[str, str] = {
     "xla": "",
@@ -41,8 +43,7 @@ RTOL = 1e-4  # Gradients' error against float64 always allowed, relative to each
 
 
 def cache_file() -> pathlib.Path:
-  root = pathlib.Path(os.environ.get("JAXLAB_CACHE_DIR", "~/.cache/jaxlab")).expanduser()
-  return root / "kernels.json"
+  return default_cache_dir() / "kernels.json"
 
 
 def cpu() -> tuple[str, str]:

@@ -18,7 +18,7 @@ import jax
 
 import jaxlab
 from jaxlab import kernels
-from jaxlab.data import compilation_cache_options, default_compilation_cache  # noqa: F401
+from jaxlab.data import compilation_cache_options
 
 # JAX reports every program it gets for a backend (compiled, or loaded from the persistent
 # cache) as one duration event; loads also come as cache hits, with their retrieval time.
@@ -108,7 +108,7 @@ def startup_report(since: Mark) -> dict[str, Any]:
 
 def enable_compilation_cache(directory: str | os.PathLike | None = None) -> pathlib.Path:
   """Turns on JAX's persistent compilation cache in `directory` (default
-  `default_compilation_cache()`), for every program however quick to compile: a second process
+  `jaxlab.data.default_compilation_cache()`), for every program however quick to compile: a second process
   (another seed, another learning rate, a resumed run) then loads them instead of compiling
   them."""
   options = compilation_cache_options(directory)

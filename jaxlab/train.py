@@ -37,7 +37,7 @@ from jaxlab.metrics import read_jsonl
 from jaxlab.models import PlanModel, describe
 from jaxlab.optim import make_optimizer
 from jaxlab.restore import restore_group, restore_state
-from jaxlab.run import Run, member_dir  # noqa: F401  (member_dir: part of this module's API)
+from jaxlab.run import Run
 from jaxlab.state import TrainState, create_group_state, member, seed_keys
 from jaxlab.steps import (LOOP_ENV, Steps, evaluate, evaluate_group, make_steps,
                           train_epoch)

@@ -15,7 +15,8 @@ from jaxlab.models import Conv, ConvBlock, ConvNet, Dense, MaxPool
 from jaxlab.optim import make_optimizer
 from jaxlab.state import create_group_state, member, seed_keys, stack
 from jaxlab.steps import make_steps
-from jaxlab.train import _out_of_memory, group_configs, member_dir, train_and_evaluate, train_group
+from jaxlab.run import member_dir
+from jaxlab.train import _out_of_memory, group_configs, train_and_evaluate, train_group
 from datafiles import random_dataset, synthetic_dataset
 from runstate import (arrays, assert_rounding_only, biases_before_batch_norm, final_state,
                       largest_difference)

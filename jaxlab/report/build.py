@@ -173,27 +173,18 @@ def study(collection: Collection, rows: list[dict[str, Any]]) -> dict[str, Any]:
           "rank_agreement": agreement, "rank_sentence": findings.rank_sentence(agreement)}
 
 
-def _mean_std(stats: dict[str, Any]) -> str:
+def _mean_std(stats: dict[str, Any], interval: bool = False) -> str:
+  """mean ± std (n), with the mean's 95% t interval in brackets before (n) if `interval`."""
   if stats["mean"] is None:
     return "— (n=0)"
-  if stats["std"] is None:
-    return f"{stats['mean']:.4f} (n={stats['n']})"
-  return f"{stats['mean']:.4f} ± {stats['std']:.4f} (n={stats['n']})"
+  text = f"{stats['mean']:.4f}" + (f" ± {stats['std']:.4f}" if stats["std"] is not None else "")
+  if interval and stats.get("ci95"):
+    text += " [{:.3f}, {:.3f}]".format(*stats["ci95"])
+  return f"{text} (n={stats['n']})"
 
 
 def _signed(value: float | None) -> str:
   return "—" if value is None else f"{value:+.4f}"
-
-
-def _mean_interval(stats: dict[str, Any]) -> str:
-  """mean ± std [95% t interval] (n)."""
-  if stats["mean"] is None:
-    return "— (n=0)"
-  text = _mean_std(stats)
-  if stats.get("ci95"):
-    lo, hi = stats["ci95"]
-    text = text.replace(f" (n={stats['n']})", f" [{lo:.3f}, {hi:.3f}] (n={stats['n']})")
-  return text
 
 
 def _seconds(timing: dict[str, Any] | None) -> str:
@@ -230,7 +221,7 @@ def table_rows(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
         row["label"], row["dataset"],
         f"{row['params']:,}" if row["params"] is not None else "—",
         str(row["epochs"] or "—"), _seconds(row.get("timing")),
-        _mean_interval(row["final_val_accuracy"]),
+        _mean_std(row["final_val_accuracy"], interval=True),
         f"{last['mean']:.4f}" if last["mean"] is not None else "—",
         _mean_std(row["best_val_accuracy"]),
         f"{seed['figure']} ({seed['dataset']})" if seed["figure"] else "—",
