@@ -217,6 +217,8 @@ def test_report_from_files_answers_the_labs_questions(tmp_path):
   # The small files alone (no checkpoints) rebuild the same report.
   (lab / "base" / "seed_0" / "checkpoints").mkdir()
   (lab / "base" / "seed_0" / "checkpoints" / "step_1.msgpack").write_bytes(b"weights")
+  with pytest.raises(FileNotFoundError, match=f"--runs {tmp_path / 'nowhere'} is not a directory"):
+    copy_small_files(tmp_path / "nowhere", tmp_path / "copy" / "runs")
   copied = copy_small_files(lab, tmp_path / "copy" / "runs")
   assert not list(copied.rglob("*.msgpack")) and (copied / "lab.json").is_file()
   build_report(copied, tmp_path / "copy")

@@ -288,6 +288,8 @@ def copy_small_files(runs_dir: str | pathlib.Path, to: str | pathlib.Path) -> pa
   metrics.jsonl; no checkpoints, no event files) from `runs_dir` into `to`, keeping the
   layout: a folder of kilobytes from which the report is rebuilt anywhere."""
   source, target = pathlib.Path(runs_dir), pathlib.Path(to)
+  if not source.is_dir():
+    raise FileNotFoundError(f"--runs {source} is not a directory")
   if target.resolve() == source.resolve():
     return target
   found = [p for name in ("lab.json", *SMALL_FILES) for p in source.rglob(name)
