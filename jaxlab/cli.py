@@ -31,19 +31,25 @@ EXIT_BAD_INPUT = 2
 EXIT_NONFINITE = 3
 
 
-def user_errors_exit(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
+def user_errors_exit(main: Callable[[list[str]], None] | None = None, *,
+                     first: Callable[[], None] | None = None) -> Any:
   """Wraps an absl `main` so that a user error (stray positional arguments among them) prints
   `error: ...` and exits with status 2, a NaN stop with 3, and a stop on a signal prints where
-  it stopped and how to resume, and exits with 75."""
+  it stopped and how to resume, and exits with 75. `first` (`@user_errors_exit(first=f)`) runs
+  before anything imports JAX: checks that should answer at once."""
+  if main is None:
+    return functools.partial(user_errors_exit, first=first)
 
   @functools.wraps(main)
   def wrapped(argv: list[str]) -> None:
     try:
       if len(argv) > 1:
         raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
+      if first is not None:
+        first()
       if "kernels" in flags.FLAGS:  # Before JAX starts: XLA reads its flags once.
         from jaxlab import kernels
-        kernels.apply(flags.FLAGS.kernels, _started_kernels())
+        kernels.apply(flags.FLAGS.kernels, _started_kernels(), kind=_model_kind)
       f = flags.FLAGS
       if "coordinator_address" in f and (
           under_launcher() or any(getattr(f, n) is not None for n in
@@ -99,12 +105,33 @@ def define_compilation_cache_flag() -> None:
 
 
 def define_kernels_flag() -> None:
-  flags.DEFINE_enum("kernels", None, ["auto", "xla", "ynn_dot", "ynn_dot_eltwise"],
+  from jaxlab.kernels import CHOICES  # No JAX.
+  flags.DEFINE_enum("kernels", None, list(CHOICES),
                     "XLA:CPU's kernel library for dots and convolutions (jaxlab.kernels): auto "
-                    "(the fastest on this machine whose results equal XLA's own within float "
-                    "rounding, measured once and cached in $JAXLAB_CACHE_DIR/kernels.json), xla "
-                    "(as XLA comes), or one by name. Default: $JAXLAB_KERNELS, else auto; a "
-                    "resumed run keeps the kernels it started with.")
+                    "(the fastest on this machine for the kind of model run, with or without "
+                    "convolutions, whose results equal XLA's own within float rounding, measured "
+                    "once and cached in $JAXLAB_CACHE_DIR/kernels.json), xla (as XLA comes), or "
+                    "one by name. Default: $JAXLAB_KERNELS, else auto; a resumed run keeps the "
+                    "kernels it started with.")
+
+
+def _model_kind() -> str:
+  """The kind of model this command runs, for jaxlab.kernels: "conv" where one of the
+  experiments it names (--experiment, else --lab's --experiments or all of its experiments) has
+  convolutions, "dense" where none has, "conv" where it names none. Imports the experiments,
+  which imports JAX but does not start its backend."""
+  f = flags.FLAGS
+  names = [f.experiment] if "experiment" in f and f.experiment else []
+  lab = f.lab if "lab" in f else None
+  if not names and not lab:
+    return "conv"
+  from jaxlab import experiment
+  from jaxlab.models import has_convolutions
+  if lab:
+    declared = experiment.load_lab(lab).experiments
+    names = names or (f.experiments if "experiments" in f and f.experiments else declared)
+  return ("conv" if any(has_convolutions(experiment.get_experiment(n).model) for n in names)
+          else "dense")
 
 
 def _started_kernels() -> str | None:

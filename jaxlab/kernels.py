@@ -1,14 +1,17 @@
-"""XLA:CPU's kernel libraries: the one this machine runs fastest, measured once and cached.
+"""XLA:CPU's kernel libraries: the fastest here per kind of model, measured once and cached.
 
-XLA:CPU can hand dots and convolutions to other kernel libraries (YNNPACK, oneDNN) through
-`XLA_FLAGS`, which the backend reads once, when it starts. Which is fastest depends on the CPU
-(AlexNet's train step on a 2-core AMD EPYC: 5.30 s as XLA comes, 3.56 s with YNNPACK's dot
-fusions). `choose` times a small convolution-and-dense training step under each candidate, each
-in its own process, keeps only candidates whose gradients are as close to the exact (float64)
-ones as XLA's own, and caches the choice under `$JAXLAB_CACHE_DIR/kernels.json`, keyed on the CPU and the
-jaxlib version: the first choice costs seconds, later ones nothing. `apply` sets `XLA_FLAGS`
-before the backend starts (every script does, through `jaxlab.cli`); `--kernels` overrides, and
-a resumed run keeps the kernels it started with (`config.json`'s environment).
+XLA:CPU can hand dots and convolutions to other kernel libraries (YNNPACK, oneDNN). Which is
+fastest depends on the CPU and on the model: on a 2-core AMD EPYC, AlexNet's train step takes
+5.30 s as XLA comes and 3.56 s with YNNPACK's dot fusions, while an MLP's step is a few percent
+slower with them and its eval step 1.6x slower. `choose` times two small training steps, one of
+a convolution network and one of an MLP (`KINDS`), under each candidate, compiled with the
+candidate's compiler options in one process of its own, the candidates' repetitions
+interleaved; it keeps only candidates whose gradients are as close to the exact (float64) ones
+as XLA's own, and caches the choice per kind under `$JAXLAB_CACHE_DIR/kernels.json`, keyed on
+the CPU and the jaxlib version: the first choice costs seconds, later ones nothing. `apply` sets
+`XLA_FLAGS` for the kind of model a command runs before the backend starts (every script does,
+through `jaxlab.cli`); `--kernels` overrides, and a resumed run keeps the kernels it started with
+(`config.json`'s environment).
 
 This module imports no JAX: it must run before JAX starts.
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+import math
 import os
 import pathlib
 import subprocess
@@ -28,18 +32,33 @@ from typing import Any, Callable
 
 from jaxlab.data import default_cache_dir
 
-# Name -> the XLA flags that select it. "xla" is XLA:CPU as it comes.
+# Name -> the XLA flags that select it for a process. "xla" is XLA:CPU as it comes.
 KERNELS: dict[str, str] = {
     "xla": "",
     "ynn_dot": "--xla_cpu_experimental_ynn_fusion_type=dot",
     "ynn_dot_eltwise": "--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce",
 }
+# The candidates "auto" chooses among: ynn_dot_eltwise was no faster than ynn_dot for AlexNet
+# (3.82 s against 3.56 s a step on a 2-core AMD EPYC) nor for an MLP, and the suite's Keras
+# parity is checked under these (JAXLAB_TEST_KERNELS); it stays available by name.
+CANDIDATES = ("xla", "ynn_dot")
+# Each, as the compiler options of one program (how `choose` measures them side by side).
+OPTIONS: dict[str, dict[str, Any]] = {
+    "xla": {},
+    "ynn_dot": {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"},
+    "ynn_dot_eltwise": {"xla_cpu_experimental_ynn_fusion_type":
+                        "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_ELTWISE,"
+                        "LIBRARY_FUSION_TYPE_REDUCE"},
+}
 CHOICES = ("auto", *KERNELS)
+# Kinds of model, chosen for apart: "conv", a model with convolutions; "dense", one without.
+KINDS = ("conv", "dense")
 ENV = "JAXLAB_KERNELS"  # The scripts' --kernels; "auto" where unset.
 APPLIED_ENV = "JAXLAB_KERNELS_APPLIED"  # What this process's backend started with.
 # A candidate must beat XLA as it comes by this much to be chosen (timing noise is a few %).
 MARGIN = 0.05
 RTOL = 1e-4  # Gradients' error against float64 always allowed, relative to each array's scale.
+SAMPLE_SECONDS = 0.05  # A timed sample repeats a quick step until it lasts about this long.
 
 
 def cache_file() -> pathlib.Path:
@@ -82,59 +101,91 @@ def _gpu_possible() -> bool:
   return any(importlib.util.find_spec(p) for p in ("jax_cuda12_plugin", "jax_cuda13_plugin"))
 
 
-def measure(name: str, out: pathlib.Path, repeats: int = 5) -> dict[str, Any]:
-  """Times `name` in a process of its own (XLA_FLAGS are read once per process): the median of
-  `repeats` calls of a compiled conv + dense training step; its gradients go to `out` (.npz)."""
-  env = {**os.environ, "XLA_FLAGS": f"{_user_flags()} {KERNELS[name]}".strip(),
-         "JAX_PLATFORMS": "cpu"}
-  done = subprocess.run([sys.executable, "-m", "jaxlab.kernels", str(out), str(repeats),
-                         str(int(name == "xla"))],
-                        env=env, capture_output=True, text=True, timeout=300)
+def measure(out: pathlib.Path, repeats: int = 9) -> dict[str, dict[str, dict[str, Any]]]:
+  """Times every candidate on every kind's step in a process of its own, with the user's XLA
+  flags but none of the kernels': {kind: {name: {"seconds": median} or {"error": why}}}. Each
+  kind's gradients go to out/KIND.NAME.npz, and in float64 to out/KIND.exact.npz."""
+  env = {**os.environ, "XLA_FLAGS": _user_flags(), "JAX_PLATFORMS": "cpu"}
+  done = subprocess.run([sys.executable, "-m", "jaxlab.kernels", str(out), str(repeats)],
+                        env=env, capture_output=True, text=True, timeout=600)
   if done.returncode != 0:
-    return {"error": (done.stderr.strip().splitlines() or ["failed"])[-1]}
+    raise RuntimeError((done.stderr.strip().splitlines() or ["failed"])[-1])
   return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _workload(out: str, repeats: int, exact: bool) -> None:
-  """The measured step (run by `measure` in its own process): a 5x5 convolution, max pooling
-  and two Dense layers, forward and backward, at batch 16 on 28x28 inputs. Writes its float32
-  gradients, and with `exact` the same gradients in float64 (the reference every candidate is
-  held to)."""
+def _workload(out: str, repeats: int) -> None:
+  """The measurement (run by `measure` in its own process). Two steps, forward and backward:
+  "conv", a 5x5 convolution, max pooling and two Dense layers at batch 16 on 28x28x16 inputs;
+  "dense", an MLP 784-512-128-512-10 with batch normalization at batch 128. Each
+  candidate compiles them with its compiler options (`OPTIONS`); each of `repeats` rounds times
+  every candidate once, in turn. Writes the float32 gradients and the same gradients in float64
+  (the reference every candidate is held to), and prints the medians as JSON."""
   import jax
   jax.config.update("jax_enable_x64", True)  # Only for the reference: the rest is float32.
   import jax.numpy as jnp
   import numpy as np
 
   rng = np.random.default_rng(0)
-  batch = 16
-  x = rng.random((batch, 28, 28, 16), np.float32)
-  params = {"conv": rng.normal(0, 0.05, (5, 5, 16, 64)).astype(np.float32),
-            "dense": rng.normal(0, 0.02, (14 * 14 * 64, 128)).astype(np.float32),
-            "out": rng.normal(0, 0.05, (128, 10)).astype(np.float32)}
-  labels = jnp.asarray(rng.integers(0, 10, batch))
 
-  def loss(p, x):
+  def xent(logits, labels):
+    return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(labels.shape[0]), labels])
+
+  def conv_loss(p, x, labels):
     h = jax.lax.conv_general_dilated(x, p["conv"], (1, 1), "SAME",
                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
     h = jax.lax.reduce_window(jax.nn.relu(h), -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1),
                               "VALID")
-    h = jax.nn.relu(h.reshape(batch, -1) @ p["dense"])
-    return -jnp.mean(jax.nn.log_softmax(h @ p["out"])[jnp.arange(batch), labels])
+    h = jax.nn.relu(h.reshape(x.shape[0], -1) @ p["dense"])
+    return xent(h @ p["out"], labels)
 
-  step = jax.jit(jax.grad(loss))
-  args = ({k: jnp.asarray(v) for k, v in params.items()}, jnp.asarray(x))
-  jax.block_until_ready(step(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    grads = jax.block_until_ready(step(*args))
-    times.append(time.perf_counter() - start)
-  np.savez(out, **{k: np.asarray(v) for k, v in grads.items()})
-  if exact:
+  def dense_loss(p, x, labels):  # Lab 02's D(n): Dense, BatchNormalization (train), ReLU.
+    for name in ("d0", "d1", "d2"):  # (No bias: the normalization cancels its gradient.)
+      h = x @ p[name]
+      mean = h.mean(0)
+      x = jax.nn.relu((h - mean) * jax.lax.rsqrt(((h - mean) ** 2).mean(0) + 1e-3))
+    return xent(x @ p["out"], labels)
+
+  normal = lambda scale, *shape: rng.normal(0, scale, shape).astype(np.float32)
+  steps = {
+      "conv": (conv_loss, {"conv": normal(0.05, 5, 5, 16, 64),
+                           "dense": normal(0.02, 14 * 14 * 64, 128), "out": normal(0.05, 128, 10)},
+               rng.random((16, 28, 28, 16), np.float32), rng.integers(0, 10, 16)),
+      "dense": (dense_loss, {"d0": normal(0.05, 784, 512), "d1": normal(0.05, 512, 128),
+                             "d2": normal(0.05, 128, 512), "out": normal(0.05, 512, 10)},
+                rng.random((128, 784), np.float32), rng.integers(0, 10, 128)),
+  }
+  found: dict[str, dict[str, Any]] = {}
+  for kind, (loss, params, x, labels) in steps.items():
+    args = ({k: jnp.asarray(v) for k, v in params.items()}, jnp.asarray(x), jnp.asarray(labels))
+    compiled, calls = {}, {}
+    found[kind] = {}
+    for name in CANDIDATES:
+      try:  # A candidate this jaxlib refuses is left out, never the measurement.
+        step = jax.jit(jax.grad(loss), compiler_options=OPTIONS[name] or None)
+        grads = jax.block_until_ready(step(*args))
+        start = time.perf_counter()
+        jax.block_until_ready(step(*args))
+        calls[name] = max(1, math.ceil(SAMPLE_SECONDS / (time.perf_counter() - start)))
+        compiled[name] = step
+        np.savez(f"{out}/{kind}.{name}.npz", **{k: np.asarray(v) for k, v in grads.items()})
+      except Exception as e:  # noqa: BLE001
+        found[kind][name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0]}"}
+    times: dict[str, list[float]] = {name: [] for name in compiled}
+    for _ in range(repeats):
+      for name, step in compiled.items():
+        start = time.perf_counter()
+        for _ in range(calls[name]):
+          jax.block_until_ready(step(*args))
+        times[name].append((time.perf_counter() - start) / calls[name])
+    median = lambda values: sorted(values)[len(values) // 2]
+    for name, t in times.items():
+      found[kind][name] = {"seconds": median(t)}
+      if "xla" in times:  # Paired by round: the machine's drift falls on both alike.
+        found[kind][name]["vs_xla"] = median([a / b for a, b in zip(t, times["xla"])])
     exact = jax.jit(jax.grad(loss))({k: jnp.asarray(v, jnp.float64) for k, v in params.items()},
-                                    jnp.asarray(x, jnp.float64))
-    np.savez(out.replace(".npz", ".exact.npz"), **{k: np.asarray(v) for k, v in exact.items()})
-  print(json.dumps({"seconds": sorted(times)[len(times) // 2]}))
+                                    jnp.asarray(x, jnp.float64), args[2])
+    np.savez(f"{out}/{kind}.exact.npz", **{k: np.asarray(v) for k, v in exact.items()})
+  print(json.dumps(found))
 
 
 def _error(path: pathlib.Path, exact: pathlib.Path) -> float:
@@ -146,50 +197,70 @@ def _error(path: pathlib.Path, exact: pathlib.Path) -> float:
                      for k in want.files))
 
 
+def _pick(candidates: dict[str, dict[str, Any]]) -> str:
+  """Of candidates measured on one kind's step (each with `relative_error` to float64 and
+  `vs_xla`, its median time per round over XLA's), the fastest by more than MARGIN over XLA as
+  it comes whose error is within float rounding (no further from float64 than XLA's own: twice
+  its error, at least RTOL); of those within MARGIN of the fastest, the first listed (the
+  simplest). Marks each with `same_results`."""
+  xla = candidates.get("xla", {})
+  if "seconds" not in xla:
+    return "xla"
+  bound = max(RTOL, 2 * xla["relative_error"])
+  for c in candidates.values():
+    if "seconds" in c:
+      c["same_results"] = c["relative_error"] <= bound
+  usable = {n: c["vs_xla"] for n, c in candidates.items()
+            if c.get("same_results") and c["vs_xla"] < 1 - MARGIN}
+  if not usable:
+    return "xla"
+  fastest = min(usable.values())
+  return next(n for n in usable if usable[n] <= fastest * (1 + MARGIN))
+
+
+def _complete(record: Any) -> bool:
+  return isinstance(record, dict) and all(
+      record.get("kinds", {}).get(kind, {}).get("name") in KERNELS for kind in KINDS)
+
+
 def choose(log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
            refresh: bool = False) -> dict[str, Any]:
-  """This machine's kernels: from the cache, or measured now (and cached). The record holds the
-  name, its flags, and every candidate's seconds, error against float64 and whether that is
-  within float rounding."""
+  """This machine's kernels per kind of model: from the cache, or measured now (and cached).
+  The record's `kinds` holds, per kind, the name, its flags, and every candidate's seconds,
+  error against float64 and whether that is within float rounding."""
   key, path = machine_key(), cache_file()
   try:
     cached = json.loads(path.read_text())
   except (OSError, ValueError):
     cached = {}
-  if key in cached and not refresh and cached[key].get("name") in KERNELS:
+  if not refresh and _complete(cached.get(key)):
     return cached[key]
-  log(f"measuring XLA:CPU's kernel libraries on this machine, once ({', '.join(KERNELS)})")
-  candidates = {}
+  log("measuring XLA:CPU's kernel libraries on this machine, once "
+      f"({', '.join(CANDIDATES)}; steps of {' and '.join(KINDS)} models)")
   with tempfile.TemporaryDirectory() as tmp:
-    outputs = {name: pathlib.Path(tmp) / f"{name}.npz" for name in KERNELS}
-    for name in KERNELS:
-      try:  # A candidate that fails to run or to load is left out, never the run.
-        candidates[name] = measure(name, outputs[name])
-        if "error" not in candidates[name]:
-          candidates[name]["relative_error"] = _error(
-              outputs[name], outputs["xla"].with_suffix(".exact.npz"))
-      except Exception as e:  # noqa: BLE001
-        candidates[name] = {"error": f"{type(e).__name__}: {e}"}
-  best = "xla"
-  if "error" not in candidates["xla"]:
-    # Within float rounding: no further from the exact gradients than XLA's own (twice its
-    # error, at least RTOL).
-    bound = max(RTOL, 2 * candidates["xla"]["relative_error"])
-    for c in candidates.values():
-      if "error" not in c:
-        c["same_results"] = c["relative_error"] <= bound
-    limit = candidates["xla"]["seconds"] * (1 - MARGIN)
-    usable = {n: c["seconds"] for n, c in candidates.items()
-              if c.get("same_results") and c["seconds"] < limit}
-    if usable:  # The fastest; of those within MARGIN of it, the first listed (the simplest).
-      fastest = min(usable.values())
-      best = next(n for n in usable if usable[n] <= fastest * (1 + MARGIN))
-  record = {"name": best, "xla_flags": KERNELS[best], "machine": key,
-            "measured": time.strftime("%Y-%m-%dT%H:%M:%S"), "candidates": candidates}
-  log("  " + ", ".join(f"{n}: " + (f"{c['seconds'] * 1e3:.1f} ms"
-                                   + ("" if c.get("same_results", True) else " (results off)")
-                                   if "seconds" in c else c["error"])
-                       for n, c in candidates.items()) + f" -> {best}")
+    try:
+      measured, failed = measure(pathlib.Path(tmp)), False
+    except Exception as e:  # noqa: BLE001  XLA as it comes, this once; measured again next time.
+      measured = {kind: {"xla": {"error": f"{type(e).__name__}: {e}"}} for kind in KINDS}
+      failed = True
+    for kind, candidates in measured.items():
+      for name, c in candidates.items():
+        if "seconds" in c:
+          c["relative_error"] = _error(pathlib.Path(tmp) / f"{kind}.{name}.npz",
+                                       pathlib.Path(tmp) / f"{kind}.exact.npz")
+  kinds = {}
+  for kind in KINDS:
+    candidates = measured.get(kind, {})
+    best = _pick(candidates)
+    kinds[kind] = {"name": best, "xla_flags": KERNELS[best], "candidates": candidates}
+    log(f"  {kind}: " + ", ".join(
+        f"{n}: " + (f"{c['seconds'] * 1e3:.1f} ms ({c['vs_xla']:.2f} of xla's)"
+                    + ("" if c.get("same_results", True) else " (results off)")
+                    if "seconds" in c else c["error"])
+        for n, c in candidates.items()) + f" -> {best}")
+  record = {"machine": key, "measured": time.strftime("%Y-%m-%dT%H:%M:%S"), "kinds": kinds}
+  if failed:
+    return record
   cached[key] = record
   try:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -213,11 +284,14 @@ def _backend_started() -> bool:
   return bool(bridge and getattr(bridge, "_backends", None))
 
 
-def apply(choice: str | None = None, started_with: str | None = None) -> str:
+def apply(choice: str | None = None, started_with: str | None = None,
+          kind: str | Callable[[], str] = "conv") -> str:
   """Sets XLA_FLAGS for the kernels of `choice` (default $JAXLAB_KERNELS, else "auto": this
-  machine's measured choice, or "xla" where JAX may run on a GPU), unless `started_with` (a
-  resumed run's) names them and `choice` is "auto". Returns the name applied. Once the backend
-  has started its flags are fixed: then nothing changes, and the name is what it started with."""
+  machine's measured choice for `kind` of model, a name of KINDS or a function that returns one,
+  called only when the kinds' choices differ; "xla" where JAX may run on a GPU), unless
+  `started_with` (a resumed run's) names them and `choice` is "auto". Returns the name applied.
+  Once the backend has started its flags are fixed: then nothing changes, and the name is what
+  it started with."""
   if _backend_started():
     return applied()
   choice = choice or os.environ.get(ENV) or "auto"
@@ -229,7 +303,15 @@ def apply(choice: str | None = None, started_with: str | None = None) -> str:
     elif _gpu_possible():
       choice = "xla"
     else:
-      choice = choose()["name"]
+      kinds = choose()["kinds"]
+      names = {kinds[k]["name"] for k in KINDS}
+      if len(names) == 1:
+        choice = names.pop()
+      else:
+        kind = kind() if callable(kind) else kind
+        if kind not in KINDS:
+          raise ValueError(f"unknown kind of model {kind!r}; known: {', '.join(KINDS)}")
+        choice = kinds[kind]["name"]
   os.environ["XLA_FLAGS"] = f"{_user_flags()} {KERNELS[choice]}".strip()
   os.environ[APPLIED_ENV] = choice
   return choice
@@ -248,4 +330,4 @@ def applied() -> str:
 
 
 if __name__ == "__main__":
-  _workload(sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1")
+  _workload(sys.argv[1], int(sys.argv[2]))

@@ -175,6 +175,11 @@ def _output_op(num_classes: int, name: _Namer) -> Op:
 # ----------------------------------------------------------------------------- engine
 
 
+def has_convolutions(model: nn.Module) -> bool:
+  """Whether `model` holds a convolution (its plan has a conv block)."""
+  return bool(getattr(model, "blocks", ()))
+
+
 class PlanModel(nn.Module):
   """Runs a plan of ops. Subclasses say how their specs become a plan."""
 

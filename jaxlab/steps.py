@@ -26,7 +26,7 @@ from jax.sharding import Mesh
 
 from jaxlab import parallel
 from jaxlab.config import NAN_POLICIES
-from jaxlab.models import PlanModel, l2_coefficients
+from jaxlab.models import PlanModel, has_convolutions, l2_coefficients
 from jaxlab.state import NO_STEP, RUN_ONCE, TrainState, train_sums_zeros
 
 Metrics = dict[str, jax.Array]
@@ -165,11 +165,6 @@ def _zeros(sums: dict[str, float | int], members: int | None = None) -> Metrics:
 
 
 EVAL_SUMS = {"loss_sum": 0.0, "correct": 0, "count": 0}
-
-
-def has_convolutions(model: PlanModel) -> bool:
-  """Whether `model` holds a convolution (its plan has a conv block)."""
-  return bool(getattr(model, "blocks", ()))
 
 
 LOOP_ENV = "JAXLAB_LOOP"  # The scripts' --loop; "auto" where unset.

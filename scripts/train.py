@@ -37,16 +37,25 @@ OVERRIDES = cli.define_config_flags()
 FLAGS = flags.FLAGS
 
 
-@cli.user_errors_exit
-def main(argv):
-  logging.set_verbosity(logging.INFO)
-  workdir = FLAGS.workdir or f"runs/{FLAGS.experiment}"
-  seeds = cli.parse_list(FLAGS.seeds, int, "seeds")
-  rates = cli.parse_list(FLAGS.learning_rates, float, "learning_rates")
-  # A busy run directory is refused before JAX and the data load (train_group's lock is the
-  # guarantee; this makes the refusal immediate).
+def members() -> tuple[str, list[int] | None, list[float] | None]:
+  """The run directory, the seeds and the learning rates the flags ask for."""
+  return (FLAGS.workdir or f"runs/{FLAGS.experiment}",
+          cli.parse_list(FLAGS.seeds, int, "seeds"),
+          cli.parse_list(FLAGS.learning_rates, float, "learning_rates"))
+
+
+def refuse_busy() -> None:
+  """A busy run directory is refused before JAX and the data load (train_group's lock is the
+  guarantee; this makes the refusal immediate)."""
+  workdir, seeds, rates = members()
   lock.refuse_busy(*(member_path(workdir, s, r) for s in seeds or [None]
                      for r in rates or [None]))
+
+
+@cli.user_errors_exit(first=refuse_busy)
+def main(argv):
+  logging.set_verbosity(logging.INFO)
+  workdir, seeds, rates = members()
   from jaxlab.experiment import load_lab, resolve_config  # pylint: disable=g-import-not-at-top
   from jaxlab.train import group_configs, train_group  # pylint: disable=g-import-not-at-top
   if FLAGS.lab:

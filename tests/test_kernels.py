@@ -1,5 +1,6 @@
-"""XLA:CPU's kernels: chosen by measuring once, cached per machine and jaxlib, only within float
-rounding of the exact gradients, applied before JAX starts, kept by a resumed run."""
+"""XLA:CPU's kernels: chosen per kind of model by measuring once, cached per machine and jaxlib,
+only within float rounding of the exact gradients, applied before JAX starts, kept by a resumed
+run."""
 
 import json
 import os
@@ -10,61 +11,118 @@ import pytest
 from jaxlab import kernels
 from conftest import script
 
-EXACT = {"conv": np.full((3, 3), 0.5), "dense": np.full((4,), -2.0)}
+EXACT = {"w": np.full((3, 3), 0.5), "b": np.full((4,), -2.0)}
 
 
 def fake_measure(seconds, errors, calls):
-  """`kernels.measure` without processes: candidate NAME takes seconds[NAME] and its gradients
-  are off the exact ones by errors[NAME] (relative)."""
-  def measure(name, out, repeats=5):
-    calls.append(name)
-    np.savez(out, **{k: v * (1 + errors[name]) for k, v in EXACT.items()})
-    if name == "xla":
-      np.savez(out.with_suffix(".exact.npz"), **EXACT)
-    return {"seconds": seconds[name]}
+  """`kernels.measure` without a process: on KIND's step candidate NAME takes
+  seconds[KIND][NAME] (XLA's time in every round, so `vs_xla` is the ratio) and its gradients
+  are off the exact ones by errors[KIND][NAME] (relative)."""
+  def measure(out, repeats=9):
+    calls.append(repeats)
+    found = {}
+    for kind in kernels.KINDS:
+      np.savez(out / f"{kind}.exact.npz", **EXACT)
+      found[kind] = {}
+      for name in kernels.CANDIDATES:
+        off = 1 + errors[kind][name]
+        np.savez(out / f"{kind}.{name}.npz", **{k: v * off for k, v in EXACT.items()})
+        t = seconds[kind][name]
+        found[kind][name] = {"seconds": t, "vs_xla": t / seconds[kind]["xla"]}
+    return found
   return measure
+
+
+def names(record):
+  return {kind: record["kinds"][kind]["name"] for kind in kernels.KINDS}
 
 
 def test_choose_measures_once_per_machine_and_keeps_only_exact_enough_kernels(
     tmp_path, monkeypatch):
   monkeypatch.setenv("JAXLAB_CACHE_DIR", str(tmp_path))
   calls = []
-  # ynn_dot is fastest but its gradients are off by 1e-2: not float rounding.
+  # ynn_dot is fastest on both steps, but its gradients on the conv step are off by 1e-2: not
+  # float rounding.
   monkeypatch.setattr(kernels, "measure", fake_measure(
-      {"xla": 1.0, "ynn_dot": 0.3, "ynn_dot_eltwise": 0.5},
-      {"xla": 1e-6, "ynn_dot": 1e-2, "ynn_dot_eltwise": 1e-6}, calls))
+      {"conv": {"xla": 1.0, "ynn_dot": 0.3}, "dense": {"xla": 1.0, "ynn_dot": 0.5}},
+      {"conv": {"xla": 1e-6, "ynn_dot": 1e-2}, "dense": {"xla": 1e-6, "ynn_dot": 1e-6}}, calls))
   record = kernels.choose(log=lambda s: None)
-  assert record["name"] == "ynn_dot_eltwise"
-  assert record["xla_flags"] == kernels.KERNELS["ynn_dot_eltwise"]
-  assert record["candidates"]["ynn_dot"]["same_results"] is False
-  assert record["candidates"]["ynn_dot"]["relative_error"] == pytest.approx(1e-2)
-  assert calls == list(kernels.KERNELS)
-  assert kernels.choose(log=lambda s: None) == record and calls == list(kernels.KERNELS)
+  assert names(record) == {"conv": "xla", "dense": "ynn_dot"}
+  assert record["kinds"]["dense"]["xla_flags"] == kernels.KERNELS["ynn_dot"]
+  conv = record["kinds"]["conv"]["candidates"]["ynn_dot"]
+  assert conv["same_results"] is False and conv["relative_error"] == pytest.approx(1e-2)
+  assert len(calls) == 1
+  assert kernels.choose(log=lambda s: None) == record and len(calls) == 1  # From the cache.
   cached = json.loads((tmp_path / "kernels.json").read_text())
   assert list(cached) == [kernels.machine_key()]
   # Another jaxlib (or CPU) is another key: measured again, the first record kept.
   monkeypatch.setattr(kernels, "machine_key", lambda: "another machine")
   monkeypatch.setattr(kernels, "measure", fake_measure(
-      {"xla": 1.0, "ynn_dot": 0.98, "ynn_dot_eltwise": 0.97},
-      {"xla": 1e-6, "ynn_dot": 1e-6, "ynn_dot_eltwise": 1e-6}, calls))
-  assert kernels.choose(log=lambda s: None)["name"] == "xla"  # Within the timing noise.
+      {kind: {"xla": 1.0, "ynn_dot": 0.97} for kind in kernels.KINDS},
+      {kind: {"xla": 1e-6, "ynn_dot": 1e-6} for kind in kernels.KINDS}, calls))
+  # Within the timing noise: XLA as it comes.
+  assert names(kernels.choose(log=lambda s: None)) == {"conv": "xla", "dense": "xla"}
   assert len(json.loads((tmp_path / "kernels.json").read_text())) == 2
+  # A record of another form (an older jaxlab's, one choice for all models) is measured again.
+  cached = json.loads((tmp_path / "kernels.json").read_text())
+  cached["another machine"] = {"name": "ynn_dot", "xla_flags": kernels.KERNELS["ynn_dot"]}
+  (tmp_path / "kernels.json").write_text(json.dumps(cached))
+  assert "kinds" in kernels.choose(log=lambda s: None) and len(calls) == 3
 
 
 def test_of_kernels_within_the_margin_the_simplest_is_chosen(tmp_path, monkeypatch):
   monkeypatch.setenv("JAXLAB_CACHE_DIR", str(tmp_path))
+  monkeypatch.setattr(kernels, "CANDIDATES", ("xla", "ynn_dot", "ynn_dot_eltwise"))
   monkeypatch.setattr(kernels, "measure", fake_measure(
-      {"xla": 1.0, "ynn_dot": 0.51, "ynn_dot_eltwise": 0.5},
-      {"xla": 1e-6, "ynn_dot": 1e-6, "ynn_dot_eltwise": 1e-6}, []))
-  assert kernels.choose(log=lambda s: None)["name"] == "ynn_dot"
+      {kind: {"xla": 1.0, "ynn_dot": 0.51, "ynn_dot_eltwise": 0.5} for kind in kernels.KINDS},
+      {kind: {"xla": 1e-6, "ynn_dot": 1e-6, "ynn_dot_eltwise": 1e-6} for kind in kernels.KINDS},
+      []))
+  assert names(kernels.choose(log=lambda s: None)) == {"conv": "ynn_dot", "dense": "ynn_dot"}
+
+
+def test_a_failed_measurement_leaves_xla_as_it_comes_and_is_not_cached(tmp_path, monkeypatch):
+  monkeypatch.setenv("JAXLAB_CACHE_DIR", str(tmp_path))
+
+  def broken(out, repeats=9):
+    raise RuntimeError("the measuring process died")
+  monkeypatch.setattr(kernels, "measure", broken)
+  record = kernels.choose(log=lambda s: None)
+  assert names(record) == {"conv": "xla", "dense": "xla"}
+  assert "died" in record["kinds"]["conv"]["candidates"]["xla"]["error"]
+  assert not (tmp_path / "kernels.json").exists()  # Measured again by the next process.
 
 
 @pytest.mark.slow
-def test_the_measured_step_runs_and_is_exact_to_float_rounding(tmp_path):
-  """The real measurement of XLA as it comes, in its own process."""
-  found = kernels.measure("xla", tmp_path / "xla.npz", repeats=1)
-  assert found["seconds"] > 0
-  assert kernels._error(tmp_path / "xla.npz", tmp_path / "xla.exact.npz") < 1e-4
+def test_the_measurement_runs_every_candidate_on_both_steps_exact_to_float_rounding(tmp_path):
+  """The real measurement, in its own process: every candidate compiles with its options and
+  runs each kind's step, its gradients as close to float64 as float32 rounding allows."""
+  found = kernels.measure(tmp_path, repeats=1)
+  assert set(found) == set(kernels.KINDS)
+  for kind in kernels.KINDS:
+    assert set(found[kind]) == set(kernels.CANDIDATES)
+    for name, c in found[kind].items():
+      assert c["seconds"] > 0 and c["vs_xla"] > 0, (kind, name, c)
+      assert kernels._error(tmp_path / f"{kind}.{name}.npz",
+                            tmp_path / f"{kind}.exact.npz") < 1e-4, (kind, name)
+  assert found["conv"]["xla"]["vs_xla"] == 1.0
+
+
+def test_auto_applies_the_choice_for_the_kind_of_model(tmp_path, monkeypatch):
+  monkeypatch.setattr(kernels, "_backend_started", lambda: False)
+  monkeypatch.setattr(kernels, "_gpu_possible", lambda: False)
+  monkeypatch.setenv("XLA_FLAGS", "")
+  monkeypatch.setenv(kernels.APPLIED_ENV, "xla")  # Restored after, with XLA_FLAGS.
+  record = {"kinds": {"conv": {"name": "ynn_dot"}, "dense": {"name": "xla"}}}
+  monkeypatch.setattr(kernels, "choose", lambda: record)
+  assert kernels.apply("auto", kind="conv") == "ynn_dot"
+  assert os.environ["XLA_FLAGS"] == kernels.KERNELS["ynn_dot"]
+  assert kernels.apply("auto", kind=lambda: "dense") == "xla" and os.environ["XLA_FLAGS"] == ""
+  with pytest.raises(ValueError, match="unknown kind of model 'rnn'; known: conv, dense"):
+    kernels.apply("auto", kind="rnn")
+  asked = []
+  record["kinds"]["dense"]["name"] = "ynn_dot"  # One choice for both: the kind is not asked.
+  assert kernels.apply("auto", kind=lambda: asked.append(1) or "dense") == "ynn_dot"
+  assert not asked
 
 
 def test_unknown_kernels_are_named(monkeypatch):
@@ -100,3 +158,34 @@ def test_scripts_apply_the_kernels_before_jax_starts_and_a_resumed_run_keeps_the
   assert environment()["kernels"] == "ynn_dot"
   script(*args, "--epochs=3", "--kernels=xla")  # Named: as told.
   assert environment()["kernels"] == "xla"
+
+
+CONV_LAB = """
+from jaxlab.experiment import Experiment, register
+from jaxlab.models import ConvBlock, ConvNet, Conv, Dense, MaxPool
+register(Experiment(name="kernels_tiny_cnn", dataset="mnist", epochs=1, batch_size=32,
+                    model=ConvNet(blocks=(ConvBlock((Conv(4, 3, padding="same"),), MaxPool(2),
+                                                    False, 0.0),), head=(Dense(8),))))
+"""
+
+
+@pytest.mark.slow
+def test_auto_gives_each_kind_of_model_its_kernels_in_the_scripts(tmp_path):
+  """train.py with --kernels=auto: an MLP gets the dense choice, a ConvNet the conv choice, from
+  the cached record (nothing measured), recorded in each run's config.json."""
+  from datafiles import write_idx_dataset
+
+  (tmp_path / "cache").mkdir()
+  (tmp_path / "cache" / "kernels.json").write_text(json.dumps({kernels.machine_key(): {
+      "kinds": {"conv": {"name": "ynn_dot"}, "dense": {"name": "xla"}}}}))
+  (tmp_path / "conv_lab.py").write_text(CONV_LAB)
+  write_idx_dataset(tmp_path / "data", n_train=64, n_test=32)
+  env = {"JAXLAB_CACHE_DIR": str(tmp_path / "cache"), "JAXLAB_KERNELS": "auto"}
+  for experiment, want in (("mlp_halving", "xla"), ("kernels_tiny_cnn", "ynn_dot")):
+    done = script("train.py", f"--lab={tmp_path / 'conv_lab.py'}", f"--experiment={experiment}",
+                  "--dataset=mnist", "--epochs=1", "--batch_size=32",
+                  f"--data_dir={tmp_path / 'data'}", f"--workdir={tmp_path / experiment}",
+                  env=env)
+    assert "measuring" not in done.stderr
+    found = json.loads((tmp_path / experiment / "config.json").read_text())["environment"]
+    assert (found["kernels"], found["xla_flags"]) == (want, kernels.KERNELS[want]), experiment
