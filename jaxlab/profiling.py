@@ -263,3 +263,77 @@ def checkpoint_cost(state: Any, directory: str | pathlib.Path, repeats: int = 3)
           "sync_seconds": statistics.median(sync),
           "async_blocking_seconds": statistics.median(blocked),
           "async_background_seconds": statistics.median(background)}
+
+
+# XLA:CPU's oneDNN options, probed beside jaxlab.kernels' candidates: this jaxlib accepts them;
+# whether they reach oneDNN (and through it AMX) depends on the CPU.
+ONEDNN_OPTIONS: dict[str, dict[str, Any]] = {
+    "onednn": {"xla_cpu_use_onednn": True},
+    "onednn_custom_call": {"xla_cpu_use_onednn": True,
+                           "xla_cpu_experimental_onednn_custom_call": True},
+    "onednn_fusion_dot": {"xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"},
+}
+
+
+def library_of(hlo_text: str) -> str:
+  """Which library each dot and convolution of an optimized XLA:CPU program runs in, and in
+  which dtype: "ynnpack" (inside a YNNPACK fusion), "onednn" (a oneDNN custom call or fusion)
+  or "xla" (XLA's own, through Eigen), each with the dtype of its result ("xla f32"); several
+  joined by " + ", in the program's order."""
+  computations = re.split(r"\n(?=\S)", hlo_text)
+  caller_kind = {}  # fused computation -> the fusion kind of the instruction that calls it
+  for line in hlo_text.splitlines():
+    called = re.search(r"calls=%?([\w.\-]+)", line)
+    if called:
+      kind = re.search(r'"kind":"(\w+)"', line)
+      caller_kind[called.group(1)] = kind.group(1) if kind else ""
+  found = []
+  for computation in computations:
+    name = re.match(r"(?:ENTRY\s+)?%?([\w.\-]+)", computation)
+    for line in computation.splitlines()[1:]:
+      op = re.search(r"=\s*(\w+)\[[^\]]*\][^ ]*\s+(convolution|dot|custom-call)\(", line)
+      if not op:
+        continue
+      dtype, opcode = op.groups()
+      if opcode == "custom-call":
+        if "onednn" not in line.lower():
+          continue
+        library = "onednn"
+      else:
+        kind = caller_kind.get(name.group(1) if name else "", "").lower()
+        library = "ynnpack" if "ynn" in kind else "onednn" if "onednn" in kind else "xla"
+      found.append(f"{library} {dtype}")
+  return " + ".join(dict.fromkeys(found)) or "none"
+
+
+def probe_kernels(options: dict[str, dict[str, Any]], dtypes=("float32", "bfloat16"),
+                  steps: int = 5) -> list[dict[str, Any]]:
+  """For each dtype and each named set of XLA:CPU compiler options: the libraries and dtypes its
+  dots and convolutions run in (`library_of`) and the measured rate (median of `steps` calls) of a matmul (2048 x 2048 by 2048), of a
+  convolution (AlexNet's second: batch 16, 28x28x96 by 5x5x96x256, `same`) and of that
+  convolution's backward pass (the gradients to its input and kernel, as training runs it).
+  Options this jaxlib refuses are reported as errors, not raised."""
+  keys = jax.random.split(jax.random.PRNGKey(0), 2)
+  conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  conv_flops = 2 * 16 * 28 * 28 * 256 * 5 * 5 * 96
+  ops = {"matmul": (lambda a, b: a @ b, ((2048, 2048), (2048, 2048)), 2 * 2048 ** 3),
+         "conv": (conv, ((16, 28, 28, 96), (5, 5, 96, 256)), conv_flops),
+         "conv_backward": (jax.grad(lambda x, w: jnp.sum(conv(x, w).astype(jnp.float32) ** 2),
+                                    argnums=(0, 1)),
+                           ((16, 28, 28, 96), (5, 5, 96, 256)), 2 * conv_flops)}
+  rows = []
+  for dtype in dtypes:
+    for op, (fn, shapes, flops) in ops.items():
+      args = [jax.random.normal(k, s, jnp.dtype(dtype)) for k, s in zip(keys, shapes)]
+      for name, compiler_options in options.items():
+        row = {"dtype": dtype, "op": op, "kernels": name}
+        try:
+          compiled = jax.jit(fn, compiler_options=compiler_options or None).lower(
+              *args).compile()
+          row["library"] = library_of(compiled.as_text())
+          row["gflops"] = flops / median_seconds(lambda: compiled(*args), steps) / 1e9
+        except Exception as e:  # noqa: BLE001
+          row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0]}"
+        rows.append(row)
+  return rows

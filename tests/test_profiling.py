@@ -190,3 +190,60 @@ def test_benchmark_rejects_unknown_peer():
   with pytest.raises(ValueError, match="unknown peer 'tf'; known: keras_fit, torch_eager"):
     run_benchmark(build_model("mlp_halving"), 10, 32, 64, 1, ["tf"], peak_flops=1e9,
                   log=lambda s: None)
+
+
+# Optimized XLA:CPU programs as this jaxlib prints them (trimmed): a bfloat16 matmul in a
+# YNNPACK fusion, computed in float32 between converts; a convolution left to XLA's own kernels
+# beside one in a YNNPACK fusion; a oneDNN custom call.
+YNN_BF16_DOT = """HloModule jit_f
+%fused_computation (param_0.2: bf16[512,2048], param_1.2: bf16[2048,512]) -> bf16[512,512] {
+  %convert.3 = f32[512,2048]{1,0} convert(%param_0.2)
+  %convert.4 = f32[2048,512]{1,0} convert(%param_1.2)
+  %dot_general.0 = f32[512,512]{1,0} dot(%convert.3, %convert.4), lhs_contracting_dims={1}
+  ROOT %convert.5 = bf16[512,512]{1,0} convert(%dot_general.0)
+}
+ENTRY %main.1 (a.1: bf16[512,2048], b.1: bf16[2048,512]) -> bf16[512,512] {
+  ROOT %ynn_fusion = bf16[512,512]{1,0} fusion(%a.1, %b.1), kind=kCustom, calls=%fused_computation, backend_config={"fusion_config":{"kind":"__ynn_fusion"}}
+}
+"""
+TWO_CONVS = """HloModule jit_g
+%fused_computation.1 (param_0: f32[16,28,28,96], param_1: f32[5,5,96,256]) -> f32[16,28,28,256] {
+  ROOT %conv.0 = f32[16,28,28,256]{3,2,1,0} convolution(%param_0, %param_1), window={size=5x5}
+}
+ENTRY %main.2 (x: f32[16,28,28,96], w: f32[5,5,96,256]) -> f32[16,28,28,256] {
+  %conv.1 = f32[16,28,28,256]{3,2,1,0} convolution(%x, %w), window={size=5x5}
+  ROOT %ynn_fusion = f32[16,28,28,256]{3,2,1,0} fusion(%x, %w), kind=kCustom, calls=%fused_computation.1, backend_config={"fusion_config":{"kind":"__ynn_fusion"}}
+}
+"""
+ONEDNN = """HloModule jit_h
+ENTRY %main.3 (a: bf16[64,64], b: bf16[64,64]) -> bf16[64,64] {
+  ROOT %custom-call = bf16[64,64]{1,0} custom-call(%a, %b), custom_call_target="__onednn$matmul"
+}
+"""
+
+
+def test_library_of_names_each_ops_library_and_the_dtype_it_computes_in():
+  assert profiling.library_of(YNN_BF16_DOT) == "ynnpack f32"
+  assert profiling.library_of(TWO_CONVS) == "ynnpack f32 + xla f32"
+  assert profiling.library_of(ONEDNN) == "onednn bf16"
+  assert profiling.library_of("HloModule empty\nENTRY %main () -> f32[] {\n}\n") == "none"
+
+
+@pytest.mark.slow
+def test_probe_kernels_reports_each_option_and_names_a_refused_one():
+  rows = profiling.probe_kernels({"xla": {}, "bogus": {"xla_no_such_option": True}},
+                                 dtypes=("float32",), steps=1)
+  assert [(r["op"], r["kernels"]) for r in rows] == [
+      (op, name) for op in ("matmul", "conv", "conv_backward") for name in ("xla", "bogus")]
+  for r in rows:
+    if r["kernels"] == "xla":
+      # The backward pass is two convolutions (input and kernel gradients), maybe fused apart.
+      assert r["library"].split(" + ")[0].split()[1] == "f32" and r["gflops"] > 0, r
+    else:
+      assert "xla_no_such_option" in r["error"] and "gflops" not in r, r
+
+
+def test_probe_kernels_script_names_a_bad_dtype():
+  done = script("probe_kernels.py", "--dtypes=float32,float16", check=False)
+  assert done.returncode == 2
+  assert "error: unknown dtype 'float16'; known: float32, bfloat16" in done.stderr
