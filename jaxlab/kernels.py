@@ -2,8 +2,11 @@
 
 XLA:CPU can hand dots and convolutions to other kernel libraries (YNNPACK, oneDNN). Which is
 fastest depends on the CPU and on the model: on a 2-core AMD EPYC, AlexNet's train step takes
-5.30 s as XLA comes and 3.56 s with YNNPACK's dot fusions, while an MLP's step is a few percent
-slower with them and its eval step 1.6x slower. `choose` times two small training steps, one of
+5.30 s as XLA comes and 3.56 s with `ynn_dot`, while an MLP's step is no faster with it. (With
+jaxlib 0.10.2, XLA's default sends single dots and convolutions to YNNPACK; `ynn_dot`'s list
+replaces the default's, leaving convolutions to XLA's own kernels, whose backward pass ran at
+43-46 GFLOP/s there against YNNPACK's 19-20: `scripts/probe_kernels.py` shows which library
+runs what.) `choose` times two small training steps, one of
 a convolution network and one of an MLP (`KINDS`), under each candidate, compiled with the
 candidate's compiler options in one process of its own, the candidates' repetitions
 interleaved; it keeps only candidates whose gradients are as close to the exact (float64) ones
