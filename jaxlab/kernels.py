@@ -5,16 +5,17 @@ fastest depends on the CPU and on the model: on a 2-core AMD EPYC, AlexNet's tra
 5.30 s as XLA comes and 3.56 s with `ynn_dot`, while an MLP's step is no faster with it. (With
 jaxlib 0.10.2, XLA's default sends single dots and convolutions to YNNPACK; `ynn_dot`'s list
 replaces the default's, leaving convolutions to XLA's own kernels, whose backward pass ran at
-43-46 GFLOP/s there against YNNPACK's 19-20: `scripts/probe_kernels.py` shows which library
-runs what.) `choose` times two small training steps, one of
-a convolution network and one of an MLP (`KINDS`), under each candidate, compiled with the
-candidate's compiler options in one process of its own, the candidates' repetitions
-interleaved; it keeps only candidates whose gradients are as close to the exact (float64) ones
-as XLA's own, and caches the choice per kind under `$JAXLAB_CACHE_DIR/kernels.json`, keyed on
-the CPU and the jaxlib version: the first choice costs seconds, later ones nothing. `apply` sets
-`XLA_FLAGS` for the kind of model a command runs before the backend starts (every script does,
-through `jaxlab.cli`); `--kernels` overrides, and a resumed run keeps the kernels it started with
-(`config.json`'s environment).
+40-44 GFLOP/s there against YNNPACK's 18-22: `scripts/probe_kernels.py` shows which library
+runs what.)
+
+`choose` times two small training steps, one of a convolution network and one of an MLP
+(`KINDS`), under each candidate, compiled with the candidate's compiler options in one process
+of its own, the candidates' repetitions interleaved; it keeps only candidates whose gradients
+are as close to the exact (float64) ones as XLA's own, and caches the choice per kind under
+`$JAXLAB_CACHE_DIR/kernels.json`, keyed on the CPU and the jaxlib version: the first choice
+costs seconds, later ones nothing. `apply` sets `XLA_FLAGS` for the kind of model a command
+runs before the backend starts (every script does, through `jaxlab.cli`); `--kernels`
+overrides, and a resumed run keeps the kernels it started with (`config.json`'s environment).
 
 This module imports no JAX: it must run before JAX starts.
 """
@@ -257,7 +258,8 @@ def choose(log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
     best = _pick(candidates)
     kinds[kind] = {"name": best, "xla_flags": KERNELS[best], "candidates": candidates}
     log(f"  {kind}: " + ", ".join(
-        f"{n}: " + (f"{c['seconds'] * 1e3:.1f} ms ({c['vs_xla']:.2f} of xla's)"
+        f"{n}: " + (f"{c['seconds'] * 1e3:.1f} ms"
+                    + (f" ({c['vs_xla']:.2f} of xla's)" if "vs_xla" in c else "")
                     + ("" if c.get("same_results", True) else " (results off)")
                     if "seconds" in c else c["error"])
         for n, c in candidates.items()) + f" -> {best}")
