@@ -308,11 +308,12 @@ def library_of(hlo_text: str) -> str:
 
 def probe_kernels(options: dict[str, dict[str, Any]], dtypes=("float32", "bfloat16"),
                   steps: int = 5) -> list[dict[str, Any]]:
-  """For each dtype and each named set of XLA:CPU compiler options: the libraries and dtypes its
-  dots and convolutions run in (`library_of`) and the measured rate (median of `steps` calls) of a matmul (2048 x 2048 by 2048), of a
-  convolution (AlexNet's second: batch 16, 28x28x96 by 5x5x96x256, `same`) and of that
-  convolution's backward pass (the gradients to its input and kernel, as training runs it).
-  Options this jaxlib refuses are reported as errors, not raised."""
+  """For each dtype and each named set of XLA:CPU compiler options, of a matmul (2048 x 2048 by
+  2048), a convolution (AlexNet's second: batch 16, 28x28x96 by 5x5x96x256, `same`) and that
+  convolution's backward pass (the gradients to its input and kernel, as training runs it):
+  the libraries and dtypes its dots and convolutions run in (`library_of`) and the measured
+  rate (median of `steps` calls). Options this jaxlib refuses are reported as errors, not
+  raised."""
   keys = jax.random.split(jax.random.PRNGKey(0), 2)
   conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
                                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))

@@ -4,7 +4,8 @@
 
 For a matmul, a convolution and the convolution's backward pass: under each of
 `jaxlab.kernels`' candidates and XLA's oneDNN options, which library runs it (XLA's own,
-YNNPACK or oneDNN; "as float32" where XLA converts bfloat16 operands first) and at what rate.
+YNNPACK or oneDNN), in which dtype (`f32` for a bfloat16 op: XLA converted its operands to
+float32 first) and at what rate.
 On a CPU with AMX this shows whether `--precision=bf16` can reach it from JAX.
 """
 
@@ -12,7 +13,7 @@ import json
 
 from absl import flags
 
-from jaxlab import cli, kernels
+from jaxlab import cli, kernels, profiling
 from jaxlab.runtime import environment
 
 flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Operand dtypes to probe.")
@@ -23,23 +24,22 @@ FLAGS = flags.FLAGS
 
 @cli.user_errors_exit
 def main(argv):
-  from jaxlab import profiling  # JAX: after the flags are read.
   for dtype in FLAGS.dtypes:
     if dtype not in ("float32", "bfloat16"):
       raise ValueError(f"unknown dtype {dtype!r}; known: float32, bfloat16")
   rows = profiling.probe_kernels({**kernels.OPTIONS, **profiling.ONEDNN_OPTIONS},
                                  FLAGS.dtypes, FLAGS.steps)
-  if FLAGS.json:
-    print(json.dumps({"environment": environment(), "rows": rows}, indent=2))
-    return
   env = environment()
+  if FLAGS.json:
+    print(json.dumps({"environment": env, "rows": rows}, indent=2))
+    return
   print(f"{env.get('cpu', env['device'])}, {env.get('cores', '?')} cores; JAX {env['jax']} "
         f"on {env['backend']}")
   print("| dtype | op | kernels | library | GFLOP/s |\n| --- | --- | --- | --- | --- |")
   for r in rows:
+    rate = f"{r['gflops']:.1f}" if "gflops" in r else ""
     print(f"| {r['dtype']} | {r['op']} | {r['kernels']} | {r.get('library', r.get('error'))} "
-          f"| {r['gflops']:.1f} |" if "gflops" in r else
-          f"| {r['dtype']} | {r['op']} | {r['kernels']} | {r['error']} | |")
+          f"| {rate} |")
 
 
 if __name__ == "__main__":
