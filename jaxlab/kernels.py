@@ -9,8 +9,9 @@ replaces the default's, leaving convolutions to XLA's own kernels, whose backwar
 runs what.)
 
 `choose` times two small training steps, one of a convolution network and one of an MLP
-(`KINDS`), under each candidate, compiled with the candidate's compiler options in one process
-of its own, the candidates' repetitions interleaved; it keeps only candidates whose gradients
+(`KINDS`), under each candidate, compiled with the candidate's compiler options in a process of
+its own (`isolated`: a candidate that kills it is reported and the rest measured in a new
+one), the candidates' repetitions interleaved; it keeps only candidates whose gradients
 are as close to the exact (float64) ones as XLA's own, and caches the choice per kind under
 `$JAXLAB_CACHE_DIR/kernels.json`, keyed on the CPU and the jaxlib version: the first choice
 costs seconds, later ones nothing. `apply` sets `XLA_FLAGS` for the kind of model a command
@@ -28,6 +29,8 @@ import json
 import math
 import os
 import pathlib
+import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -41,10 +44,18 @@ KERNELS: dict[str, str] = {
     "xla": "",
     "ynn_dot": "--xla_cpu_experimental_ynn_fusion_type=dot",
     "ynn_dot_eltwise": "--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce",
+    # oneDNN's fusions (its graph API) take the dots: the only route from JAX to AMX for
+    # bfloat16 (kept in bfloat16 where the CPU has AVX512-BF16). Not among the candidates: with
+    # jaxlib 0.10.2 (a 2-core AMD EPYC), oneDNN fails to compile a dot fused with an
+    # elementwise producer, such as the sum of two branches (`mlp_parallel_paths`' forward
+    # pass, batch normalization's backward pass), and XLA then kills the process (SIGILL,
+    # "partition compile failed"); and programs with oneDNN fusions cannot be kept in JAX's
+    # persistent compilation cache. `scripts/probe_kernels.py` shows what it does on a CPU.
+    "onednn_dot": "--xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_fusion_type=dot",
 }
 # The candidates "auto" chooses among: ynn_dot_eltwise was no faster than ynn_dot for AlexNet
 # (3.82 s against 3.56 s a step on a 2-core AMD EPYC) nor for an MLP, and the suite's Keras
-# parity is checked under these (JAXLAB_TEST_KERNELS); it stays available by name.
+# parity is checked under these (JAXLAB_TEST_KERNELS); it and onednn_dot stay available by name.
 CANDIDATES = ("xla", "ynn_dot")
 # Each, as the compiler options of one program (how `choose` measures them side by side).
 OPTIONS: dict[str, dict[str, Any]] = {
@@ -53,6 +64,8 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "ynn_dot_eltwise": {"xla_cpu_experimental_ynn_fusion_type":
                         "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_ELTWISE,"
                         "LIBRARY_FUSION_TYPE_REDUCE"},
+    "onednn_dot": {"xla_cpu_use_onednn": True,
+                   "xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"},
 }
 CHOICES = ("auto", *KERNELS)
 # Kinds of model, chosen for apart: "conv", a model with convolutions; "dense", one without.
@@ -108,72 +121,163 @@ def _gpu_possible() -> bool:
 def measure(out: pathlib.Path, repeats: int = 9) -> dict[str, dict[str, dict[str, Any]]]:
   """Times every candidate on every kind's step in a process of its own, with the user's XLA
   flags but none of the kernels': {kind: {name: {"seconds": median} or {"error": why}}}. Each
-  kind's gradients go to out/KIND.NAME.npz, and in float64 to out/KIND.exact.npz."""
+  kind's gradients go to out/KIND.NAME.npz, and in float64 to out/KIND.exact.npz. A candidate
+  that kills the process (an XLA abort) is reported as an error; the others are measured in a
+  new process."""
   env = {**os.environ, "XLA_FLAGS": _user_flags(), "JAX_PLATFORMS": "cpu"}
-  done = subprocess.run([sys.executable, "-m", "jaxlab.kernels", str(out), str(repeats)],
-                        env=env, capture_output=True, text=True, timeout=600)
-  if done.returncode != 0:
-    raise RuntimeError((done.stderr.strip().splitlines() or ["failed"])[-1])
-  return json.loads(done.stdout.strip().splitlines()[-1])
+  results, crashed = isolated([sys.executable, "-m", "jaxlab.kernels", str(out), str(repeats)],
+                              env)
+  found: dict[str, dict[str, dict[str, Any]]] = {kind: {} for kind in KINDS}
+  for item, why in crashed.items():
+    kind, name = item.split("/")
+    found[kind][name] = {"error": why}
+  for kind, candidates in results.items():
+    found[kind].update(candidates)
+  return {kind: {n: found[kind][n] for n in CANDIDATES if n in found[kind]} for kind in found}
 
 
-def _workload(out: str, repeats: int) -> None:
-  """The measurement (run by `measure` in its own process). Two steps, forward and backward:
-  "conv", a 5x5 convolution, max pooling and two Dense layers at batch 16 on 28x28x16 inputs;
-  "dense", an MLP 784-512-128-512-10 with batch normalization at batch 128. Each
-  candidate compiles them with its compiler options (`OPTIONS`); each of `repeats` rounds times
-  every candidate once, in turn. Writes the float32 gradients and the same gradients in float64
-  (the reference every candidate is held to), and prints the medians as JSON."""
+def isolated(argv: list[str], env: dict[str, str] | None = None,
+             timeout: float = 600) -> tuple[dict[str, Any], dict[str, str]]:
+  """Runs the command `argv` (its last argument added: a JSON list of the items to skip) until
+  it finishes, in a new process each time one of its items kills it: returns ({item: result}
+  of the items it finished, {item: why} of those that killed it). The command reports on its
+  standard output, a JSON object a line, through `Reporter`: `trying` before an item's risky
+  part (compiling, a first call), `tried` after it, `result` when the item is done."""
+  results: dict[str, Any] = {}
+  crashed: dict[str, str] = {}
+  while True:
+    done = subprocess.run([*argv, json.dumps([*results, *crashed])], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    trying = None
+    for line in done.stdout.splitlines():
+      try:
+        message = json.loads(line)
+      except ValueError:
+        continue
+      if not isinstance(message, dict):
+        continue
+      if "trying" in message:
+        trying = message["trying"]
+      elif "tried" in message:
+        trying = None
+      elif "result" in message:
+        results[message["item"]] = message["result"]
+        trying = None
+    if done.returncode == 0:
+      return results, crashed
+    # Its last words: XLA's logged lines start with a level letter and a date (E1202 ...).
+    words = [line for line in done.stderr.strip().splitlines()
+             if line.strip() and not (line[:1] in "IWEF" and line[1:5].isdigit())]
+    last = (words or ["no message"])[-1].strip()[:200]
+    if trying is None or trying in crashed:
+      raise RuntimeError(f"{shlex.join(argv[:3])} failed (exit status {done.returncode}): {last}")
+    code = done.returncode
+    how = (f"killed the process ({signal.Signals(-code).name})" if code < 0
+           and -code in signal.valid_signals() else f"ended the process (exit status {code})")
+    crashed[trying] = f"{how}: {last}"
+
+
+class Reporter:
+  """The measuring process's side of `isolated`: which items to skip, and the reports."""
+
+  def __init__(self, skip: str = "[]"):
+    self.skip = set(json.loads(skip))
+
+  @staticmethod
+  def _say(**message: Any) -> None:
+    print(json.dumps(message), flush=True)
+
+  def trying(self, item: str) -> None:
+    self._say(trying=item)
+
+  def tried(self, item: str) -> None:
+    self._say(tried=item)
+
+  def result(self, item: str, result: Any) -> None:
+    self._say(item=item, result=result)
+
+
+def _xent(logits, labels):
+  import jax
+  import jax.numpy as jnp
+  return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(labels.shape[0]), labels])
+
+
+def _conv_loss(p, x, labels):
+  import jax
+  import jax.numpy as jnp
+  h = jax.lax.conv_general_dilated(x, p["conv"], (1, 1), "SAME",
+                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  h = jax.lax.reduce_window(jax.nn.relu(h), -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1),
+                            "VALID")
+  h = jax.nn.relu(h.reshape(x.shape[0], -1) @ p["dense"])
+  return _xent(h @ p["out"], labels)
+
+
+def _dense_loss(p, x, labels):  # Lab 02's D(n): Dense, BatchNormalization (train), ReLU.
+  import jax
+  for name in ("d0", "d1", "d2"):  # (No bias: the normalization cancels its gradient.)
+    h = x @ p[name]
+    mean = h.mean(0)
+    x = jax.nn.relu((h - mean) * jax.lax.rsqrt(((h - mean) ** 2).mean(0) + 1e-3))
+  return _xent(x @ p["out"], labels)
+
+
+def workload() -> dict[str, tuple[Callable, dict[str, Any], Any, Any]]:
+  """The steps `choose` times, per kind: (loss, params, inputs, labels), as NumPy arrays, the
+  same in every process. "conv": a 5x5 convolution, max pooling and two Dense layers at batch
+  16 on 28x28x16 inputs; "dense": an MLP 784-512-128-512-10 with batch normalization at batch
+  128."""
+  import numpy as np
+  rng = np.random.default_rng(0)
+  normal = lambda scale, *shape: rng.normal(0, scale, shape).astype(np.float32)
+  return {
+      "conv": (_conv_loss, {"conv": normal(0.05, 5, 5, 16, 64),
+                            "dense": normal(0.02, 14 * 14 * 64, 128),
+                            "out": normal(0.05, 128, 10)},
+               rng.random((16, 28, 28, 16), np.float32), rng.integers(0, 10, 16)),
+      "dense": (_dense_loss, {"d0": normal(0.05, 784, 512), "d1": normal(0.05, 512, 128),
+                              "d2": normal(0.05, 128, 512), "out": normal(0.05, 512, 10)},
+                rng.random((128, 784), np.float32), rng.integers(0, 10, 128)),
+  }
+
+
+def _workload(out: str, repeats: int, skip: str = "[]") -> None:
+  """The measurement (run by `measure` in its own process, through `isolated`: the kinds and
+  the KIND/NAME candidates in `skip` are left out), of `workload`'s steps, forward and
+  backward. Each candidate compiles them with its compiler options (`OPTIONS`); each of
+  `repeats` rounds times every candidate once, in turn. Writes the float32 gradients and the
+  same gradients in float64 (the reference every candidate is held to), and reports each kind's
+  medians."""
   import jax
   jax.config.update("jax_enable_x64", True)  # Only for the reference: the rest is float32.
   import jax.numpy as jnp
   import numpy as np
 
-  rng = np.random.default_rng(0)
-
-  def xent(logits, labels):
-    return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(labels.shape[0]), labels])
-
-  def conv_loss(p, x, labels):
-    h = jax.lax.conv_general_dilated(x, p["conv"], (1, 1), "SAME",
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    h = jax.lax.reduce_window(jax.nn.relu(h), -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1),
-                              "VALID")
-    h = jax.nn.relu(h.reshape(x.shape[0], -1) @ p["dense"])
-    return xent(h @ p["out"], labels)
-
-  def dense_loss(p, x, labels):  # Lab 02's D(n): Dense, BatchNormalization (train), ReLU.
-    for name in ("d0", "d1", "d2"):  # (No bias: the normalization cancels its gradient.)
-      h = x @ p[name]
-      mean = h.mean(0)
-      x = jax.nn.relu((h - mean) * jax.lax.rsqrt(((h - mean) ** 2).mean(0) + 1e-3))
-    return xent(x @ p["out"], labels)
-
-  normal = lambda scale, *shape: rng.normal(0, scale, shape).astype(np.float32)
-  steps = {
-      "conv": (conv_loss, {"conv": normal(0.05, 5, 5, 16, 64),
-                           "dense": normal(0.02, 14 * 14 * 64, 128), "out": normal(0.05, 128, 10)},
-               rng.random((16, 28, 28, 16), np.float32), rng.integers(0, 10, 16)),
-      "dense": (dense_loss, {"d0": normal(0.05, 784, 512), "d1": normal(0.05, 512, 128),
-                             "d2": normal(0.05, 128, 512), "out": normal(0.05, 512, 10)},
-                rng.random((128, 784), np.float32), rng.integers(0, 10, 128)),
-  }
-  found: dict[str, dict[str, Any]] = {}
+  steps = workload()
+  report = Reporter(skip)
   for kind, (loss, params, x, labels) in steps.items():
+    if kind in report.skip:
+      continue
     args = ({k: jnp.asarray(v) for k, v in params.items()}, jnp.asarray(x), jnp.asarray(labels))
     compiled, calls = {}, {}
-    found[kind] = {}
+    found: dict[str, Any] = {}
     for name in CANDIDATES:
+      if f"{kind}/{name}" in report.skip:
+        continue
       try:  # A candidate this jaxlib refuses is left out, never the measurement.
         step = jax.jit(jax.grad(loss), compiler_options=OPTIONS[name] or None)
+        report.trying(f"{kind}/{name}")
         grads = jax.block_until_ready(step(*args))
+        report.tried(f"{kind}/{name}")
         start = time.perf_counter()
         jax.block_until_ready(step(*args))
         calls[name] = max(1, math.ceil(SAMPLE_SECONDS / (time.perf_counter() - start)))
         compiled[name] = step
         np.savez(f"{out}/{kind}.{name}.npz", **{k: np.asarray(v) for k, v in grads.items()})
       except Exception as e:  # noqa: BLE001
-        found[kind][name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0]}"}
+        report.tried(f"{kind}/{name}")
+        found[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0]}"}
     times: dict[str, list[float]] = {name: [] for name in compiled}
     for _ in range(repeats):
       for name, step in compiled.items():
@@ -183,13 +287,13 @@ def _workload(out: str, repeats: int) -> None:
         times[name].append((time.perf_counter() - start) / calls[name])
     median = lambda values: sorted(values)[len(values) // 2]
     for name, t in times.items():
-      found[kind][name] = {"seconds": median(t)}
+      found[name] = {"seconds": median(t)}
       if "xla" in times:  # Paired by round: the machine's drift falls on both alike.
-        found[kind][name]["vs_xla"] = median([a / b for a, b in zip(t, times["xla"])])
+        found[name]["vs_xla"] = median([a / b for a, b in zip(t, times["xla"])])
     exact = jax.jit(jax.grad(loss))({k: jnp.asarray(v, jnp.float64) for k, v in params.items()},
                                     jnp.asarray(x, jnp.float64), args[2])
     np.savez(f"{out}/{kind}.exact.npz", **{k: np.asarray(v) for k, v in exact.items()})
-  print(json.dumps(found))
+    report.result(kind, found)
 
 
 def _error(path: pathlib.Path, exact: pathlib.Path) -> float:
@@ -335,4 +439,4 @@ def applied() -> str:
 
 
 if __name__ == "__main__":
-  _workload(sys.argv[1], int(sys.argv[2]))
+  _workload(sys.argv[1], int(sys.argv[2]), *sys.argv[3:4])

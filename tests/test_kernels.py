@@ -4,6 +4,8 @@ run."""
 
 import json
 import os
+import pathlib
+import sys
 
 import numpy as np
 import pytest
@@ -24,7 +26,7 @@ def fake_measure(seconds, errors, calls):
     for kind in kernels.KINDS:
       np.savez(out / f"{kind}.exact.npz", **EXACT)
       found[kind] = {}
-      for name in kernels.CANDIDATES:
+      for name in seconds[kind]:
         off = 1 + errors[kind][name]
         np.savez(out / f"{kind}.{name}.npz", **{k: v * off for k, v in EXACT.items()})
         t = seconds[kind][name]
@@ -92,6 +94,66 @@ def test_a_failed_measurement_leaves_xla_as_it_comes_and_is_not_cached(tmp_path,
   assert not (tmp_path / "kernels.json").exists()  # Measured again by the next process.
 
 
+# A measuring process that reports items a, b, c; the items named in $CRASH kill it (SIGILL,
+# as an XLA abort does) after its last words, and $FAIL ends it outside any item.
+FAKE_MEASURER = """
+import json, os, signal, sys
+from jaxlab.kernels import Reporter
+report = Reporter(sys.argv[1])
+for item in "abc":
+  if item in report.skip:
+    continue
+  report.trying(item)
+  if item in os.environ.get("CRASH", ""):
+    print("W1202 12:00:00.000 logged by XLA", file=sys.stderr)
+    print("partition compile failed", file=sys.stderr, flush=True)
+    os.kill(os.getpid(), signal.SIGILL)
+  report.tried(item)
+  report.result(item, {"item": item, "pid": os.getpid()})
+if os.environ.get("FAIL"):
+  sys.exit("no data")
+"""
+
+
+def test_an_item_that_kills_the_measuring_process_is_reported_and_the_rest_measured(tmp_path):
+  (tmp_path / "measurer.py").write_text(FAKE_MEASURER)
+  argv = [sys.executable, str(tmp_path / "measurer.py")]
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+  results, crashed = kernels.isolated(argv, {**env, "CRASH": "b"})
+  assert [r["item"] for r in results.values()] == ["a", "c"]
+  assert results["a"]["pid"] != results["c"]["pid"]  # c in a new process, a not measured again.
+  assert crashed == {"b": "killed the process (SIGILL): partition compile failed"}
+  assert kernels.isolated(argv, {**env, "CRASH": "abc"})[1].keys() == {"a", "b", "c"}
+  with pytest.raises(RuntimeError, match=r"failed \(exit status 1\): no data"):
+    kernels.isolated(argv, {**env, "FAIL": "1"})
+
+
+def test_a_candidate_that_killed_the_measurement_is_an_error_never_chosen(tmp_path, monkeypatch):
+  monkeypatch.setenv("JAXLAB_CACHE_DIR", str(tmp_path))
+  monkeypatch.setattr(kernels, "CANDIDATES", ("xla", "ynn_dot", "onednn_dot"))
+  why = "killed the process (SIGILL): partition compile failed"
+
+  def isolated(argv, env=None, timeout=600):
+    out = pathlib.Path(argv[-2])
+    results = {}
+    for kind in kernels.KINDS:
+      np.savez(out / f"{kind}.exact.npz", **EXACT)
+      results[kind] = {}
+      for name, t in (("xla", 1.0), ("ynn_dot", 0.9)):
+        np.savez(out / f"{kind}.{name}.npz", **EXACT)
+        results[kind][name] = {"seconds": t, "vs_xla": t}
+    return results, {"dense/onednn_dot": why}
+  monkeypatch.setattr(kernels, "isolated", isolated)
+  found = kernels.measure(tmp_path)
+  assert list(found["dense"]) == ["xla", "ynn_dot", "onednn_dot"]  # In CANDIDATES' order.
+  assert found["dense"]["onednn_dot"] == {"error": why}
+  assert "onednn_dot" not in found["conv"]
+  record = kernels.choose(log=lambda s: None)
+  assert names(record) == {"conv": "ynn_dot", "dense": "ynn_dot"}
+  assert record["kinds"]["dense"]["candidates"]["onednn_dot"] == {"error": why}
+  assert (tmp_path / "kernels.json").exists()  # A measurement, cached: not measured again.
+
+
 @pytest.mark.slow
 def test_the_measurement_runs_every_candidate_on_both_steps_exact_to_float_rounding(tmp_path):
   """The real measurement, in its own process: every candidate compiles with its options and
@@ -99,7 +161,7 @@ def test_the_measurement_runs_every_candidate_on_both_steps_exact_to_float_round
   found = kernels.measure(tmp_path, repeats=1)
   assert set(found) == set(kernels.KINDS)
   for kind in kernels.KINDS:
-    assert set(found[kind]) == set(kernels.CANDIDATES)
+    assert list(found[kind]) == list(kernels.CANDIDATES)
     for name, c in found[kind].items():
       assert c["seconds"] > 0 and c["vs_xla"] > 0, (kind, name, c)
       assert kernels._error(tmp_path / f"{kind}.{name}.npz",
