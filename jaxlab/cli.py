@@ -111,8 +111,11 @@ def define_kernels_flag() -> None:
                     "(the fastest on this machine for the kind of model run, with or without "
                     "convolutions, whose results equal XLA's own within float rounding, measured "
                     "once and cached in $JAXLAB_CACHE_DIR/kernels.json), xla (as XLA comes), or "
-                    "one by name. Default: $JAXLAB_KERNELS, else auto; a resumed run keeps the "
-                    "kernels it started with.")
+                    "one by name: onednn_dot gives dots to oneDNN (bfloat16 on CPUs with "
+                    "AVX512-BF16 or AMX), but with jaxlib 0.10.2 aborts on some models and "
+                    "keeps nothing in the compilation cache (scripts/probe_kernels.py shows "
+                    "what each does here). Default: $JAXLAB_KERNELS, else auto; a resumed run "
+                    "keeps the kernels it started with.")
 
 
 def _model_kind() -> str:

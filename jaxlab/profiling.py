@@ -265,13 +265,16 @@ def checkpoint_cost(state: Any, directory: str | pathlib.Path, repeats: int = 3)
           "async_background_seconds": statistics.median(background)}
 
 
-# XLA:CPU's oneDNN options, probed beside jaxlab.kernels' candidates: this jaxlib accepts them;
-# whether they reach oneDNN (and through it AMX) depends on the CPU.
+# XLA:CPU's other oneDNN options, probed beside jaxlab.kernels' candidates (onednn_dot among
+# them). The custom calls need a jaxlib built with oneDNN's asynchronous runtime (jaxlib 0.10.2
+# accepts the option and changes nothing); whether bfloat16 stays bfloat16 in oneDNN (and
+# reaches AMX) depends on the CPU (AVX512-BF16).
 ONEDNN_OPTIONS: dict[str, dict[str, Any]] = {
-    "onednn": {"xla_cpu_use_onednn": True},
     "onednn_custom_call": {"xla_cpu_use_onednn": True,
                            "xla_cpu_experimental_onednn_custom_call": True},
-    "onednn_fusion_dot": {"xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"},
+    "onednn_dot_eltwise": {"xla_cpu_use_onednn": True,
+                           "xla_cpu_experimental_onednn_fusion_type":
+                           "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_ELTWISE"},
 }
 
 
@@ -306,29 +309,68 @@ def library_of(hlo_text: str) -> str:
   return " + ".join(dict.fromkeys(found)) or "none"
 
 
+PROBE_OPS = ("matmul", "conv", "conv_backward", "mlp_backward")
+
+
 def probe_kernels(options: dict[str, dict[str, Any]], dtypes=("float32", "bfloat16"),
-                  steps: int = 5) -> list[dict[str, Any]]:
-  """For each dtype and each named set of XLA:CPU compiler options, of a matmul (2048 x 2048 by
-  2048), a convolution (AlexNet's second: batch 16, 28x28x96 by 5x5x96x256, `same`) and that
-  convolution's backward pass (the gradients to its input and kernel, as training runs it):
-  the libraries and dtypes its dots and convolutions run in (`library_of`) and the measured
-  rate (median of `steps` calls). Options this jaxlib refuses are reported as errors, not
-  raised."""
+                  steps: int = 5, log: Callable[[str], None] = lambda s: None
+                  ) -> list[dict[str, Any]]:
+  """For each dtype, op of `PROBE_OPS` and named set of XLA:CPU compiler options: the libraries
+  and dtypes its dots and convolutions run in (`library_of`) and the measured rate (median of
+  `steps` calls). The ops: a matmul (2048 x 2048 by 2048), a convolution (AlexNet's second:
+  batch 16, 28x28x96 by 5x5x96x256, `same`), that convolution's backward pass (the gradients to
+  its input and kernel, as training runs it), and an MLP's training step (the gradients of
+  `jaxlab.kernels`' dense step: Lab 02's Dense, batch normalization, ReLU blocks at batch 128).
+  They run in a process of their own: options this jaxlib refuses are reported as errors, and
+  so are those that kill the process (an abort inside XLA), the others probed in a new one."""
+  import sys
+  from jaxlab import kernels
+  argv = [sys.executable, "-m", "jaxlab.profiling",
+          json.dumps({"options": options, "dtypes": list(dtypes), "steps": steps})]
+  done, crashed = kernels.isolated(argv, timeout=3600)
+  for item, why in crashed.items():
+    log(f"{item}: {why}")
+  rows = []
+  for dtype in dtypes:
+    for op in PROBE_OPS:
+      for name in options:
+        item = f"{dtype}/{op}/{name}"
+        rows.append(done.get(item) or {"dtype": dtype, "op": op, "kernels": name,
+                                       "error": crashed.get(item, "not probed")})
+  return rows
+
+
+def _probe(options: dict[str, dict[str, Any]], dtypes: list[str], steps: int,
+           skip: str = "[]") -> None:
+  """`probe_kernels`' measuring process: reports each row (`kernels.Reporter`)."""
+  from jaxlab import kernels
+  report = kernels.Reporter(skip)
   keys = jax.random.split(jax.random.PRNGKey(0), 2)
   conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
                                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
   conv_flops = 2 * 16 * 28 * 28 * 256 * 5 * 5 * 96
+  loss, params, x, labels = kernels.workload()["dense"]
+  mlp_flops = 3 * 2 * x.shape[0] * sum(w.shape[0] * w.shape[1] for w in params.values())
   ops = {"matmul": (lambda a, b: a @ b, ((2048, 2048), (2048, 2048)), 2 * 2048 ** 3),
          "conv": (conv, ((16, 28, 28, 96), (5, 5, 96, 256)), conv_flops),
          "conv_backward": (jax.grad(lambda x, w: jnp.sum(conv(x, w).astype(jnp.float32) ** 2),
                                     argnums=(0, 1)),
-                           ((16, 28, 28, 96), (5, 5, 96, 256)), 2 * conv_flops)}
-  rows = []
+                           ((16, 28, 28, 96), (5, 5, 96, 256)), 2 * conv_flops),
+         "mlp_backward": (jax.grad(loss), None, mlp_flops)}
+  assert tuple(ops) == PROBE_OPS
   for dtype in dtypes:
     for op, (fn, shapes, flops) in ops.items():
-      args = [jax.random.normal(k, s, jnp.dtype(dtype)) for k, s in zip(keys, shapes)]
+      if shapes is None:
+        args = [{k: jnp.asarray(v, dtype) for k, v in params.items()}, jnp.asarray(x, dtype),
+                jnp.asarray(labels)]
+      else:
+        args = [jax.random.normal(k, s, jnp.dtype(dtype)) for k, s in zip(keys, shapes)]
       for name, compiler_options in options.items():
+        item = f"{dtype}/{op}/{name}"
+        if item in report.skip:
+          continue
         row = {"dtype": dtype, "op": op, "kernels": name}
+        report.trying(item)
         try:
           compiled = jax.jit(fn, compiler_options=compiler_options or None).lower(
               *args).compile()
@@ -336,5 +378,9 @@ def probe_kernels(options: dict[str, dict[str, Any]], dtypes=("float32", "bfloat
           row["gflops"] = flops / median_seconds(lambda: compiled(*args), steps) / 1e9
         except Exception as e:  # noqa: BLE001
           row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0]}"
-        rows.append(row)
-  return rows
+        report.result(item, row)
+
+
+if __name__ == "__main__":
+  import sys
+  _probe(**json.loads(sys.argv[1]), skip=(sys.argv[2:3] or ["[]"])[0])

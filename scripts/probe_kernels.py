@@ -2,14 +2,17 @@
 
   python scripts/probe_kernels.py [--dtypes=float32,bfloat16] [--steps=3] [--json]
 
-For a matmul, a convolution and the convolution's backward pass: under each of
-`jaxlab.kernels`' candidates and XLA's oneDNN options, which library runs it (XLA's own,
-YNNPACK or oneDNN), in which dtype (`f32` for a bfloat16 op: XLA converted its operands to
-float32 first) and at what rate.
-On a CPU with AMX this shows whether `--precision=bf16` can reach it from JAX.
+For a matmul, a convolution, the convolution's backward pass and an MLP's training step: under
+each of `jaxlab.kernels`' choices and XLA's other oneDNN options, which library runs it (XLA's
+own, YNNPACK or oneDNN), in which dtype (`f32` for a bfloat16 op: XLA converted its operands to
+float32 first) and at what rate. An option that kills the process on an op (an abort inside
+XLA) is reported on that row, and the probe goes on in a new process.
+On a CPU with AMX this shows whether `--precision=bf16` can reach it from JAX: a bfloat16 row
+computed in `onednn bf16`.
 """
 
 import json
+import sys
 
 from absl import flags
 
@@ -28,7 +31,8 @@ def main(argv):
     if dtype not in ("float32", "bfloat16"):
       raise ValueError(f"unknown dtype {dtype!r}; known: float32, bfloat16")
   rows = profiling.probe_kernels({**kernels.OPTIONS, **profiling.ONEDNN_OPTIONS},
-                                 FLAGS.dtypes, FLAGS.steps)
+                                 FLAGS.dtypes, FLAGS.steps,
+                                 log=lambda s: print(s, file=sys.stderr, flush=True))
   env = environment()
   if FLAGS.json:
     print(json.dumps({"environment": env, "rows": rows}, indent=2))

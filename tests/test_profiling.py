@@ -234,7 +234,8 @@ def test_probe_kernels_reports_each_option_and_names_a_refused_one():
   rows = profiling.probe_kernels({"xla": {}, "bogus": {"xla_no_such_option": True}},
                                  dtypes=("float32",), steps=1)
   assert [(r["op"], r["kernels"]) for r in rows] == [
-      (op, name) for op in ("matmul", "conv", "conv_backward") for name in ("xla", "bogus")]
+      (op, name) for op in profiling.PROBE_OPS for name in ("xla", "bogus")]
+  assert profiling.PROBE_OPS == ("matmul", "conv", "conv_backward", "mlp_backward")
   for r in rows:
     if r["kernels"] == "xla":
       # The backward pass is two convolutions (input and kernel gradients), maybe fused apart.
