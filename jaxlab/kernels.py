@@ -124,9 +124,8 @@ def measure(out: pathlib.Path, repeats: int = 9) -> dict[str, dict[str, dict[str
   kind's gradients go to out/KIND.NAME.npz, and in float64 to out/KIND.exact.npz. A candidate
   that kills the process (an XLA abort) is reported as an error; the others are measured in a
   new process."""
-  env = {**os.environ, "XLA_FLAGS": _user_flags(), "JAX_PLATFORMS": "cpu"}
   results, crashed = isolated([sys.executable, "-m", "jaxlab.kernels", str(out), str(repeats)],
-                              env)
+                              measuring_environment())
   found: dict[str, dict[str, dict[str, Any]]] = {kind: {} for kind in KINDS}
   for item, why in crashed.items():
     kind, name = item.split("/")
@@ -379,6 +378,12 @@ def choose(log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
   except OSError as e:
     log(f"  (not cached: {e})")
   return record
+
+
+def measuring_environment() -> dict[str, str]:
+  """The environment of a process that measures kernels: on the CPU, with the user's XLA flags
+  but none of this module's (its compiler options alone decide)."""
+  return {**os.environ, "XLA_FLAGS": _user_flags(), "JAX_PLATFORMS": "cpu"}
 
 
 def _user_flags() -> str:

@@ -321,13 +321,13 @@ def probe_kernels(options: dict[str, dict[str, Any]], dtypes=("float32", "bfloat
   batch 16, 28x28x96 by 5x5x96x256, `same`), that convolution's backward pass (the gradients to
   its input and kernel, as training runs it), and an MLP's training step (the gradients of
   `jaxlab.kernels`' dense step: Lab 02's Dense, batch normalization, ReLU blocks at batch 128).
-  They run in a process of their own: options this jaxlib refuses are reported as errors, and
+  They run on the CPU in a process of its own: options this jaxlib refuses are reported as errors, and
   so are those that kill the process (an abort inside XLA), the others probed in a new one."""
   import sys
   from jaxlab import kernels
   argv = [sys.executable, "-m", "jaxlab.profiling",
           json.dumps({"options": options, "dtypes": list(dtypes), "steps": steps})]
-  done, crashed = kernels.isolated(argv, timeout=3600)
+  done, crashed = kernels.isolated(argv, kernels.measuring_environment(), timeout=3600)
   for item, why in crashed.items():
     log(f"{item}: {why}")
   rows = []

@@ -251,3 +251,11 @@ def test_auto_gives_each_kind_of_model_its_kernels_in_the_scripts(tmp_path):
     assert "measuring" not in done.stderr
     found = json.loads((tmp_path / experiment / "config.json").read_text())["environment"]
     assert (found["kernels"], found["xla_flags"]) == (want, kernels.KERNELS[want]), experiment
+
+
+def test_kernels_are_measured_on_the_cpu_with_the_users_flags_and_none_of_jaxlabs(monkeypatch):
+  monkeypatch.setenv("XLA_FLAGS", f"--xla_cpu_enable_fast_math=false {kernels.KERNELS['ynn_dot']}")
+  monkeypatch.setenv("JAX_PLATFORMS", "cuda")
+  env = kernels.measuring_environment()
+  assert env["XLA_FLAGS"] == "--xla_cpu_enable_fast_math=false"
+  assert env["JAX_PLATFORMS"] == "cpu"
