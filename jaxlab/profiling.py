@@ -281,8 +281,9 @@ ONEDNN_OPTIONS: dict[str, dict[str, Any]] = {
 def library_of(hlo_text: str) -> str:
   """Which library each dot and convolution of an optimized XLA:CPU program runs in, and in
   which dtype: "ynnpack" (inside a YNNPACK fusion), "onednn" (a oneDNN custom call or fusion)
-  or "xla" (XLA's own, through Eigen), each with the dtype of its result ("xla f32"); several
-  joined by " + ", in the program's order."""
+  or "xla" (XLA's own, through Eigen), each with the dtype of its first operand ("xla f32":
+  what the op reads, bfloat16 only where no conversion to float32 came first, whatever dtype
+  it accumulates or writes in); several joined by " + ", in the program's order."""
   computations = re.split(r"\n(?=\S)", hlo_text)
   caller_kind = {}  # fused computation -> the fusion kind of the instruction that calls it
   for line in hlo_text.splitlines():
@@ -292,12 +293,21 @@ def library_of(hlo_text: str) -> str:
       caller_kind[called.group(1)] = kind.group(1) if kind else ""
   found = []
   for computation in computations:
-    name = re.match(r"(?:ENTRY\s+)?%?([\w.\-]+)", computation)
-    for line in computation.splitlines()[1:]:
-      op = re.search(r"=\s*(\w+)\[[^\]]*\][^ ]*\s+(convolution|dot|custom-call)\(", line)
+    lines = computation.splitlines()
+    if not lines:
+      continue
+    name = re.match(r"(?:ENTRY\s+)?%?([\w.\-]+)", lines[0])
+    header = lines[0].split("->")[0]
+    dtypes = dict(re.findall(r"%?([\w.\-]+):\s*(\w+)\[", header))  # Its parameters.
+    for line in lines[1:]:
+      defined = re.match(r"\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\w+)\[", line)
+      if defined:
+        dtypes[defined.group(1)] = defined.group(2)
+      op = re.search(r"=\s*\w+\[[^\]]*\][^ ]*\s+(convolution|dot|custom-call)\(%?([\w.\-]+)",
+                     line)
       if not op:
         continue
-      dtype, opcode = op.groups()
+      opcode, operand = op.groups()
       if opcode == "custom-call":
         if "onednn" not in line.lower():
           continue
@@ -305,7 +315,7 @@ def library_of(hlo_text: str) -> str:
       else:
         kind = caller_kind.get(name.group(1) if name else "", "").lower()
         library = "ynnpack" if "ynn" in kind else "onednn" if "onednn" in kind else "xla"
-      found.append(f"{library} {dtype}")
+      found.append(f"{library} {dtypes.get(operand, '?')}")
   return " + ".join(dict.fromkeys(found)) or "none"
 
 

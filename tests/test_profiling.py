@@ -215,6 +215,27 @@ ENTRY %main.2 (x: f32[16,28,28,96], w: f32[5,5,96,256]) -> f32[16,28,28,256] {
   ROOT %ynn_fusion = f32[16,28,28,256]{3,2,1,0} fusion(%x, %w), kind=kCustom, calls=%fused_computation.1, backend_config={"fusion_config":{"kind":"__ynn_fusion"}}
 }
 """
+# A YNNPACK dot that reads bfloat16 and writes float32, as YNNPACK's bf16 kernels do.
+YNN_BF16_IN_F32_OUT = """HloModule jit_k
+%fused_computation.7 (param_0.7: bf16[512,2048], param_1.7: bf16[2048,512]) -> f32[512,512] {
+  %param_0.7 = bf16[512,2048]{1,0} parameter(0)
+  %param_1.7 = bf16[2048,512]{1,0} parameter(1)
+  ROOT %dot.7 = f32[512,512]{1,0} dot(%param_0.7, %param_1.7), lhs_contracting_dims={1}
+}
+ENTRY %main.7 (a.7: bf16[512,2048], b.7: bf16[2048,512]) -> f32[512,512] {
+  ROOT %ynn_fusion.7 = f32[512,512]{1,0} fusion(%a.7, %b.7), kind=kCustom, calls=%fused_computation.7, backend_config={"fusion_config":{"kind":"__ynn_fusion"}}
+}
+"""
+ONEDNN_FUSION = """HloModule jit_m
+%fused_computation (param_0: bf16[128,512], param_1: bf16[512,10]) -> bf16[128,10] {
+  %param_0 = bf16[128,512]{1,0} parameter(0)
+  %param_1 = bf16[512,10]{1,0} parameter(1)
+  ROOT %dot.4 = bf16[128,10]{1,0} dot(%param_0, %param_1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+ENTRY %main (x: bf16[128,512], w: bf16[512,10]) -> bf16[128,10] {
+  ROOT %onednn_fusion = bf16[128,10]{1,0} fusion(%x, %w), kind=kCustom, calls=%fused_computation, backend_config={"fusion_config":{"kind":"__onednn_fusion"},"outer_dimension_partitions":[]}
+}
+"""
 ONEDNN = """HloModule jit_h
 ENTRY %main.3 (a: bf16[64,64], b: bf16[64,64]) -> bf16[64,64] {
   ROOT %custom-call = bf16[64,64]{1,0} custom-call(%a, %b), custom_call_target="__onednn$matmul"
@@ -222,10 +243,13 @@ ENTRY %main.3 (a: bf16[64,64], b: bf16[64,64]) -> bf16[64,64] {
 """
 
 
-def test_library_of_names_each_ops_library_and_the_dtype_it_computes_in():
+def test_library_of_names_each_ops_library_and_the_dtype_it_reads():
   assert profiling.library_of(YNN_BF16_DOT) == "ynnpack f32"
   assert profiling.library_of(TWO_CONVS) == "ynnpack f32 + xla f32"
   assert profiling.library_of(ONEDNN) == "onednn bf16"
+  # What the op reads, not what it writes: bfloat16 in, float32 out is a bfloat16 dot.
+  assert profiling.library_of(YNN_BF16_IN_F32_OUT) == "ynnpack bf16"
+  assert profiling.library_of(ONEDNN_FUSION) == "onednn bf16"
   assert profiling.library_of("HloModule empty\nENTRY %main () -> f32[] {\n}\n") == "none"
 
 
