@@ -32,6 +32,18 @@ os.environ["TFDS_DATA_DIR"] = str(_TMP / "tensorflow_datasets")
 XLA_CACHE = pathlib.Path(os.environ.get("JAXLAB_TEST_XLA_CACHE",
                                         "~/.cache/jaxlab/test-xla")).expanduser()
 os.environ["JAXLAB_XLA_CACHE_DIR"] = str(XLA_CACHE)
+# At most 2 GiB, the least recently used entries going first: JAX then keeps each entry's last
+# use in a KEY-atime file beside KEY-cache and reads them all before every write. Every process
+# on the cache must share the limit (JAX reads it from this variable; the scripts the tests
+# start inherit it): one without a limit writes entries without an -atime file, and then every
+# write of a process with one fails ("FileNotFoundError: ...-atime"), and that process's
+# programs are compiled again by every run of the suite. Entries written so are given one.
+os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(2 * 2**30)
+if XLA_CACHE.is_dir():
+  for _entry in XLA_CACHE.glob("*-cache"):
+    _atime = _entry.with_name(_entry.name[:-len("-cache")] + "-atime")
+    if not _atime.exists():
+      _atime.write_bytes(int(_entry.stat().st_mtime_ns).to_bytes(8, "little"))
 os.environ.setdefault("KERAS_BACKEND", "jax")
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 
@@ -60,7 +72,6 @@ import jax  # noqa: E402
 from jaxlab import runtime  # noqa: E402
 
 runtime.enable_compilation_cache()  # XLA_CACHE, as the scripts' --compilation_cache.
-jax.config.update("jax_compilation_cache_max_size", 2 * 2**30)  # The least recently used go.
 
 # The settings of a small run on `synthetic_dataset()` (256 examples: 8 steps an epoch).
 SMALL = dict(dataset="mnist", epochs=3, batch_size=32, steps_per_dispatch=4, eval_batch_size=64)
