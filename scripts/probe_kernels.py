@@ -4,11 +4,11 @@
 
 For a matmul, a convolution, the convolution's backward pass and an MLP's training step: under
 each of `jaxlab.kernels`' choices and XLA's other oneDNN options, which library runs it (XLA's
-own, YNNPACK or oneDNN), in which dtype (`f32` for a bfloat16 op: XLA converted its operands to
-float32 first) and at what rate. An option that kills the process on an op (an abort inside
+own, YNNPACK or oneDNN), the dtype it reads (`f32` for a bfloat16 op: XLA converted its
+operands to float32 first) and at what rate. An option that kills the process on an op (an abort inside
 XLA) is reported on that row, and the probe goes on in a new process.
 On a CPU with AMX this shows whether `--precision=bf16` can reach it from JAX: a bfloat16 row
-computed in `onednn bf16`.
+that reads `bf16` (`onednn bf16` or `ynnpack bf16`).
 """
 
 import json
