@@ -22,6 +22,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
+from jaxlab.errors import BadValue
 from jaxlab.models import PlanModel
 from jaxlab.optim import make_optimizer
 from jaxlab.runtime import environment
@@ -172,7 +173,7 @@ def to_torch(model: PlanModel):
           layers.append(acts[op.activation]())
       elif op.kind == "conv2d":
         if op.padding == "same" and op.strides != 1:
-          raise ValueError("the PyTorch peer supports 'same' padding at stride 1 only")
+          raise BadValue("the PyTorch peer supports 'same' padding at stride 1 only")
         layers.append(nn.Conv2d(in_shape[-1], op.features, op.kernel_size, op.strides,
                                 padding=op.padding))
         if op.activation in acts:
@@ -274,7 +275,7 @@ def run_benchmark(model: PlanModel, num_classes: int, batch_size: int, examples:
 
   for name in peers:
     if name not in PEERS:
-      raise ValueError(f"unknown peer {name!r}; known: {', '.join(PEERS)}")
+      raise BadValue(f"unknown peer {name!r}; known: {', '.join(PEERS)}")
   images, labels = random_data(model, examples, num_classes)
   makers = {"jaxlab": lambda *a: jaxlab_runner(*a, members=members),
             **{name: (lambda *a, make=PEERS[name]: _sequential(make, members, *a))

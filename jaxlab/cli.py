@@ -1,9 +1,10 @@
 """Shared pieces of the absl entry points in scripts/: common flags and clean error exits.
 
 Exit statuses of every script: 0 success; 1 the work ran but did not all succeed (a lab with a
-failed run, layers that diverge); 2 bad input (a flag, a file, a full disk: one line
-`error: ...`); 3 a NaN or infinite loss stopped training; 75 stopped by SIGTERM or SIGINT after
-saving a checkpoint (the same command resumes).
+failed run, layers that diverge), or a bug (with its traceback); 2 bad input (a
+`jaxlab.errors.UserError`: a flag, a file, a full disk: one line `error: ...`; with
+JAXLAB_TRACEBACK=1 its traceback too); 3 a NaN or infinite loss stopped training; 75 stopped
+by SIGTERM or SIGINT after saving a checkpoint (the same command resumes).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 import logging as std_logging
 import shlex
 import sys
+import traceback
 import types
 import typing
 from typing import Any, Callable, Iterable
@@ -21,7 +23,7 @@ from typing import Any, Callable, Iterable
 from absl import app, flags
 
 from jaxlab.config import TrainConfig
-from jaxlab.errors import USER_ERRORS, NonFiniteError, one_line
+from jaxlab.errors import BadValue, NonFiniteError, UserError, one_line, show_traceback
 from jaxlab.preemption import EXIT_PREEMPTED, Preempted, under_launcher
 
 # JAX logs at INFO that it found no TPU library on every start; that is not news to a user.
@@ -44,7 +46,7 @@ def user_errors_exit(main: Callable[[list[str]], None] | None = None, *,
   def wrapped(argv: list[str]) -> None:
     try:
       if len(argv) > 1:
-        raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
+        raise BadValue(f"unexpected arguments: {' '.join(argv[1:])}")
       if first is not None:
         first()
       if "kernels" in flags.FLAGS:  # Before JAX starts: XLA reads its flags once.
@@ -68,7 +70,9 @@ def user_errors_exit(main: Callable[[list[str]], None] | None = None, *,
     except NonFiniteError as e:
       print(f"error: {e}", file=sys.stderr)
       sys.exit(EXIT_NONFINITE)
-    except USER_ERRORS as e:
+    except UserError as e:  # Anything else is a bug: its traceback, and status 1.
+      if show_traceback():
+        traceback.print_exc()
       print(f"error: {one_line(e)}", file=sys.stderr)
       sys.exit(EXIT_BAD_INPUT)
 
@@ -178,8 +182,8 @@ def parse_list(values: list[str] | None, kind: type, name: str) -> list:
     return [kind(v) for v in values or []]
   except ValueError:
     words = {int: "integers", float: "numbers"}.get(kind, kind.__name__)
-    raise ValueError(f"--{name} must be {words} separated by commas, got "
-                     f"{','.join(values)!r}") from None
+    raise BadValue(f"--{name} must be {words} separated by commas, got "
+                   f"{','.join(values)!r}") from None
 
 
 def run(main: Callable[[list[str]], None]) -> None:

@@ -11,6 +11,7 @@ import math
 from typing import Any
 
 from jaxlab.data import DATASETS
+from jaxlab.errors import BadValue
 
 PRECISIONS = ("float32", "bf16")
 NAN_POLICIES = ("stop", "skip")
@@ -75,11 +76,11 @@ class TrainConfig:
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(settings) - fields)
     if unknown:
-      raise ValueError(f"unknown setting {unknown[0]!r}; known: {', '.join(sorted(fields))}")
+      raise BadValue(f"unknown setting {unknown[0]!r}; known: {', '.join(sorted(fields))}")
     try:
       return cls(**settings)
     except TypeError as e:  # A required setting is missing.
-      raise ValueError(f"settings {settings!r} are incomplete: {e}") from None
+      raise BadValue(f"settings {settings!r} are incomplete: {e}") from None
 
   def replace(self, **changes: Any) -> "TrainConfig":
     """A copy with `changes`, checked as every config is (`validate`)."""
@@ -102,7 +103,7 @@ def changed_settings(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 
 def validate(config: TrainConfig) -> None:
-  """Raises ValueError (LookupError for an unknown name) naming the first bad setting."""
+  """Raises BadValue (UnknownNameError for an unknown name) naming the first bad setting."""
   # The optimizers' registry imports optax: only when a config is checked, so that reading a
   # run's settings (the report) needs no JAX.
   from jaxlab.optim import OPTIMIZERS
@@ -113,21 +114,21 @@ def validate(config: TrainConfig) -> None:
                "keep_checkpoints"):
     value = getattr(config, name)
     if not isinstance(value, int) or value < 1:
-      raise ValueError(f"{name} must be a positive integer, got {value!r}")
+      raise BadValue(f"{name} must be a positive integer, got {value!r}")
   if config.num_devices is not None and config.num_devices < 1:
-    raise ValueError(f"num_devices must be a positive integer, got {config.num_devices!r}")
+    raise BadValue(f"num_devices must be a positive integer, got {config.num_devices!r}")
   if config.train_limit is not None and config.train_limit < 1:
-    raise ValueError(f"train_limit must be a positive integer, got {config.train_limit!r}")
+    raise BadValue(f"train_limit must be a positive integer, got {config.train_limit!r}")
   if not (config.learning_rate > 0 and math.isfinite(config.learning_rate)):
-    raise ValueError(f"learning_rate must be a positive number, got {config.learning_rate!r}")
+    raise BadValue(f"learning_rate must be a positive number, got {config.learning_rate!r}")
   if config.precision not in PRECISIONS:
-    raise ValueError(f"unknown precision {config.precision!r}; known: {', '.join(PRECISIONS)}")
+    raise BadValue(f"unknown precision {config.precision!r}; known: {', '.join(PRECISIONS)}")
   if config.nan_policy not in NAN_POLICIES:
-    raise ValueError(f"unknown nan_policy {config.nan_policy!r}; known: "
-                     f"{', '.join(NAN_POLICIES)}")
+    raise BadValue(f"unknown nan_policy {config.nan_policy!r}; known: "
+                   f"{', '.join(NAN_POLICIES)}")
   if not (isinstance(config.checkpoint_every_steps, int) and config.checkpoint_every_steps >= 0):
-    raise ValueError(f"checkpoint_every_steps must be 0 or a positive integer, got "
-                     f"{config.checkpoint_every_steps!r}")
+    raise BadValue(f"checkpoint_every_steps must be 0 or a positive integer, got "
+                   f"{config.checkpoint_every_steps!r}")
   if not (config.checkpoint_every_secs >= 0 and math.isfinite(config.checkpoint_every_secs)):
-    raise ValueError(f"checkpoint_every_secs must be 0 or a positive number, got "
-                     f"{config.checkpoint_every_secs!r}")
+    raise BadValue(f"checkpoint_every_secs must be 0 or a positive number, got "
+                   f"{config.checkpoint_every_secs!r}")

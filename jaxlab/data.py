@@ -402,7 +402,10 @@ def load_dataset(name: str, data_dir: str | None = None, download: bool = False,
                      source=found.description)
   start = time.perf_counter()
   logging.info("Reading %s from %s", name, found.description)
-  arrays = found.read()
+  try:
+    arrays = found.read()
+  except OSError as e:  # A file it found but may not read (permissions, an I/O error).
+    raise DataError(f"{found.description}: cannot be read ({e})") from e
   _validate(arrays, info, found.description)
   logging.info("Read %s in %.1f s", name, time.perf_counter() - start)
   if cache is not None:

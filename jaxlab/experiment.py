@@ -29,9 +29,9 @@ from typing import Any
 
 from jaxlab.config import PRECISIONS, TrainConfig, validate
 from jaxlab.data import DATASETS, DatasetInfo
-from jaxlab.errors import one_line
+from jaxlab.errors import BadValue, LabFileError, MissingFile, UnknownNameError, one_line
 from jaxlab.models import DTYPES, MLP, ConvNet, PlanModel
-from jaxlab.registry import Registry, UnknownNameError
+from jaxlab.registry import Registry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,8 +87,8 @@ def register(experiment: Experiment) -> Experiment:
   module, path = _declaring_module()
   if experiment.name in EXPERIMENTS:
     _, other = _DECLARED_IN.get(experiment.name, ("", "?"))
-    raise ValueError(f"experiment name {experiment.name!r} declared in {path or module} is "
-                     f"already taken (declared in {other}); choose another name")
+    raise BadValue(f"experiment name {experiment.name!r} declared in {path or module} is "
+                   f"already taken (declared in {other}); choose another name")
   _DECLARED_IN[experiment.name] = (module, path)
   return EXPERIMENTS.register(experiment.name, experiment)
 
@@ -101,9 +101,9 @@ def _load_builtin_labs() -> None:
 def _lab_of_module(name: str, module: str, path: str) -> Lab:
   names = tuple(n for n, (m, _) in _DECLARED_IN.items() if m == module)
   if not names:
-    raise ValueError(f"lab {path} declares no experiments; a lab calls "
-                     "jaxlab.experiment.register(Experiment(...)) at its top level, as "
-                     "experiments/lab02.py does")
+    raise LabFileError(f"lab {path} declares no experiments; a lab calls "
+                       "jaxlab.experiment.register(Experiment(...)) at its top level, as "
+                       "experiments/lab02.py does")
   return Lab(name, module, path, names, tuple(getattr(sys.modules.get(module), "QUESTIONS", ())))
 
 
@@ -122,7 +122,7 @@ def load_lab(spec: str) -> Lab:
   if path in _FILE_LABS:
     return _FILE_LABS[path]
   if not path.is_file():
-    raise FileNotFoundError(f"lab file {spec} does not exist")
+    raise MissingFile(f"lab file {spec} does not exist")
   # A module name of its own per file, so two users' `my_lab.py` never collide in sys.modules.
   module_name = f"jaxlab_labs.{path.stem}_{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
   module_spec = importlib.util.spec_from_file_location(module_name, path)
@@ -133,8 +133,8 @@ def load_lab(spec: str) -> Lab:
   except Exception as e:
     del sys.modules[module_name]
     detail = e.msg if isinstance(e, SyntaxError) else one_line(e)
-    raise ValueError(f"lab file {spec}, line {_failing_line(e, path)}: "
-                     f"{type(e).__name__}: {detail}") from e
+    raise LabFileError(f"lab file {spec}, line {_failing_line(e, path)}: "
+                       f"{type(e).__name__}: {detail}") from e
   except BaseException:
     del sys.modules[module_name]
     raise
@@ -170,8 +170,8 @@ def get_experiment(name: str, declared_in: str | None = None) -> Experiment:
   _load_builtin_labs()
   if name not in EXPERIMENTS and declared_in:
     if not pathlib.Path(declared_in).is_file():
-      raise FileNotFoundError(f"experiment {name!r} was declared in {declared_in}, which no "
-                              "longer exists")
+      raise MissingFile(f"experiment {name!r} was declared in {declared_in}, which no "
+                        "longer exists")
     load_lab(declared_in)
   return EXPERIMENTS.get(name)
 
@@ -192,7 +192,7 @@ def resolve_config(experiment: str, **overrides: Any) -> TrainConfig:
   fields = {f.name for f in dataclasses.fields(TrainConfig)}
   for key, value in overrides.items():
     if key not in fields:
-      raise ValueError(f"unknown setting {key!r}; known: {', '.join(sorted(fields))}")
+      raise BadValue(f"unknown setting {key!r}; known: {', '.join(sorted(fields))}")
     if value is not None:
       values[key] = value
   config = TrainConfig(**values)
@@ -206,7 +206,7 @@ def build_model(experiment: Experiment | str, dataset: DatasetInfo | str | None 
   exp = get_experiment(experiment) if isinstance(experiment, str) else experiment
   info = DATASETS.get(dataset or exp.dataset) if not isinstance(dataset, DatasetInfo) else dataset
   if precision not in PRECISIONS:
-    raise ValueError(f"unknown precision {precision!r}; known: {', '.join(PRECISIONS)}")
+    raise BadValue(f"unknown precision {precision!r}; known: {', '.join(PRECISIONS)}")
   return _fitted_model(exp, info, precision)
 
 

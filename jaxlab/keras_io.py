@@ -18,6 +18,7 @@ from flax import serialization
 
 from jaxlab import checkpoint, lock
 from jaxlab.config import TrainConfig
+from jaxlab.errors import BadValue, MissingDependency, MissingFile
 from jaxlab.experiment import build_model, describe_experiment
 from jaxlab.hooks import ConfigFile, MetricsLog, SummaryFile
 from jaxlab.models import BN_EPSILON, BN_MOMENTUM, KERAS_TYPES, Op, PlanModel, describe
@@ -33,7 +34,7 @@ def import_keras():
   try:
     import keras
   except ImportError:
-    raise ImportError("Keras is needed for this; install it with `pip install -e '.[test]'`") from None
+    raise MissingDependency("Keras is needed for this; install it with `pip install -e '.[keras]'`") from None
   return keras
 
 
@@ -109,7 +110,7 @@ def set_keras_weights(keras_model, model: PlanModel, variables: dict[str, Any]) 
 WEIGHTED_KINDS = ("dense", "conv2d", "batch_normalization")
 
 
-class KerasWeightsError(ValueError):
+class KerasWeightsError(BadValue):
   """A Keras weights file that does not fit a jaxlab model."""
 
 
@@ -148,10 +149,10 @@ def read_keras_weights(path: str) -> dict[str, list[list[np.ndarray]]]:
   try:
     import h5py
   except ImportError:
-    raise ImportError("reading Keras files needs h5py: `pip install -e '.[keras]'`") from None
+    raise MissingDependency("reading Keras files needs h5py: `pip install -e '.[keras]'`") from None
   p = pathlib.Path(path)
   if not p.is_file():
-    raise FileNotFoundError(f"no Keras weights file at {path}")
+    raise MissingFile(f"no Keras weights file at {path}")
   try:
     if zipfile.is_zipfile(p):
       with zipfile.ZipFile(p) as z:
@@ -221,7 +222,7 @@ def export_keras(model: PlanModel, variables: dict[str, Any], path: str):
   """Writes jaxlab variables as a Keras model: `.keras` (architecture and weights) or
   `.weights.h5` (weights only). Returns the Keras model."""
   if not (path.endswith(".keras") or path.endswith(".weights.h5")):
-    raise ValueError(f"a Keras file name ends in .keras or .weights.h5, got {path!r}")
+    raise BadValue(f"a Keras file name ends in .keras or .weights.h5, got {path!r}")
   net = to_keras(model)
   set_keras_weights(net, model, variables)
   if path.endswith(".keras"):
@@ -273,7 +274,7 @@ def write_imported_run(workdir: str | pathlib.Path, config: TrainConfig,
 def _write_imported(run: Run, config: TrainConfig, variables: dict[str, Any],
                     source: str) -> Run:
   if run.config_file.exists():
-    raise FileExistsError(f"{run.root} already holds a run; import into a new --workdir")
+    raise BadValue(f"{run.root} already holds a run; import into a new --workdir")
   model = build_model(config.experiment, config.dataset, config.precision)
   state = create_train_state(model, make_optimizer(config.optimizer), config.seed,
                              config.learning_rate)

@@ -38,6 +38,7 @@ import time
 from typing import Any, Callable
 
 from jaxlab.data import default_cache_dir
+from jaxlab.errors import BadValue
 
 # Name -> the XLA flags that select it for a process. "xla" is XLA:CPU as it comes.
 KERNELS: dict[str, str] = {
@@ -410,7 +411,7 @@ def apply(choice: str | None = None, started_with: str | None = None,
     return applied()
   choice = choice or os.environ.get(ENV) or "auto"
   if choice not in CHOICES:
-    raise ValueError(f"unknown kernels {choice!r}; known: {', '.join(CHOICES)}")
+    raise BadValue(f"unknown kernels {choice!r}; known: {', '.join(CHOICES)}")
   if choice == "auto":
     if started_with in KERNELS:
       choice = started_with

@@ -32,7 +32,7 @@ from absl import logging
 from jaxlab import lock, preemption
 from jaxlab.config import TrainConfig, changed_settings
 from jaxlab.data import Dataset, load_dataset
-from jaxlab.errors import USER_ERRORS, describe
+from jaxlab.errors import BadValue, UserError, describe, one_line
 from jaxlab.experiment import Lab, resolve_config
 from jaxlab.metrics import write_json
 from jaxlab.run import Run
@@ -57,13 +57,13 @@ def plan_lab(lab: Lab, workdir: str | pathlib.Path, experiments: Sequence[str] |
   chosen = list(lab.experiments) if not experiments else list(experiments)
   unknown = [name for name in chosen if name not in lab.experiments]
   if unknown:
-    raise ValueError(f"experiment {unknown[0]!r} is not in lab {lab.name}; its experiments: "
-                     f"{', '.join(lab.experiments)}")
+    raise BadValue(f"experiment {unknown[0]!r} is not in lab {lab.name}; its experiments: "
+                   f"{', '.join(lab.experiments)}")
   if len(set(chosen)) != len(chosen) or len(set(seeds)) != len(seeds):
-    raise ValueError(f"each experiment and seed may be given once, got experiments {chosen} and "
-                     f"seeds {list(seeds)}")
+    raise BadValue(f"each experiment and seed may be given once, got experiments {chosen} and "
+                   f"seeds {list(seeds)}")
   if not seeds:
-    raise ValueError("at least one seed is needed (--seeds=0,1,2)")
+    raise BadValue("at least one seed is needed (--seeds=0,1,2)")
   root = pathlib.Path(workdir)
   return [Run(root / run_path(name, seed), resolve_config(name, **{**overrides, "seed": seed}),
               path=run_path(name, seed)) for name in chosen for seed in seeds]
@@ -78,7 +78,7 @@ class LabRunner:
     self.lab, self.runs, self.settings, self.progress = lab, runs, settings, progress
     self.root = pathlib.Path(workdir)
     if self.root.exists() and not self.root.is_dir():
-      raise ValueError(f"--workdir {self.root} is a file, not a directory")
+      raise BadValue(f"--workdir {self.root} is a file, not a directory")
     worker = f"[worker {os.environ['JAXLAB_WORKER']}] " if os.environ.get("JAXLAB_WORKER") else ""
     self.say = say or (lambda line: print(worker + line, file=sys.stderr, flush=True))
     self._datasets: dict[tuple, Dataset | Exception] = {}
@@ -98,18 +98,39 @@ class LabRunner:
     path = self.root / LAB_FILE
     if not path.is_file():
       return
-    previous = json.loads(path.read_text())
+    try:
+      previous = json.loads(path.read_text())
+      if not isinstance(previous, dict):
+        raise ValueError(f"a JSON {type(previous).__name__}, not an object")
+    except (OSError, ValueError) as e:
+      # lab.json only summarizes the run directories, which say for themselves what they hold.
+      self._others = self._runs_on_disk()
+      self.say(f"warning: {path} cannot be read ({one_line(e)}); rebuilding it from the run "
+               f"directories under {self.root}")
+      return
     if previous.get("lab") != self.lab.name:
-      raise ValueError(f"{self.root} holds lab {previous.get('lab')!r}, not {self.lab.name!r}; "
-                       "use another --workdir")
+      raise BadValue(f"{self.root} holds lab {previous.get('lab')!r}, not {self.lab.name!r}; "
+                     "use another --workdir")
     changed = changed_settings(previous.get("settings", {}), self.settings)
     if changed:
-      raise ValueError(f"{self.root} holds lab {self.lab.name} with other settings "
-                       f"({', '.join(changed)}); use another --workdir, or the same settings to "
-                       "resume it")
+      raise BadValue(f"{self.root} holds lab {self.lab.name} with other settings "
+                     f"({', '.join(changed)}); use another --workdir, or the same settings to "
+                     "resume it")
     self.started = previous.get("started", self.started)
     mine = {r.path for r in self.runs}
     self._others = [r for r in previous.get("runs", []) if r.get("path") not in mine]
+
+  def _runs_on_disk(self) -> list[dict[str, Any]]:
+    """lab.json's records of the run directories under the lab's that this invocation did not
+    plan (other experiments or seeds of an earlier one), as their own files tell them."""
+    mine = {r.path for r in self.runs}
+    found = []
+    for config in sorted(self.root.glob("*/seed_*/config.json")):
+      path = config.parent.relative_to(self.root).as_posix()
+      run = Run.read(config.parent, path)
+      if run is not None and path not in mine:
+        found.append(run.lab_record())
+    return found
 
   def write(self) -> dict[str, Any]:
     """lab.json, merged under its lock: this worker's claimed runs as it sees them, every
@@ -255,7 +276,7 @@ class LabRunner:
       self.trained_failed = True
       for run in group:
         run.status, run.error = "failed", describe(e)
-      if not isinstance(e, USER_ERRORS):
+      if not isinstance(e, UserError):
         logging.error("%s failed:\n%s", head, traceback.format_exc())
       self.say(f"{head}: FAILED: {group[0].error}")
     else:
@@ -305,17 +326,17 @@ def worker_devices(workers: int) -> list[dict[str, Any]]:
   (`CUDA_VISIBLE_DEVICES`), else an equal share of the CPU cores this process may use (its CPU
   affinity, which sets the size of XLA's thread pool)."""
   if workers < 1:
-    raise ValueError(f"--workers must be a positive integer, got {workers}")
+    raise BadValue(f"--workers must be a positive integer, got {workers}")
   gpus = _gpus()
   if gpus:
     if workers > len(gpus):
-      raise ValueError(f"--workers={workers}, but this machine has {len(gpus)} GPUs "
-                       f"({','.join(gpus)}): one worker per GPU")
+      raise BadValue(f"--workers={workers}, but this machine has {len(gpus)} GPUs "
+                     f"({','.join(gpus)}): one worker per GPU")
     return [{"env": {"CUDA_VISIBLE_DEVICES": gpus[k]}, "cores": None} for k in range(workers)]
   cores = sorted(os.sched_getaffinity(0))
   if workers > len(cores):
-    raise ValueError(f"--workers={workers}, but this process may use {len(cores)} CPU cores "
-                     "(at least one per worker)")
+    raise BadValue(f"--workers={workers}, but this process may use {len(cores)} CPU cores "
+                   "(at least one per worker)")
   shares = [cores[k * len(cores) // workers:(k + 1) * len(cores) // workers]
             for k in range(workers)]
   return [{"env": {"JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}, "cores": share}

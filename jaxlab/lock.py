@@ -27,10 +27,12 @@ from typing import Any, Iterator
 
 from absl import logging
 
+from jaxlab.errors import BadValue
+
 LOCK_FILE = ".lock"
 
 
-class BusyError(ValueError):
+class BusyError(BadValue):
   """A directory that another process holds (a user error: status 2, one line)."""
 
   def __init__(self, message: str, holder: dict[str, Any]):

@@ -11,17 +11,19 @@ from typing import Any
 
 from absl import logging
 
+from jaxlab.errors import writing
+
 
 def write_atomic(path: str | os.PathLike, data: bytes) -> None:
   """Writes `data` to `path` so that a crash at any moment leaves the old file or the new one:
   a temporary file, flushed and fsynced, renamed over `path`, then the directory fsynced so the
-  rename itself survives a power cut. On an error (a full disk) the temporary file is removed
-  and the old file is left as it was."""
+  rename itself survives a power cut. On an error the temporary file is removed and the old
+  file is left as it was; a full disk is a `DiskFull` naming `path`."""
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_name(f"{path.name}.tmp{os.getpid()}-{threading.get_native_id()}")
   try:
-    with open(tmp, "wb") as f:
+    with writing(path), open(tmp, "wb") as f:
       f.write(data)
       f.flush()
       os.fsync(f.fileno())
@@ -87,7 +89,7 @@ def append_jsonl(path: str | os.PathLike, record: dict[str, Any]) -> None:
   """Appends one record as a line, fsynced. After a torn line left by an earlier crash a
   newline comes first, so the new record is a line of its own."""
   path = pathlib.Path(path)
-  with open(path, "ab") as f:
+  with writing(path), open(path, "ab") as f:
     if f.tell() > 0:
       with open(path, "rb") as r:
         r.seek(-1, os.SEEK_END)

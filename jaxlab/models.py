@@ -21,6 +21,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxlab.errors import BadValue
+
 # Compute dtype per precision setting (`TrainConfig.precision`); parameters stay float32.
 DTYPES = {"float32": jnp.float32, "bf16": jnp.bfloat16}
 
@@ -150,14 +152,14 @@ class _Namer:
 
 def _check_rate(rate: float) -> None:
   if not 0.0 <= rate < 1.0:
-    raise ValueError(f"dropout rate must be in [0, 1), got {rate}")
+    raise BadValue(f"dropout rate must be in [0, 1), got {rate}")
 
 
 def _dense_ops(spec: Dense, name: _Namer) -> list[Op]:
   if spec.features <= 0:
-    raise ValueError(f"Dense features must be positive, got {spec.features}")
+    raise BadValue(f"Dense features must be positive, got {spec.features}")
   if spec.activation not in ACTIVATIONS:
-    raise ValueError(f"unknown activation {spec.activation!r}; known: {sorted(a for a in ACTIVATIONS if a)}")
+    raise BadValue(f"unknown activation {spec.activation!r}; known: {sorted(a for a in ACTIVATIONS if a)}")
   _check_rate(spec.dropout)
   ops = [Op(name("dense"), "dense", features=spec.features, activation=spec.activation, l2=spec.l2)]
   if spec.batch_norm:
@@ -337,7 +339,7 @@ class ConvNet(PlanModel):
     for block in self.blocks:
       for conv in block.convs:
         if conv.padding not in ("valid", "same"):
-          raise ValueError(f"Conv2D padding must be 'valid' or 'same', got {conv.padding!r}")
+          raise BadValue(f"Conv2D padding must be 'valid' or 'same', got {conv.padding!r}")
         ops.append(Op(name("conv2d"), "conv2d", features=conv.features, kernel_size=conv.kernel_size,
                       strides=conv.strides, padding=conv.padding, activation=conv.activation,
                       l2=conv.l2))

@@ -20,6 +20,7 @@ import jax
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxlab.errors import BadValue
 from jaxlab.preemption import under_launcher
 
 AXIS = "data"
@@ -31,12 +32,12 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   them, a launcher's environment (SLURM, Open MPI, Kubernetes JobSet) is detected by JAX."""
   given = [v is not None for v in (coordinator_address, num_processes, process_id)]
   if any(given) and not all(given):
-    raise ValueError("--coordinator_address, --num_processes and --process_id go together "
-                     "(or none of them, to let JAX read a launcher's environment)")
+    raise BadValue("--coordinator_address, --num_processes and --process_id go together "
+                   "(or none of them, to let JAX read a launcher's environment)")
   if not any(given) and not under_launcher():
     return False
   if num_processes is not None and not 0 <= process_id < num_processes:
-    raise ValueError(f"--process_id must be in [0, {num_processes}), got {process_id}")
+    raise BadValue(f"--process_id must be in [0, {num_processes}), got {process_id}")
   # CPU devices need an implementation of collectives across processes (gloo ships with
   # jaxlib); GPUs use NCCL and ignore this. Asking for the backend here would start it too early.
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -53,11 +54,11 @@ def data_mesh(num_devices: int | None = None) -> Mesh:
   devices = jax.devices()
   if num_devices is not None:
     if num_devices < 1 or num_devices > len(devices):
-      raise ValueError(f"--num_devices must be between 1 and the {len(devices)} devices JAX "
-                       f"sees, got {num_devices}")
+      raise BadValue(f"--num_devices must be between 1 and the {len(devices)} devices JAX "
+                     f"sees, got {num_devices}")
     if num_devices != len(devices) and jax.process_count() > 1:
-      raise ValueError(f"--num_devices={num_devices}: a run of {jax.process_count()} processes "
-                       f"uses all their {len(devices)} devices")
+      raise BadValue(f"--num_devices={num_devices}: a run of {jax.process_count()} processes "
+                     f"uses all their {len(devices)} devices")
     devices = devices[:num_devices]
   return jax.make_mesh((len(devices),), (AXIS,), devices=devices,
                        axis_types=(jax.sharding.AxisType.Auto,))
@@ -94,8 +95,8 @@ def put_replicated(tree: Any, mesh: Mesh) -> Any:
 
 def check_batch_size(batch_size: int, mesh: Mesh) -> None:
   if batch_size % mesh.size:
-    raise ValueError(f"batch_size {batch_size} is not divisible by the {mesh.size} devices of "
-                     f"the mesh: use a multiple of {mesh.size}, or --num_devices")
+    raise BadValue(f"batch_size {batch_size} is not divisible by the {mesh.size} devices of "
+                   f"the mesh: use a multiple of {mesh.size}, or --num_devices")
 
 
 def is_writer() -> bool:

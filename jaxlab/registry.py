@@ -4,11 +4,9 @@ from __future__ import annotations
 
 from typing import Generic, Iterator, TypeVar
 
+from jaxlab.errors import UnknownNameError
+
 T = TypeVar("T")
-
-
-class UnknownNameError(LookupError):
-  """A name that is not in a registry; the message lists the known names."""
 
 
 class Registry(Generic[T]):
@@ -30,7 +28,7 @@ class Registry(Generic[T]):
     except KeyError:
       known = ", ".join(self._items) or "(none)"
       raise UnknownNameError(
-          f"unknown {self.kind} {name!r}; known {self.kind}s: {known}") from None
+                             f"unknown {self.kind} {name!r}; known {self.kind}s: {known}") from None
 
   def names(self) -> list[str]:
     return list(self._items)

@@ -27,7 +27,7 @@ from typing import Any
 
 import jaxlab
 from jaxlab.config import RESUMABLE_CHANGES, TrainConfig, changed_settings
-from jaxlab.errors import CheckpointError
+from jaxlab.errors import BadValue, CheckpointError, MissingFile
 from jaxlab.metrics import read_jsonl
 
 CHECKPOINTS = ("last", "best")
@@ -184,20 +184,20 @@ class Run:
 
   def checkpoint(self, which: str) -> pathlib.Path:
     if which not in CHECKPOINTS:
-      raise ValueError(f"unknown checkpoint {which!r}; known: {', '.join(CHECKPOINTS)}")
+      raise BadValue(f"unknown checkpoint {which!r}; known: {', '.join(CHECKPOINTS)}")
     return self.best if which == "best" else self.last
 
   def prepare(self) -> None:
     """Creates the run directory, failing clearly where it is a file or cannot be written."""
     if self.root.exists() and not self.root.is_dir():
-      raise ValueError(f"--workdir {self.root} is a file, not a directory")
+      raise BadValue(f"--workdir {self.root} is a file, not a directory")
     try:
       self.root.mkdir(parents=True, exist_ok=True)
       probe = self.root / f".write-test-{os.getpid()}"
       probe.write_bytes(b"")
       probe.unlink()
     except OSError as e:
-      raise ValueError(f"--workdir {self.root} cannot be written: {e.strerror or e}") from None
+      raise BadValue(f"--workdir {self.root} cannot be written: {e.strerror or e}") from None
 
   def clear(self) -> None:
     """Removes what a run wrote (for a restart from scratch); other files are left alone."""
@@ -235,16 +235,16 @@ class Run:
     """`read`, failing with a message naming the directory where it holds no run."""
     run = cls.read(root)
     if run is None:
-      raise FileNotFoundError(f"{root} is not a run directory: it has no config.json")
+      raise MissingFile(f"{root} is not a run directory: it has no config.json")
     return run
 
   def check_resume(self, config: TrainConfig) -> None:
     """Refuses to resume a run whose saved settings compute something else than `config`."""
     changed = changed_settings(Run.open(self.root).settings, config.to_json())
     if changed:
-      raise ValueError(f"{self.root} holds a run with a different configuration "
-                       f"({', '.join(changed)}); use another --workdir, or the same settings to "
-                       "resume it")
+      raise BadValue(f"{self.root} holds a run with a different configuration "
+                     f"({', '.join(changed)}); use another --workdir, or the same settings to "
+                     "resume it")
 
   def finished(self, config: TrainConfig) -> bool:
     """Whether the directory holds `config` trained to the end (so it need not be touched)."""

@@ -30,6 +30,7 @@ from absl import logging
 from jaxlab import checkpoint, evaluation, lock, parallel, runtime
 from jaxlab.config import TrainConfig, changed_settings
 from jaxlab.data import Dataset, load_dataset
+from jaxlab.errors import BadValue, OutOfMemory
 from jaxlab.experiment import build_model, describe_experiment
 from jaxlab.hooks import (Checkpoints, ConfigFile, Hook, Hooks, MetricsLog, NonFiniteGuard,
                           ProgressBar, StopOnSignal, SummaryFile)
@@ -66,7 +67,7 @@ def group_configs(config: TrainConfig, seeds: Sequence[int] | None = None,
   rates = list(learning_rates) if learning_rates else [config.learning_rate]
   for name, values in (("seeds", seeds), ("learning_rates", rates)):
     if len(set(values)) != len(values):
-      raise ValueError(f"--{name} lists a value twice: {values}")
+      raise BadValue(f"--{name} lists a value twice: {values}")
   return [config.replace(seed=s, learning_rate=r) for r in rates for s in seeds]
 
 
@@ -250,7 +251,10 @@ def _epoch(group: _Group, epoch: int) -> None:
     group.validation = evaluate_group(group.steps, group.state.variables, test_images,
                                       test_labels, config.eval_batch_size)
   except Exception as e:  # K members that do not fit: say so in words.
-    raise _out_of_memory(e, len(runs), group.model) from e
+    full = _out_of_memory(e, len(runs), group.model)
+    if full is e:
+      raise
+    raise full from e
   t2 = time.perf_counter()
   host = checkpoint.to_host(group.state)
   records = []
@@ -327,7 +331,7 @@ def _out_of_memory(error: Exception, members: int, model: PlanModel) -> Exceptio
   if "RESOURCE_EXHAUSTED" not in text and "out of memory" not in text.lower():
     return error
   params = summarize(model)["total_params"]
-  return MemoryError(
-      f"{members} members of {params:,} parameters each do not fit in the memory of "
-      f"{jax.devices()[0].device_kind}: train fewer seeds or learning rates at once (see "
-      f"'Many runs at once' in the README); the allocator said: {text.splitlines()[0][:200]}")
+  return OutOfMemory(
+                     f"{members} members of {params:,} parameters each do not fit in the memory of "
+                     f"{jax.devices()[0].device_kind}: train fewer seeds or learning rates at once (see "
+                     f"'Many runs at once' in the README); the allocator said: {text.splitlines()[0][:200]}")

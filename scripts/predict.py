@@ -13,6 +13,7 @@ import numpy as np
 from absl import flags
 
 from jaxlab import cli
+from jaxlab.errors import BadValue
 from jaxlab.restore import load_run
 
 cli.define_kernels_flag()
@@ -31,14 +32,14 @@ def main(argv):
   try:
     x = np.load(FLAGS.inputs, allow_pickle=False)
   except (OSError, ValueError) as e:
-    raise ValueError(f"--inputs {FLAGS.inputs!r} is not a readable .npy file ({e})") from None
+    raise BadValue(f"--inputs {FLAGS.inputs!r} is not a readable .npy file ({e})") from None
   expected = model.input_shape()
   if x.ndim != len(expected) + 1 or tuple(x.shape[1:]) != expected:
-    raise ValueError(f"--inputs has shape {x.shape}; {config.experiment} takes (N, "
-                     f"{', '.join(map(str, expected))})")
+    raise BadValue(f"--inputs has shape {x.shape}; {config.experiment} takes (N, "
+                   f"{', '.join(map(str, expected))})")
   if not np.issubdtype(x.dtype, np.floating):
-    raise ValueError(f"--inputs has dtype {x.dtype}; the model takes float32 inputs as they are "
-                     "(scale uint8 images to [0, 1] first)")
+    raise BadValue(f"--inputs has dtype {x.dtype}; the model takes float32 inputs as they are "
+                   "(scale uint8 images to [0, 1] first)")
   predict = jax.jit(lambda v, x: jax.nn.softmax(model.apply(v, x, train=False), axis=-1))
   out = [np.asarray(predict(state.variables, x[i:i + FLAGS.batch_size].astype(np.float32)))
          for i in range(0, len(x), FLAGS.batch_size)]

@@ -17,6 +17,7 @@ import sys
 from absl import flags
 
 from jaxlab import cli, kernels, profiling
+from jaxlab.errors import BadValue
 from jaxlab.runtime import environment
 
 flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Operand dtypes to probe.")
@@ -29,7 +30,7 @@ FLAGS = flags.FLAGS
 def main(argv):
   for dtype in FLAGS.dtypes:
     if dtype not in ("float32", "bfloat16"):
-      raise ValueError(f"unknown dtype {dtype!r}; known: float32, bfloat16")
+      raise BadValue(f"unknown dtype {dtype!r}; known: float32, bfloat16")
   rows = profiling.probe_kernels({**kernels.OPTIONS, **profiling.ONEDNN_OPTIONS},
                                  FLAGS.dtypes, FLAGS.steps,
                                  log=lambda s: print(s, file=sys.stderr, flush=True))

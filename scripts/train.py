@@ -14,6 +14,7 @@ same command resumes. A second signal aborts at once.
 from absl import flags, logging
 
 from jaxlab import cli, lock, preemption
+from jaxlab.errors import BadValue
 from jaxlab.run import member_dir, member_path
 
 cli.define_kernels_flag()
@@ -62,9 +63,9 @@ def main(argv):
     load_lab(FLAGS.lab)
   config = resolve_config(FLAGS.experiment, **cli.config_overrides(OVERRIDES))
   if seeds and FLAGS["seed"].present:
-    raise ValueError("--seed and --seeds do not go together: give the seeds in --seeds")
+    raise BadValue("--seed and --seeds do not go together: give the seeds in --seeds")
   if rates and FLAGS["learning_rate"].present:
-    raise ValueError("--learning_rate and --learning_rates do not go together")
+    raise BadValue("--learning_rate and --learning_rates do not go together")
   configs = group_configs(config, seeds, rates)
   workdirs = [member_dir(workdir, c, bool(seeds), bool(rates)) for c in configs]
   with preemption.stop_on_signals():

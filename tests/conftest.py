@@ -14,6 +14,7 @@ import runpy
 import subprocess
 import sys
 import tempfile
+import traceback
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -47,11 +48,12 @@ if XLA_CACHE.is_dir():
 os.environ.setdefault("KERAS_BACKEND", "jax")
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 
-# Compiling is most of what the tests in this process do, and their programs run on tiny
-# data: XLA's backend optimizations (LLVM's) cost a third of the compile time and change no
-# result a test checks here (a program compiled either way computes the same values up to
-# float rounding, and every comparison of two runs compares two programs compiled alike). The
-# scripts that tests start as processes compile as a user's do (`script_environment`).
+# Compiling is most of what the tests do, and their programs run on tiny data: XLA's backend
+# optimizations (LLVM's) cost a third of the compile time and change no result a test checks
+# here (a program compiled either way computes the same values up to float rounding). The
+# scripts that tests start as processes compile the same way (`script_environment`), so that a
+# run started in a process and resumed in this one (or the other way) is bit for bit the run
+# either would have made alone, and both share the compilation cache.
 # (Worker processes of pytest-xdist inherit this process's settings: the user's flags are kept
 # aside once, by the first.)
 # XLA:CPU's kernels (jaxlab.kernels) are those of $JAXLAB_TEST_KERNELS (default xla, XLA as it
@@ -63,8 +65,8 @@ from jaxlab import kernels  # noqa: E402  (no JAX: before the backend starts)
 
 KERNELS = os.environ.setdefault("JAXLAB_TEST_KERNELS", "xla")
 os.environ["JAXLAB_KERNELS"] = KERNELS
-os.environ["XLA_FLAGS"] = (f"{_USER_XLA_FLAGS} {kernels.KERNELS[KERNELS]} "
-                           "--xla_backend_optimization_level=0").strip()
+SCRIPT_XLA_FLAGS = f"{_USER_XLA_FLAGS} --xla_backend_optimization_level=0".strip()
+os.environ["XLA_FLAGS"] = f"{SCRIPT_XLA_FLAGS} {kernels.KERNELS[KERNELS]}".strip()
 os.environ[kernels.APPLIED_ENV] = KERNELS
 
 import jax  # noqa: E402
@@ -78,13 +80,12 @@ SMALL = dict(dataset="mnist", epochs=3, batch_size=32, steps_per_dispatch=4, eva
 
 
 def script_environment(**extra: str) -> dict[str, str]:
-  """The environment of a process a test starts: this one's, on the CPU, with the user's XLA
-  flags (not this process's compile settings; its kernels come from $JAXLAB_KERNELS, as a
-  user's would), and `extra`."""
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  env.pop("XLA_FLAGS")
+  """The environment of a process a test starts: this one's, on the CPU, compiling as this
+  one does (SCRIPT_XLA_FLAGS; its kernels come from $JAXLAB_KERNELS, applied by the script as
+  a user's are), and `extra`."""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": SCRIPT_XLA_FLAGS}
   env.pop(kernels.APPLIED_ENV)
-  return {**env, **({"XLA_FLAGS": _USER_XLA_FLAGS} if _USER_XLA_FLAGS else {}), **extra}
+  return {**env, **extra}
 
 
 def script(name, *args, check=True, timeout=300, env=None):
@@ -108,8 +109,9 @@ def start_script(name, *args, stdout=subprocess.PIPE, env=None):
 
 def run_main(name, *args):
   """Runs scripts/NAME's `main` in this process, as `python scripts/NAME ARGS` would (flag
-  parsing, error handling, exit status), without starting a process and JAX again: for the
-  many bad-input cases. Returns a CompletedProcess; the script's flags are removed after it."""
+  parsing, error handling, exit status; an exception that escapes `main`, a bug, is printed
+  with its traceback and gives status 1, as Python does), without starting a process and JAX
+  again. Returns a CompletedProcess; the script's flags are removed after it."""
   from absl import flags
 
   from jaxlab import cli
@@ -123,6 +125,9 @@ def run_main(name, *args):
         namespace["main"](cli._parse_flags([name, *args]))
       except SystemExit as e:
         code = e.code if isinstance(e.code, int) else int(e.code is not None)
+      except Exception:  # noqa: BLE001  What Python does with an exception that escapes.
+        traceback.print_exc()
+        code = 1
   finally:
     for flag in set(flags.FLAGS) - before:
       delattr(flags.FLAGS, flag)

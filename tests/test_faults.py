@@ -242,6 +242,31 @@ def test_a_half_written_metrics_line_is_skipped(data, reference, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_bug_is_a_traceback_and_status_1_and_leaves_the_run_resumable(data, reference,
+                                                                          tmp_path):
+  """An exception that is no UserError, raised inside training (a KeyError in the final
+  evaluation's report, standing in for a bug): its full traceback and status 1, never an
+  `error:` line; the run directory stays resumable, and the same command then finishes it as
+  the uninterrupted run."""
+  workdir = tmp_path / "run"
+  code = ("import runpy, sys\nimport jaxlab.evaluation\n"
+          "def report(*args, **kwargs):\n  return {}['per_class']\n"
+          "jaxlab.evaluation.report = report\n"
+          f"sys.argv = ['train.py'] + {train_args(data, workdir)!r}\n"
+          "runpy.run_path('scripts/train.py', run_name='__main__')\n")
+  bug = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       env=script_environment(), timeout=300)
+  assert bug.returncode == 1, bug.stderr[-2000:]
+  assert "Traceback (most recent call last)" in bug.stderr
+  assert bug.stderr.rstrip().endswith("KeyError: 'per_class'")
+  assert 'in _final_evaluations' in bug.stderr  # Where it was raised, not only what.
+  assert not [l for l in bug.stderr.splitlines() if l.startswith("error:")]
+  resumed = run_main("train.py", *train_args(data, workdir))
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  assert_same_as_reference(workdir, reference)
+
+
+@pytest.mark.slow
 def test_a_full_disk_keeps_the_previous_checkpoint(data, tmp_path):
   """The file-size limit makes every write past 200 kB fail (EFBIG) as a full disk would."""
   workdir = tmp_path / "run"

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from jaxlab import kernels
-from conftest import script
+from conftest import SCRIPT_XLA_FLAGS, script
 
 EXACT = {"w": np.full((3, 3), 0.5), "b": np.full((4,), -2.0)}
 
@@ -250,7 +250,8 @@ def test_auto_gives_each_kind_of_model_its_kernels_in_the_scripts(tmp_path):
                   env=env)
     assert "measuring" not in done.stderr
     found = json.loads((tmp_path / experiment / "config.json").read_text())["environment"]
-    assert (found["kernels"], found["xla_flags"]) == (want, kernels.KERNELS[want]), experiment
+    assert (found["kernels"], found["xla_flags"]) == (
+        want, f"{SCRIPT_XLA_FLAGS} {kernels.KERNELS[want]}".strip()), experiment
 
 
 def test_kernels_are_measured_on_the_cpu_with_the_users_flags_and_none_of_jaxlabs(monkeypatch):

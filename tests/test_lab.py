@@ -286,6 +286,22 @@ def test_a_failing_run_beside_a_passing_one(tmp_path):
   LabRunner(lab, workdir, plan_lab(lab, workdir, None, [0], {}), {**settings, "epochs": 3})
   assert "`lab_test_no_data/seed_0`: failed: data set 'cifar10' was not found" in (
       tmp_path / "report" / "report.md").read_text()
+  # A lab.json cut short (its runs intact) is rebuilt from the run directories, with a warning:
+  # a run of the lab that this command does not name keeps its record, from its own files.
+  text = (workdir / "lab.json").read_text()
+  (workdir / "lab.json").write_text(text[:len(text) // 3])
+  again = run_main("run_lab.py", *run_lab_args(lab_file, workdir, data, "--seeds=0",
+                                               "--experiments=lab_test_no_data"))
+  assert again.returncode == 1, again.stderr
+  warnings = [l for l in again.stderr.splitlines() if l.startswith("warning: ")]
+  assert len(warnings) == 1 and warnings[0].startswith(f"warning: {workdir / 'lab.json'} cannot "
+                                                       "be read (")
+  assert "rebuilding it from the run directories" in warnings[0]
+  rebuilt = {r["path"]: r for r in json.loads((workdir / "lab.json").read_text())["runs"]}
+  assert rebuilt["lab_test_ok/seed_0"]["status"] == "completed"
+  assert rebuilt["lab_test_ok/seed_0"]["final_val_accuracy"] == runs["lab_test_ok/seed_0"][
+      "final_val_accuracy"]
+  assert rebuilt["lab_test_no_data/seed_0"]["status"] == "failed"
 
 
 @pytest.mark.slow

@@ -34,6 +34,39 @@ def test_unknown_names_list_the_known_ones(args, listed):
     assert listed in result.stderr and "Traceback" not in result.stderr
 
 
+def test_jaxlab_traceback_shows_a_user_errors_traceback_too(monkeypatch):
+  quiet = run_main("summary.py", "--experiment=mlp_nope")
+  monkeypatch.setenv("JAXLAB_TRACEBACK", "1")
+  loud = run_main("summary.py", "--experiment=mlp_nope")
+  for result in (quiet, loud):
+    errors = [l for l in result.stderr.splitlines() if l.startswith("error: ")]
+    assert result.returncode == 2 and len(errors) == 1 and "unknown experiment 'mlp_nope'" in \
+        errors[0], result.stderr
+  assert "Traceback" not in quiet.stderr
+  assert "Traceback (most recent call last)" in loud.stderr
+  assert "jaxlab.errors.UnknownNameError: unknown experiment 'mlp_nope'" in loud.stderr
+
+
+def test_errors_a_user_reads_and_bugs_are_told_apart():
+  """Only a UserError is the user's: a KeyError or ValueError from inside jaxlab (or JAX) is a
+  bug, in a lab record too, with its type; a UserError still is what callers catch it as."""
+  from jaxlab import errors
+  from jaxlab.registry import Registry
+  assert errors.describe(KeyError("per_class")) == "KeyError: 'per_class'"
+  assert errors.describe(ValueError("bad shape")) == "ValueError: bad shape"
+  assert errors.describe(errors.BadValue("epochs must be\n a positive integer")) == (
+      "epochs must be a positive integer")
+  with pytest.raises(LookupError) as unknown:
+    Registry("thing").get("x")
+  assert isinstance(unknown.value, errors.UserError)
+  assert str(unknown.value) == "unknown thing 'x'; known things: (none)"  # No KeyError quotes.
+  for error, builtin in ((errors.BadValue, ValueError), (errors.MissingFile, FileNotFoundError),
+                         (errors.DiskFull, OSError), (errors.OutOfMemory, MemoryError),
+                         (errors.MissingDependency, ImportError)):
+    assert issubclass(error, builtin) and issubclass(error, errors.UserError)
+  assert not issubclass(errors.NonFiniteError, errors.UserError)
+
+
 @pytest.mark.slow
 def test_train_missing_data_says_how_to_provide_it(tmp_path):
   result = script("train.py", "--experiment=mlp_baseline", "--dataset=mnist",

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from jaxlab import data
+from jaxlab.errors import BadValue, MissingFile
 from jaxlab.metrics import write_json
 from jaxlab.report import figures, findings, render
 from jaxlab.report.runs import Collection, Group, find_runs
@@ -289,7 +290,7 @@ def copy_small_files(runs_dir: str | pathlib.Path, to: str | pathlib.Path) -> pa
   layout: a folder of kilobytes from which the report is rebuilt anywhere."""
   source, target = pathlib.Path(runs_dir), pathlib.Path(to)
   if not source.is_dir():
-    raise FileNotFoundError(f"--runs {source} is not a directory")
+    raise MissingFile(f"--runs {source} is not a directory")
   if target.resolve() == source.resolve():
     return target
   found = [p for name in ("lab.json", *SMALL_FILES) for p in source.rglob(name)
@@ -370,11 +371,11 @@ def build_report(runs_dir: str | pathlib.Path, out_dir: str | pathlib.Path) -> d
   JSON document."""
   collection = find_runs(runs_dir)
   if not collection.runs:
-    raise FileNotFoundError(f"no run directories (with a config.json) or lab.json under "
-                            f"{runs_dir}")
+    raise MissingFile(f"no run directories (with a config.json) or lab.json under "
+                      f"{runs_dir}")
   out = pathlib.Path(out_dir)
   if out.exists() and not out.is_dir():
-    raise ValueError(f"--out {out} is a file, not a directory")
+    raise BadValue(f"--out {out} is a file, not a directory")
   (out / "confusion").mkdir(parents=True, exist_ok=True)
   for old in (out / "confusion").glob("*.png"):  # A rebuilt report keeps no stale figure.
     old.unlink()

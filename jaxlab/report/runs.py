@@ -13,6 +13,7 @@ import json
 import pathlib
 from typing import Any
 
+from jaxlab.errors import MissingFile
 from jaxlab.run import Run
 
 # Settings that do not change what a run computes (where the data is, how it is batched for
@@ -64,7 +65,7 @@ def find_runs(root: str | pathlib.Path) -> Collection:
   a run the lab recorded as failed, or has not started, is listed as failed or missing."""
   root = pathlib.Path(root)
   if not root.is_dir():
-    raise FileNotFoundError(f"--runs {root} is not a directory")
+    raise MissingFile(f"--runs {root} is not a directory")
   runs = {}
   for config_file in sorted(root.rglob("config.json")):
     run = Run.read(config_file.parent, config_file.parent.relative_to(root).as_posix() or ".")
