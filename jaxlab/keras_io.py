@@ -254,7 +254,15 @@ def keras_capture(keras_model, model: PlanModel, x: np.ndarray) -> dict[str, np.
   layers = keras_layers_by_op(keras_model, model)
   inputs = keras_model.inputs[0] if len(keras_model.inputs) == 1 else keras_model.inputs
   probe = keras.Model(inputs, [layer.output for layer in layers.values()])
-  outputs = probe(np.asarray(x, np.float32), training=False)
+  x = np.asarray(x, np.float32)
+  if keras.backend.backend() == "jax":  # One compiled call, not Keras's ops one by one.
+    import jax
+    call = jax.jit(lambda trainable, other, x: probe.stateless_call(trainable, other, x,
+                                                                    training=False)[0])
+    outputs = call([v.value for v in probe.trainable_variables],
+                   [v.value for v in probe.non_trainable_variables], x)
+  else:
+    outputs = probe(x, training=False)
   return {name: np.asarray(out) for name, out in zip(layers, outputs)}
 
 

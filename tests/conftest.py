@@ -7,7 +7,9 @@ Keras), for the edit-test loop.
 """
 
 import contextlib
+import gc
 import io
+import logging as std_logging
 import os
 import pathlib
 import runpy
@@ -15,6 +17,8 @@ import subprocess
 import sys
 import tempfile
 import traceback
+
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -75,6 +79,47 @@ from jaxlab import runtime  # noqa: E402
 
 runtime.enable_compilation_cache()  # XLA_CACHE, as the scripts' --compilation_cache.
 
+GROUPING_FIXTURES = ("reference",)  # tests/test_keras.py's one Keras model at a time.
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items):
+  """Tests parametrized through a module-scoped fixture of GROUPING_FIXTURES run grouped by its
+  value, in the order each value first appears: pytest then builds each value once and lets it
+  go before the next. (pytest's own grouping keys on a value's index in each test's list, so
+  tests that list one value at different indexes would build it more than once.)"""
+  positions = [i for i, item in enumerate(items)
+               if any(n in getattr(getattr(item, "callspec", None), "params", {})
+                      for n in GROUPING_FIXTURES)]
+  grouped = [items[i] for i in positions]
+  first: dict = {}
+  for item in grouped:
+    first.setdefault(_group_value(item), len(first))
+  for i, item in zip(positions, sorted(grouped, key=lambda item: first[_group_value(item)])):
+    items[i] = item
+
+
+def _group_value(item):
+  params = item.callspec.params
+  return (item.path, repr([params[n] for n in GROUPING_FIXTURES if n in params]))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _forget_what_the_module_built():
+  """After each test module, what it compiled and built is let go (every jitted program, the
+  models and steps cached per process, Keras's state): the next module starts small, and a
+  program it needs again comes back from the persistent compilation cache in milliseconds."""
+  yield
+  from jaxlab import experiment, state, steps
+  steps._make_steps.cache_clear()
+  state.init_program.cache_clear()
+  experiment._fitted_model.cache_clear()
+  if "keras" in sys.modules:
+    sys.modules["keras"].backend.clear_session()
+  jax.clear_caches()
+  gc.collect()
+
+
 # The settings of a small run on `synthetic_dataset()` (256 examples: 8 steps an epoch).
 SMALL = dict(dataset="mnist", epochs=3, batch_size=32, steps_per_dispatch=4, eval_batch_size=64)
 
@@ -113,12 +158,18 @@ def run_main(name, *args):
   with its traceback and gives status 1, as Python does), without starting a process and JAX
   again. Returns a CompletedProcess; the script's flags are removed after it."""
   from absl import flags
+  from absl import logging as absl_logging
 
   from jaxlab import cli
 
   before = set(flags.FLAGS)
   namespace = runpy.run_path(str(ROOT / "scripts" / name), run_name=f"jaxlab_script_{name}")
   out, err, code = io.StringIO(), io.StringIO(), 0
+  # The script's log lines (absl's handler keeps the stderr it started with) go to its stderr.
+  logger, verbosity = absl_logging.get_absl_logger(), absl_logging.get_verbosity()
+  handler = std_logging.StreamHandler(err)
+  handler.setFormatter(std_logging.Formatter("%(levelname).1s %(message)s"))
+  logger.addHandler(handler)
   try:
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
       try:
@@ -129,6 +180,8 @@ def run_main(name, *args):
         traceback.print_exc()
         code = 1
   finally:
+    logger.removeHandler(handler)
+    absl_logging.set_verbosity(verbosity)
     for flag in set(flags.FLAGS) - before:
       delattr(flags.FLAGS, flag)
   return subprocess.CompletedProcess([name, *args], code, out.getvalue(), err.getvalue())

@@ -7,7 +7,6 @@ the two compares jaxlab against the report. Keras 3 runs on its JAX backend: no 
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 import random
@@ -267,29 +266,16 @@ LAB04_BUILDERS = {
 }
 """Each Lab 04 architecture for any input shape: the report's code with `input_shape` changed."""
 
-LAB04 = {
-    "alexnet": lambda: alexnet(),
-    "alexnet_no_bn": lambda: alexnet(bn=False),
-    "alexnet_no_dense_dropout": lambda: alexnet(dense_dropout=None),
-    "alexnet_conv_dropout": lambda: alexnet(conv_dropout=[0.25, 0.25, 0.25]),
-    "alexnet_l2": lambda: alexnet(conv_dropout=[0.1, 0.1, 0.4], l2=0.01, dense_activation="relu"),
-    "alexnet_pool_stride": lambda: alexnet(pool_stride=True),
-    "vgg_fashion_mnist": lambda: vgg((28, 28, 1)),
-    "vgg_cifar10": lambda: vgg((32, 32, 3)),
-    "vgg_cifar10_dropout04": lambda: vgg((32, 32, 3), dense_dropout=0.4),
-    "vgg_cifar10_many_dropouts": lambda: vgg((32, 32, 3), conv_dropout=[0.5] * 5),
-    "vgg_cifar10_shrinking_dropouts": lambda: vgg((32, 32, 3), conv_dropout=SHRINKING),
-    "vgg_cifar10_dropouts_no_bn": lambda: vgg((32, 32, 3), bn=False, conv_dropout=SHRINKING),
-    "vgg_cifar10_deep_head": lambda: vgg((32, 32, 3), conv_dropout=SHRINKING, deep_head=True),
-}
-MODELS.update(LAB04)
+# The input shape each Lab 04 experiment is declared with (its data set's).
+LAB04_SHAPES = {name: (28, 28, 1) if name.startswith("alexnet") or name == "vgg_fashion_mnist"
+                else (32, 32, 3) for name in LAB04_BUILDERS}
+MODELS.update({name: (lambda n=name: LAB04_BUILDERS[n](LAB04_SHAPES[n])) for name in LAB04_SHAPES})
 
 
-@functools.cache
 def build(name: str, input_shape: tuple[int, ...] | None = None) -> keras.Model:
-  """The Keras model of experiment `name` (a Lab 04 one refitted to `input_shape`), built once
-  per process: building one creates every variable op by op, seconds for the deepest. Tests
-  that change its weights (`randomize`) set every weight they rely on."""
-  if input_shape is None:
+  """A new Keras model of experiment `name` (a Lab 04 one refitted to `input_shape`, default its
+  own). Building creates every variable op by op (seconds for the deepest), so a test module
+  builds each (model, input size) once, for all its tests (tests/test_keras.py's fixture)."""
+  if input_shape is None or name not in LAB04_BUILDERS:
     return MODELS[name]()
-  return LAB04_BUILDERS[name](input_shape)
+  return LAB04_BUILDERS[name](tuple(input_shape))
