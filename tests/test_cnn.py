@@ -1,23 +1,20 @@
 """The conv family: conv and pooling against float64 NumPy, every CNN experiment's step, L2,
 mixed precision, and a small CNN that overfits."""
 
-import os
-import pathlib
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 
-from jaxlab.experiment import build_model, resolve_config
-from jaxlab.data import load_dataset
-from jaxlab.experiment import experiment_names
+from jaxlab.experiment import (EXPERIMENTS, Experiment, build_model, experiment_names, register,
+                               resolve_config)
 from jaxlab.metrics import read_jsonl
-from jaxlab.models import Conv, ConvBlock, ConvNet, Dense, MaxPool
+from jaxlab.models import Conv, ConvBlock, ConvNet, Dense, MaxPool, l2_coefficients
 from jaxlab.optim import make_optimizer
-from jaxlab.state import create_train_state
-from jaxlab.steps import l2_penalty, make_steps
+from jaxlab.state import create_train_state, init_program
+from jaxlab.steps import l2_penalty, make_steps, make_train_step
 from jaxlab.train import train_and_evaluate
 from datafiles import synthetic_dataset
 
@@ -84,20 +81,26 @@ def test_conv_and_pool_match_float64_reference(padding, stride, size, kernel):
                              atol=1e-5 * scale)
 
 
-@pytest.mark.slow
+if "cnn_small_l2" not in EXPERIMENTS:  # alexnet_l2's L2 placement on a small conv net.
+  register(Experiment(
+      name="cnn_small_l2", dataset="fashion_mnist", epochs=1, batch_size=8,
+      model=ConvNet(blocks=(ConvBlock((Conv(4, 5, l2=0.01),), MaxPool(3, 1), True, 0.1),
+                            ConvBlock((Conv(8, 3, padding="same", l2=0.01),), MaxPool(2))),
+                    head=(Dense(16, "relu", batch_norm=False, dropout=0.5, l2=0.01),))))
+
+
 def test_l2_term_in_the_logged_loss(tmp_path):
   """The logged L2 term is c * sum(w**2) over the regularized kernels, by hand."""
-  config = resolve_config("alexnet_l2", dataset="fashion_mnist", epochs=1, batch_size=8,
+  config = resolve_config("cnn_small_l2", dataset="fashion_mnist", epochs=1, batch_size=8,
                           train_limit=8, eval_batch_size=8)
-  model = build_model("alexnet_l2", "fashion_mnist")
+  model = build_model("cnn_small_l2", "fashion_mnist")
   state = create_train_state(model, make_optimizer("adam"), seed=0, learning_rate=1e-3)
-  kernels = [np.asarray(state.params[name]["kernel"], np.float64)
-             for name in ("conv2d", "conv2d_1", "conv2d_2", "conv2d_3", "conv2d_4", "dense",
-                          "dense_1")]
+  names = ("conv2d", "conv2d_1", "dense")
+  kernels = [np.asarray(state.params[name]["kernel"], np.float64) for name in names]
   by_hand = sum(0.01 * np.sum(k ** 2) for k in kernels)
-  assert float(l2_penalty(state.params, {"conv2d": 0.01, "conv2d_1": 0.01, "conv2d_2": 0.01,
-                                         "conv2d_3": 0.01, "conv2d_4": 0.01, "dense": 0.01,
-                                         "dense_1": 0.01})) == pytest.approx(by_hand, rel=1e-5)
+  assert l2_coefficients(model) == {name: 0.01 for name in names}
+  assert float(l2_penalty(state.params, dict.fromkeys(names, 0.01))) == pytest.approx(
+      by_hand, rel=1e-5)
   # One step of training logs the L2 term of the parameters it started from.
   ds = synthetic_dataset("fashion_mnist", n_train=8, n_test=8)
   train_and_evaluate(config, tmp_path, dataset=ds)
@@ -106,23 +109,43 @@ def test_l2_term_in_the_logged_loss(tmp_path):
   assert record["train_loss"] == pytest.approx(record["train_data_loss"] + by_hand, rel=1e-4)
 
 
+def narrow(model, by=16):
+  """The architecture with every layer `by` times narrower (at least 2 features): the same
+  layers, kernel sizes, strides, pooling and so the same spatial shapes, a fraction of the work."""
+  shrink = lambda n: max(2, n // by)
+  return model.clone(
+      blocks=tuple(dataclasses.replace(b, convs=tuple(dataclasses.replace(c, features=shrink(
+          c.features)) for c in b.convs)) for b in model.blocks),
+      head=tuple(dataclasses.replace(d, features=shrink(d.features)) for d in model.head))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", CNN_EXPERIMENTS)
 def test_one_train_step_of_every_cnn_experiment(name):
-  dataset_name = build_model(name).input_shape() == (32, 32, 3) and "cifar10" or "fashion_mnist"
-  tfds_dir = pathlib.Path(os.environ["TFDS_DATA_DIR"])  # The tests' own, empty but for this:
-  (tfds_dir / dataset_name).mkdir(parents=True, exist_ok=True)
-  with tfds.testing.mock_data(num_examples=4):
-    ds = load_dataset(dataset_name, use_cache=False, debian_dir=pathlib.Path("/nonexistent"))
-  model = build_model(name, dataset_name)
-  state = create_train_state(model, make_optimizer("adam"), seed=0, learning_rate=1e-3)
-  before = np.asarray(state.params["dense"]["kernel"][:4, :4])
-  state, metrics = make_steps(model).train_step(state, jnp.asarray(ds.train_images[:2]),
-                                                jnp.asarray(ds.train_labels[:2]))
+  """At full size the train step is traced (`jax.eval_shape`: its shapes and types, without
+  compiling it or holding a state of up to a gigabyte); at a sixteenth of the width it runs."""
+  model = build_model(name)
+  tx = make_optimizer("adam")
+  state = init_program(model, tx).eval_shape(jax.ShapeDtypeStruct((), jnp.int32),
+                                             jax.ShapeDtypeStruct((), jnp.float32))
+  batch = (jax.ShapeDtypeStruct((2,) + model.input_shape(), jnp.uint8),
+           jax.ShapeDtypeStruct((2,), jnp.uint8))
+  after, metrics = jax.eval_shape(make_train_step(model), state, *batch)
+  shapes = lambda tree: jax.tree_util.tree_map(lambda x: (x.shape, x.dtype), tree)
+  assert shapes(after) == shapes(state)  # The step keeps every array of the state as it is.
+  assert {k: v.shape for k, v in metrics.items()} == dict.fromkeys(metrics, ())
+  small = narrow(model)
+  assert [op.kind for op in small.plan()] == [op.kind for op in model.plan()]
+  ds = synthetic_dataset("cifar10" if model.input_shape() == (32, 32, 3) else "fashion_mnist",
+                         n_train=2, n_test=2)
+  state = create_train_state(small, tx, seed=0, learning_rate=1e-3)
+  before = np.asarray(state.params["dense"]["kernel"])
+  state, metrics = make_steps(small).train_step(state, jnp.asarray(ds.train_images),
+                                                jnp.asarray(ds.train_labels))
   loss = float(metrics["loss_sum"]) / 2
   assert np.isfinite(loss) and loss > 0
   assert int(state.step) == 1
-  assert not np.array_equal(np.asarray(state.params["dense"]["kernel"][:4, :4]), before)
+  assert not np.array_equal(np.asarray(state.params["dense"]["kernel"]), before)
 
 
 SMALL_CNN = ConvNet(blocks=(ConvBlock((Conv(8, 3, padding="same"),), MaxPool(2), True),
