@@ -1,5 +1,10 @@
-"""Fault injection: real train.py processes killed, stopped, starved of disk and fed damaged
-checkpoints and NaNs; every interrupted run resumes to the result of an uninterrupted one."""
+"""Fault injection: train.py killed, stopped, starved of disk, broken by a bug, fed damaged
+checkpoints and NaNs; every interrupted run resumes to the result of an uninterrupted one.
+
+What a process is needed for runs in one (a kill, a signal, a file-size limit, a bug's exit
+status, a lab file edited after another process loaded it); the rest, resumes included, runs
+train.py's main in this process (`run_main`), which compiles as the scripts do, so a run killed
+in a process and resumed here is bit for bit the uninterrupted run."""
 
 import json
 import random
@@ -36,6 +41,13 @@ def train_args(data, workdir, *extra, experiment="mlp_baseline"):
           "--steps_per_dispatch=4", "--checkpoint_every_steps=8", "--eval_batch_size=64", *extra]
 
 
+def train(*args):
+  """train.py's main in this process; fails with its stderr unless it exits with status 0."""
+  done = run_main("train.py", *args)
+  assert done.returncode == 0, done.stderr[-3000:]
+  return done
+
+
 def newest_state(workdir):
   """Every array of the newest checkpoint, by path, and its metadata."""
   run_checkpoints = sorted((workdir / "checkpoints").glob("step_*.msgpack"))
@@ -56,7 +68,7 @@ def metrics_lines(workdir):
 def reference(data, tmp_path_factory):
   """The uninterrupted run: its final state and metrics."""
   workdir = tmp_path_factory.mktemp("reference") / "run"
-  script("train.py", *train_args(data, workdir))
+  train(*train_args(data, workdir))
   state, meta = newest_state(workdir)
   assert meta["step"] == EPOCHS * 128 and meta["epoch"] == EPOCHS
   return state, metrics_lines(workdir)
@@ -101,7 +113,7 @@ def test_sigkill_at_a_random_moment_then_resume(data, reference, tmp_path, seed)
   process.communicate()
   killed_at = saved_steps(workdir)[-1]
   assert killed_at < EPOCHS * 128, "the run ended before the kill"
-  script("train.py", *train_args(data, workdir))
+  train(*train_args(data, workdir))
   assert_same_as_reference(workdir, reference)
   assert not list((workdir / "checkpoints").glob("*.tmp*"))
 
@@ -119,7 +131,7 @@ def test_sigterm_saves_stops_and_resumes(data, reference, tmp_path):
   stopped_at = saved_steps(workdir)[-1]
   assert f"(global step {stopped_at})" in line and f"step_{stopped_at:09d}.msgpack" in line
   assert "resume with the same command: python " in stderr
-  resumed = script("train.py", *train_args(data, workdir))
+  resumed = train(*train_args(data, workdir))
   assert f"Resuming {workdir} from step {stopped_at}" in resumed.stderr
   assert_same_as_reference(workdir, reference)
 
@@ -139,10 +151,10 @@ def flip_a_bit(path):
 def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(data, reference, tmp_path,
                                                                   damage):
   workdir = tmp_path / "run"
-  script("train.py", *train_args(data, workdir, "--epochs=2"))
+  train(*train_args(data, workdir, "--epochs=2"))
   newest = workdir / "checkpoints" / f"step_{2 * 128:09d}.msgpack"
   damage(newest)
-  resumed = script("train.py", *train_args(data, workdir))
+  resumed = train(*train_args(data, workdir))
   assert f"checkpoint {newest} is corrupt" in resumed.stderr or (
       f"checkpoint {newest} is not a readable msgpack file" in resumed.stderr)
   assert f"Resuming {workdir} from step {2 * 128 - 8}" in resumed.stderr
@@ -152,17 +164,17 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(data, referenc
 @pytest.mark.slow
 def test_a_checkpoint_of_another_experiment_is_refused(data, tmp_path):
   other = tmp_path / "other"
-  script("train.py", *train_args(data, other, "--epochs=1", experiment="mlp_halving"))
+  train(*train_args(data, other, "--epochs=1", experiment="mlp_halving"))
   workdir = tmp_path / "run"
-  script("train.py", *train_args(data, workdir, "--epochs=1"))
+  train(*train_args(data, workdir, "--epochs=1"))
   stray = workdir / "checkpoints" / "step_000000500.msgpack"
   stray.write_bytes((other / "checkpoints" / "step_000000128.msgpack").read_bytes())
-  refused = script("train.py", *train_args(data, workdir), check=False)
+  refused = run_main("train.py", *train_args(data, workdir))
   assert refused.returncode == 2 and "Traceback" not in refused.stderr
   assert (f"error: checkpoint {stray} belongs to experiment 'mlp_halving' (config "
           in refused.stderr)
   assert "not to this run's 'mlp_baseline'" in refused.stderr and "--restart" in refused.stderr
-  script("train.py", *train_args(data, workdir, "--restart"))
+  train(*train_args(data, workdir, "--restart"))
   assert not stray.exists()
   assert [r["epoch"] for r in metrics_lines(workdir)] == [1, 2, 3]
 
@@ -178,18 +190,18 @@ def test_an_edited_declaration_is_refused_unless_restarted(data, tmp_path):
   workdir = tmp_path / "lab"
   args = [f"--lab={lab}", f"--workdir={workdir}", f"--data_dir={data}", "--epochs=1",
           "--batch_size=64", "--steps_per_dispatch=8"]
-  script("run_lab.py", *args)
+  script("run_lab.py", *args)  # A process: this one then loads the edited file, as new.
   lab.write_text(declaration.format(rate=0.3))
-  again = script("run_lab.py", *args[:-2], "--epochs=2", "--batch_size=64",
-                 "--steps_per_dispatch=8", check=False)
+  again = run_main("run_lab.py", *args[:-2], "--epochs=2", "--batch_size=64",
+                   "--steps_per_dispatch=8")
   assert again.returncode == 1
   error = json.loads((workdir / "lab.json").read_text())["runs"][0]["error"]
   assert "was written for another architecture of 'fault_edited'" in error
   assert "layer 'dropout': rate 0.2 -> 0.3" in error and "--restart" in error
   run = workdir / "fault_edited" / "seed_0"
-  script("train.py", f"--lab={lab}", "--experiment=fault_edited", "--dataset=mnist",
-         f"--data_dir={data}", f"--workdir={run}", "--epochs=2", "--batch_size=64",
-         "--steps_per_dispatch=8", "--restart")
+  train(f"--lab={lab}", "--experiment=fault_edited", "--dataset=mnist", f"--data_dir={data}",
+        f"--workdir={run}", "--epochs=2", "--batch_size=64", "--steps_per_dispatch=8",
+        "--restart")
   config = json.loads((run / "config.json").read_text())
   assert {"name": "dropout", "type": "Dropout", "rate": 0.3} in config["model"]["layers"]
   assert [r["epoch"] for r in metrics_lines(run)] == [1, 2]
@@ -201,7 +213,7 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(data, tmp_path):
   checkpoints from before that step, and resumes with --nan_policy=skip."""
   workdir = tmp_path / "run"
   args = train_args(data, workdir, "--epochs=2", "--optimizer=sgd", "--learning_rate=2")
-  stopped = script("train.py", *args, check=False)
+  stopped = run_main("train.py", *args)
   assert stopped.returncode == 3, stopped.stderr[-2000:]
   message = next(l for l in stopped.stderr.splitlines() if l.startswith("error: "))
   epoch, step, bad_step = map(int, re.fullmatch(
@@ -216,7 +228,7 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(data, tmp_path):
     _, state_dict = checkpoint.read(workdir / "checkpoints" / f"step_{step:09d}.msgpack")
     leaves = traverse_util.flatten_dict(state_dict["state"]).values()
     assert all(np.all(np.isfinite(np.asarray(x, float))) for x in leaves)
-  skipped = script("train.py", *args, "--nan_policy=skip")
+  skipped = train(*args, "--nan_policy=skip")
   assert f"Resuming {workdir} from step {saved[-1]}" in skipped.stderr
   records = metrics_lines(workdir)  # Strict JSON: a NaN would have failed here.
   assert [r["epoch"] for r in records] == [1, 2]
@@ -228,15 +240,12 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(data, tmp_path):
 
 @pytest.mark.slow
 def test_a_half_written_metrics_line_is_skipped(data, reference, tmp_path):
+  """The torn line a crash leaves when it cuts a metrics line's write short."""
   workdir = tmp_path / "run"
-  process = start_script("train.py", *train_args(data, workdir))
-  wait_for(lambda: (workdir / "metrics.jsonl").is_file()
-           and (workdir / "metrics.jsonl").read_text().count("\n") >= 1, process)
-  process.send_signal(signal.SIGKILL)
-  process.communicate()
+  train(*train_args(data, workdir, "--epochs=1"))
   with open(workdir / "metrics.jsonl", "a") as f:
     f.write('{"epoch": 2, "step": 256, "train_lo')
-  resumed = script("train.py", *train_args(data, workdir))
+  resumed = train(*train_args(data, workdir))
   assert "skipped its last line, which is not complete JSON" in resumed.stderr
   assert_same_as_reference(workdir, reference)
 
@@ -270,7 +279,7 @@ def test_a_bug_is_a_traceback_and_status_1_and_leaves_the_run_resumable(data, re
 def test_a_full_disk_keeps_the_previous_checkpoint(data, tmp_path):
   """The file-size limit makes every write past 200 kB fail (EFBIG) as a full disk would."""
   workdir = tmp_path / "run"
-  script("train.py", *train_args(data, workdir, "--epochs=1"))
+  train(*train_args(data, workdir, "--epochs=1"))
   before = {p.name: p.read_bytes() for p in (workdir / "checkpoints").iterdir()}
   code = ("import resource, runpy, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
           "resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000)); "
@@ -290,8 +299,8 @@ def test_a_full_disk_keeps_the_previous_checkpoint(data, tmp_path):
 @pytest.mark.slow
 def test_bad_input_is_one_line_and_status_2(data, tmp_path):
   """Every bad input a script can get, each a one-line `error:` naming the bad value, status 2.
-  Each case runs the script's main in this process, as its command line would; the first case
-  of each script also runs as a real process (started first, so that they run meanwhile)."""
+  Each case runs the script's main in this process, as its command line would (each script as
+  a process, bad input and all: tests/test_scripts.py)."""
   from datafiles import idx_bytes
   from jaxlab.experiment import resolve_config
   from jaxlab.train import train_and_evaluate
@@ -359,10 +368,6 @@ def test_bad_input_is_one_line_and_status_2(data, tmp_path):
       "report_runs": ("report.py", [f"--runs={tmp_path / 'nowhere'}"],
                       f"--runs {tmp_path / 'nowhere'} is not a directory"),
   }
-  processes = {}
-  for name, (s, args, _) in cases.items():
-    if s not in {s for s, _ in processes.values()}:
-      processes[name] = (s, start_script(s, *args))
   failures = []
 
   def check(name, status, stderr):
@@ -374,8 +379,4 @@ def test_bad_input_is_one_line_and_status_2(data, tmp_path):
   for name, (s, args, _) in cases.items():
     result = run_main(s, *args)
     check(name, result.returncode, result.stderr)
-  assert len(processes) == 4  # train.py, evaluate.py, predict.py, report.py.
-  for name, (s, process) in processes.items():
-    _, stderr = process.communicate(timeout=300)
-    check(f"{name} (a process of {s})", process.returncode, stderr)
   assert not failures, "\n\n".join(failures)
