@@ -1,6 +1,7 @@
 """Data parallelism on simulated CPU devices, and a run of two processes with jax.distributed.
 
-Each test runs in subprocesses: the device count (XLA_FLAGS) is fixed when JAX starts.
+The device count (XLA_FLAGS) is fixed when JAX starts: every check on 8 devices runs in one
+process of 8 simulated CPU devices (the `eight_devices` fixture), the two-process run in two.
 """
 
 import json
@@ -8,13 +9,12 @@ import re
 import socket
 import subprocess
 import sys
-import textwrap
 
 import pytest
 
 from datafiles import synthetic_dataset, write_idx_arrays
 from runstate import assert_rounding_only, biases_before_batch_norm, final_state, largest_difference
-from conftest import ROOT, script_environment
+from conftest import ROOT, SCRIPT_XLA_FLAGS, run_main, script_environment
 
 TESTS = ROOT / "tests"
 
@@ -22,90 +22,114 @@ SNIPPET = """
 import json, os, pathlib, re, sys
 sys.path.insert(0, {tests!r})
 import jax
+import numpy as np
 from datafiles import random_dataset, synthetic_dataset
+from runstate import arrays, biases_before_batch_norm, largest_difference
 from jaxlab import parallel
 from jaxlab.experiment import build_model, resolve_config
 from jaxlab.experiment import EXPERIMENTS, Experiment, register
 from jaxlab.models import Conv, ConvBlock, ConvNet, Dense, MaxPool
-from jaxlab.state import create_group_state
+from jaxlab.state import create_group_state, seed_keys
 from jaxlab.optim import make_optimizer
 from jaxlab.steps import make_steps
 from jaxlab.train import train_and_evaluate
+from jaxlab import runtime
 
+runtime.enable_compilation_cache()  # The suite's (JAXLAB_XLA_CACHE_DIR), as the scripts'.
 register(Experiment(
     name="parallel_small_cnn", dataset="mnist", epochs=1, batch_size=32,
     model=ConvNet(blocks=(ConvBlock((Conv(8, 3, padding="same"),), MaxPool(2), True, 0.25),
                           ConvBlock((Conv(16, 3),), MaxPool(2, 1), True)),
                   head=(Dense(32, "relu", batch_norm=True, dropout=0.5),))))
-out = pathlib.Path({out!r})
-ds = synthetic_dataset(n_train=640, n_test=64)
-settings = dict(dataset="mnist", batch_size=32, steps_per_dispatch=5, eval_batch_size=32,
-                optimizer="sgd", learning_rate={lr})
-# 20 steps on 1, 4 and 8 devices, then runs resumed on another number of devices.
-for n in (1, 4, 8):
-  train_and_evaluate(resolve_config({experiment!r}, epochs=1, num_devices=n, **settings),
-                     out / f"devices_{{n}}", dataset=ds)
-for first, then in {resumes}:
-  run = out / f"from_{{first}}_to_{{then}}"
-  train_and_evaluate(resolve_config({experiment!r}, epochs=1, num_devices=first, **settings),
-                     run, dataset=ds)
-  train_and_evaluate(resolve_config({experiment!r}, epochs=2, num_devices=then, **settings),
-                     run, dataset=ds)
-# What the step of 8 devices is: its compiled program, as XLA partitioned it (a chunk as one
-# program: the scan loop, whatever loop the CPU trains CNNs with).
-mesh = parallel.data_mesh(8)
-model = build_model({experiment!r}, "mnist")
-state = create_group_state(model, make_optimizer("sgd"), [0], [0.01], parallel.replicated(mesh))
-images, labels = parallel.put_replicated((ds.train_images, ds.train_labels), mesh)
-batches = jax.numpy.arange(640).reshape(1, 20, 32)
-compiled = make_steps(model, "stop", mesh, "scan").train_chunk.lower(
-    state, images, labels, batches, 0, length=5).compile()
-out_state, _ = compiled.output_shardings
-# One step on 4 and on 8 devices against one step on one device from the same state, at each
-# of the one-device trajectory's 20 states: every array against its scale (but the biases
-# before BatchNormalization, whose true gradient is 0: rounding noise). On random pixels: the
-# synthetic images' lit blocks hold near-ties that rounding breaks either way in max pooling.
-import numpy as np
-from runstate import arrays, biases_before_batch_norm, largest_difference
-from jaxlab.state import seed_keys
 
-skip = biases_before_batch_norm(out / "devices_1")
-order = jax.random.permutation(jax.random.fold_in(seed_keys(0)[2], 1), 640).reshape(1, 20, 32)
-noise = random_dataset(n_train=640)
-meshes = {{n: parallel.data_mesh(n) for n in (1, 4, 8)}}
-on_mesh = {{n: (make_steps(model, "stop", m),
-               parallel.put_replicated((noise.train_images, noise.train_labels), m))
-           for n, m in meshes.items()}}
-state = create_group_state(model, make_optimizer("sgd"), [0], [{lr}],
-                           parallel.replicated(meshes[1]))
-differences = {{4: [], 8: []}}
-for i in range(20):
-  host = jax.tree_util.tree_map(np.asarray, state)
-  after = {{}}
-  for n, (steps_n, (x, y)) in on_mesh.items():
-    after[n], _ = steps_n.train_chunk(jax.device_put(host, parallel.replicated(meshes[n])), x, y,
-                                      order, i, length=1)
-  state = after[1]
-  for n in (4, 8):
-    differences[n].append(float(largest_difference(arrays(after[n]), arrays(state), skip)))
-print(json.dumps({{
-    "step_differences": differences,
-    "devices": jax.device_count(),
-    "all_reduces": len(re.findall(r"all-reduce", compiled.as_text())),
-    "gathered_shapes": sorted(set(re.findall(r"u8\\[([0-9,]+)\\]", compiled.as_text()))),
-    "state_replicated": all(s.is_fully_replicated for s in jax.tree_util.tree_leaves(out_state)),
-}}))
+
+def check(experiment, lr, resumes, out):
+  ds = synthetic_dataset(n_train=640, n_test=64)
+  settings = dict(dataset="mnist", batch_size=32, steps_per_dispatch=5, eval_batch_size=32,
+                  optimizer="sgd", learning_rate=lr)
+  # 20 steps on 1, 4 and 8 devices, then runs resumed on another number of devices.
+  for n in (1, 4, 8):
+    train_and_evaluate(resolve_config(experiment, epochs=1, num_devices=n, **settings),
+                       out / f"devices_{{n}}", dataset=ds)
+  for first, then in resumes:
+    run = out / f"from_{{first}}_to_{{then}}"
+    train_and_evaluate(resolve_config(experiment, epochs=1, num_devices=first, **settings),
+                       run, dataset=ds)
+    train_and_evaluate(resolve_config(experiment, epochs=2, num_devices=then, **settings),
+                       run, dataset=ds)
+  # What the step of 8 devices is: its compiled program, as XLA partitioned it (a chunk as one
+  # program: the scan loop, whatever loop the CPU trains CNNs with).
+  mesh = parallel.data_mesh(8)
+  model = build_model(experiment, "mnist")
+  state = create_group_state(model, make_optimizer("sgd"), [0], [0.01],
+                             parallel.replicated(mesh))
+  images, labels = parallel.put_replicated((ds.train_images, ds.train_labels), mesh)
+  batches = jax.numpy.arange(640).reshape(1, 20, 32)
+  compiled = make_steps(model, "stop", mesh, "scan").train_chunk.lower(
+      state, images, labels, batches, 0, length=5).compile()
+  out_state, _ = compiled.output_shardings
+  # One step on 4 and on 8 devices against one step on one device from the same state, at
+  # each of the one-device trajectory's 20 states: every array against its scale (but the
+  # biases before BatchNormalization, whose true gradient is 0: rounding noise). On random
+  # pixels: the synthetic images' lit blocks hold near-ties that rounding breaks either way in
+  # max pooling.
+  skip = biases_before_batch_norm(out / "devices_1")
+  order = jax.random.permutation(jax.random.fold_in(seed_keys(0)[2], 1), 640).reshape(1, 20, 32)
+  noise = random_dataset(n_train=640)
+  meshes = {{n: parallel.data_mesh(n) for n in (1, 4, 8)}}
+  on_mesh = {{n: (make_steps(model, "stop", m),
+                 parallel.put_replicated((noise.train_images, noise.train_labels), m))
+             for n, m in meshes.items()}}
+  state = create_group_state(model, make_optimizer("sgd"), [0], [lr],
+                             parallel.replicated(meshes[1]))
+  differences = {{4: [], 8: []}}
+  for i in range(20):
+    host = jax.tree_util.tree_map(np.asarray, state)
+    after = {{}}
+    for n, (steps_n, (x, y)) in on_mesh.items():
+      after[n], _ = steps_n.train_chunk(jax.device_put(host, parallel.replicated(meshes[n])), x,
+                                        y, order, i, length=1)
+    state = after[1]
+    for n in (4, 8):
+      differences[n].append(float(largest_difference(arrays(after[n]), arrays(state), skip)))
+  return {{
+      "step_differences": differences,
+      "devices": jax.device_count(),
+      "all_reduces": len(re.findall(r"all-reduce", compiled.as_text())),
+      "gathered_shapes": sorted(set(re.findall(r"u8\\[([0-9,]+)\\]", compiled.as_text()))),
+      "state_replicated": all(s.is_fully_replicated
+                              for s in jax.tree_util.tree_leaves(out_state)),
+  }}
+
+
+facts = {{}}
+try:  # A global batch that the 8 devices do not divide.
+  train_and_evaluate(resolve_config("mlp_halving", dataset="mnist", epochs=1, batch_size=30),
+                     {refused!r}, dataset=synthetic_dataset())
+except ValueError as e:
+  facts["refused"] = str(e)
+for experiment, lr, resumes in {cases!r}:
+  facts[experiment] = check(experiment, lr, resumes, pathlib.Path({out!r}) / experiment)
+print(json.dumps(facts))
 """
 
+# An MLP with BatchNorm and Dropout, and a small CNN with both, each at its SGD rate, and the
+# resumes on another number of devices each is checked with.
+CASES = [("mlp_halving", 0.05, ((8, 1),)), ("parallel_small_cnn", 0.01, ((1, 8),))]
 
-def run_snippet(tmp_path, experiment, lr, resumes):
-  code = SNIPPET.format(tests=str(TESTS), out=str(tmp_path), experiment=experiment, lr=lr,
-                        resumes=resumes)
-  env = script_environment(XLA_FLAGS="--xla_force_host_platform_device_count=8")
+
+@pytest.fixture(scope="module")
+def eight_devices(tmp_path_factory):
+  """Every check on 8 simulated CPU devices, in one process: (its facts, its folder)."""
+  out = tmp_path_factory.mktemp("eight_devices")
+  code = SNIPPET.format(tests=str(TESTS), out=str(out), refused=str(out / "refused"),
+                        cases=CASES)
+  env = script_environment(
+      XLA_FLAGS=f"{SCRIPT_XLA_FLAGS} --xla_force_host_platform_device_count=8")
   result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=900)
   assert result.returncode == 0, result.stderr[-3000:]
-  return json.loads(result.stdout.strip().splitlines()[-1])
+  return json.loads(result.stdout.strip().splitlines()[-1]), out
 
 
 def assert_same_metrics(run, reference, rtol=1e-2):
@@ -135,15 +159,16 @@ def difference_of_runs(run, reference):
 # machines.
 # A checkpoint of 8 devices resumed on 1 (the MLP), one of 1 on 8 (the CNN).
 @pytest.mark.slow
-@pytest.mark.parametrize("experiment,lr,resumes", [("mlp_halving", 0.05, ((8, 1),)),
-                                                   ("parallel_small_cnn", 0.01, ((1, 8),))])
-def test_data_parallel_steps_compute_what_one_device_does(tmp_path, experiment, lr, resumes):
-  facts = run_snippet(tmp_path, experiment, lr, resumes)
-  one = tmp_path / "devices_1"
+@pytest.mark.parametrize("experiment,lr,resumes", CASES)
+def test_data_parallel_steps_compute_what_one_device_does(eight_devices, experiment, lr,
+                                                          resumes):
+  found, out = eight_devices
+  facts, runs = found[experiment], out / experiment
+  one = runs / "devices_1"
   for n in (4, 8):
     assert_rounding_only(facts["step_differences"][str(n)])
-    assert_same_metrics(tmp_path / f"devices_{n}", one)
-    config = json.loads((tmp_path / f"devices_{n}" / "config.json").read_text())
+    assert_same_metrics(runs / f"devices_{n}", one)
+    config = json.loads((runs / f"devices_{n}" / "config.json").read_text())
     assert config["environment"]["mesh"]["devices"] == n
     assert config["environment"]["mesh"]["processes"] == 1
   # The step of 8 devices: each device gathers 4 of the batch's 32 images, the gradients and
@@ -153,7 +178,7 @@ def test_data_parallel_steps_compute_what_one_device_does(tmp_path, experiment, 
   assert not any(re.fullmatch(r"(1,)?32,(1,)?28,28,1", s) for s in facts["gathered_shapes"])
   # A checkpoint of 8 devices restores on 1, and one of 1 on 8.
   for first, then in resumes:
-    run = tmp_path / f"from_{first}_to_{then}"
+    run = runs / f"from_{first}_to_{then}"
     records = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2] and records[-1]["step"] == 40
     config = json.loads((run / "config.json").read_text())
@@ -161,24 +186,10 @@ def test_data_parallel_steps_compute_what_one_device_does(tmp_path, experiment, 
 
 
 @pytest.mark.slow
-def test_a_batch_the_mesh_does_not_divide_is_refused(tmp_path):
-  code = textwrap.dedent(f"""
-      import sys; sys.path.insert(0, {str(TESTS)!r})
-      from datafiles import synthetic_dataset
-      from jaxlab.experiment import resolve_config
-      from jaxlab.train import train_and_evaluate
-      try:
-        train_and_evaluate(resolve_config("mlp_halving", dataset="mnist", epochs=1,
-                                          batch_size=30), {str(tmp_path)!r},
-                           dataset=synthetic_dataset())
-      except ValueError as e:
-        print(e)
-      """)
-  env = script_environment(XLA_FLAGS="--xla_force_host_platform_device_count=8")
-  result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
-  assert ("batch_size 30 is not divisible by the 8 devices of the mesh: use a multiple of 8, "
-          "or --num_devices") in result.stdout, result.stderr[-2000:]
+def test_a_batch_the_mesh_does_not_divide_is_refused(eight_devices):
+  assert eight_devices[0]["refused"] == (
+      "batch_size 30 is not divisible by the 8 devices of the mesh: use a multiple of 8, or "
+      "--num_devices")
 
 
 def free_port():
@@ -201,7 +212,8 @@ def test_two_processes_train_one_run(tmp_path):
           "--learning_rate=0.05", "--eval_batch_size=32", "--noprogress"]
   script = str(ROOT / "scripts" / "train.py")
   port = free_port()
-  env = script_environment(XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  env = script_environment(
+      XLA_FLAGS=f"{SCRIPT_XLA_FLAGS} --xla_force_host_platform_device_count=2")
   processes = [subprocess.Popen(
       [sys.executable, script, *args, f"--workdir={tmp_path / f'process_{i}'}",
        f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
@@ -218,8 +230,6 @@ def test_two_processes_train_one_run(tmp_path):
   config = json.loads((written / "config.json").read_text())
   assert config["environment"]["mesh"] == {"axis": "data", "devices": 4, "processes": 2,
                                            "process_index": 0, "device_kinds": ["cpu"]}
-  single = subprocess.run([sys.executable, script, *args, f"--workdir={tmp_path / 'single'}"],
-                          cwd=ROOT, env=script_environment(),
-                          capture_output=True, text=True, timeout=600)
+  single = run_main("train.py", *args, f"--workdir={tmp_path / 'single'}")  # One device.
   assert single.returncode == 0, single.stderr[-3000:]
   assert difference_of_runs(written, tmp_path / "single") < 1e-5
