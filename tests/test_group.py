@@ -20,7 +20,7 @@ from jaxlab.train import _out_of_memory, group_configs, train_and_evaluate, trai
 from datafiles import random_dataset, synthetic_dataset
 from runstate import (arrays, assert_rounding_only, biases_before_batch_norm, final_state,
                       largest_difference)
-from conftest import script
+from conftest import run_main, script
 import conftest
 
 if "group_small_cnn" not in EXPERIMENTS:
@@ -210,8 +210,8 @@ def test_group_through_the_scripts(tmp_path):
   cache = {"JAXLAB_XLA_CACHE_DIR": str(tmp_path / "xla")}  # Empty: the first run compiles.
   first = script("train.py", *args, f"--workdir={tmp_path / 'a'}", "--seeds=0,1,2", env=cache)
   assert "seed 2: final validation accuracy" in first.stdout
-  evaluated = json.loads(script("evaluate.py", f"--workdir={tmp_path / 'a' / 'seed_1'}",
-                                "--json").stdout)
+  evaluated = json.loads(run_main("evaluate.py", f"--workdir={tmp_path / 'a' / 'seed_1'}",
+                                  "--json").stdout)
   summary = json.loads((tmp_path / "a" / "seed_1" / "metrics.json").read_text())
   assert evaluated["accuracy"] == summary["evaluation"]["best"]["accuracy"]
   assert summary["startup"]["compilations"] > 0
