@@ -17,7 +17,7 @@ from absl import flags
 
 from jaxlab import cli, profiling
 from jaxlab.config import TrainConfig
-from jaxlab.experiment import build_model, resolve_config
+from jaxlab.experiment import build_model, load_lab, resolve_config
 from jaxlab.models import DTYPES
 from jaxlab.data import DATASETS
 from jaxlab.optim import make_optimizer
@@ -28,6 +28,8 @@ from jaxlab.steps import make_steps
 
 cli.define_kernels_flag()
 cli.define_experiment_flag()
+flags.DEFINE_string("lab", None, "A lab file (path/to/my_lab.py) to load first, for an "
+                    "experiment it declares.")
 OVERRIDES = cli.define_config_flags(["dataset", "batch_size", "precision"])
 flags.DEFINE_integer("steps", 50, "Timed steps (after 3 warm-up steps).", lower_bound=1)
 flags.DEFINE_bool("json", False, "Print JSON instead of a table.")
@@ -153,6 +155,8 @@ def format_table(r: dict) -> str:
 
 @cli.user_errors_exit
 def main(argv):
+  if FLAGS.lab:
+    load_lab(FLAGS.lab)
   config = resolve_config(FLAGS.experiment, **cli.config_overrides(OVERRIDES))
   result = profile(config, FLAGS.steps, FLAGS.trace_dir, FLAGS.hlo_dir, FLAGS.checkpoint_dir,
                    FLAGS.seeds)

@@ -13,15 +13,36 @@ from jaxlab.experiment import build_model, resolve_config
 from jaxlab.hooks import OnEpochEnd
 from jaxlab.train import train_and_evaluate
 from datafiles import synthetic_dataset
-from conftest import script
+from conftest import run_main
+
+
+# A conv net of a user's lab file: AlexNet's kinds of layer (convolutions with and without
+# padding, overlapping pooling, BatchNorm, Dropout, a Dense head) at a size that profiles fast.
+CNN_LAB = """
+from jaxlab.experiment import Experiment, register
+from jaxlab.models import Conv, ConvBlock, ConvNet, Dense, MaxPool
+register(Experiment(name="profiling_small_cnn", dataset="fashion_mnist", epochs=1,
+                    model=ConvNet(blocks=(ConvBlock((Conv(8, 5),), MaxPool(3, 2), True, 0.25),
+                                          ConvBlock((Conv(16, 3, padding="same"),),
+                                                    MaxPool(2), True)),
+                                  head=(Dense(32, "tanh", batch_norm=False, dropout=0.5),))))
+"""
+
+
+@pytest.fixture(scope="module")
+def cnn_lab(tmp_path_factory):
+  path = tmp_path_factory.mktemp("lab") / "profiling_lab.py"
+  path.write_text(CNN_LAB)
+  return path
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("experiment,batch", [("mlp_halving", 32), ("alexnet_pool_stride", 4)])
-def test_profile_step_json(tmp_path, experiment, batch):
-  out = script("profile_step.py", f"--experiment={experiment}", f"--batch_size={batch}",
-               "--steps=3", "--json", f"--trace_dir={tmp_path / 'trace'}",
-               f"--hlo_dir={tmp_path / 'hlo'}")
+@pytest.mark.parametrize("experiment,batch", [("mlp_halving", 32), ("profiling_small_cnn", 4)])
+def test_profile_step_json(tmp_path, cnn_lab, experiment, batch):
+  out = run_main("profile_step.py", f"--lab={cnn_lab}", f"--experiment={experiment}",
+                 f"--batch_size={batch}", "--steps=3", "--json", f"--trace_dir={tmp_path / 'trace'}",
+                 f"--hlo_dir={tmp_path / 'hlo'}")
+  assert out.returncode == 0, out.stderr[-3000:]
   result = json.loads(out.stdout)
   assert result["batch_size"] == batch and result["matmul_peak_flops_per_second"] > 0
   for step in ("train_step", "eval_step"):
@@ -58,9 +79,9 @@ def test_matmul_instructions_finds_dots_and_fusions_that_hold_them():
   assert profiling.matmul_instructions(conv)
 
 
-@pytest.mark.slow
 def test_profile_step_table():
-  out = script("profile_step.py", "--experiment=mlp_baseline", "--batch_size=16", "--steps=2").stdout
+  out = run_main("profile_step.py", "--experiment=mlp_baseline", "--batch_size=16",
+                 "--steps=2").stdout
   assert "median step (ms)" in out and "fraction of peak" in out
 
 
@@ -81,6 +102,7 @@ def test_epochs_after_the_first_do_not_compile(tmp_path):
                           steps_per_dispatch=3, eval_batch_size=64)
   ds = synthetic_dataset(n_train=250)  # 7 full batches (chunks 3, 3, 1) and one of 26.
   counts = []
+  jax.clear_caches()  # Programs another test compiled would not count as this run's.
   with profiling.CompileCounter() as counter:
     train_and_evaluate(config, tmp_path, dataset=ds,
                        hooks=[OnEpochEnd(lambda epoch, record, state: counts.append(counter.count))])
@@ -269,6 +291,6 @@ def test_probe_kernels_reports_each_option_and_names_a_refused_one():
 
 
 def test_probe_kernels_script_names_a_bad_dtype():
-  done = script("probe_kernels.py", "--dtypes=float32,float16", check=False)
+  done = run_main("probe_kernels.py", "--dtypes=float32,float16")
   assert done.returncode == 2
   assert "error: unknown dtype 'float16'; known: float32, bfloat16" in done.stderr
