@@ -8,7 +8,6 @@ import shutil
 import signal
 import statistics
 import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -19,7 +18,7 @@ from jaxlab.experiment import load_lab
 from jaxlab.lab import LabRunner, plan_lab
 from jaxlab.report import build_report
 from datafiles import write_idx_dataset
-from conftest import ROOT, run_main, script, start_script
+from conftest import run_main, start_script
 
 TINY_LAB = """
 from jaxlab.experiment import Experiment, register
@@ -174,7 +173,8 @@ def test_lab_killed_resumed_and_reported(tmp_path):
   assert "`lab_test_plain/seed_0`: running" in partial_md
   finished = (workdir / "lab_test_bn_dropout" / "seed_0" / "metrics.jsonl").read_bytes()
 
-  rerun = script("run_lab.py", *args)
+  rerun = run_main("run_lab.py", *args)  # Resumed in this process.
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
   assert "run 1/4: lab_test_bn_dropout seed 0: finished earlier, skipped" in rerun.stderr
   assert "runs 3-4/4: lab_test_plain seeds 0,1 ->" in rerun.stderr
   assert set(lab_status(workdir).values()) == {"completed"}
@@ -190,7 +190,7 @@ def test_lab_killed_resumed_and_reported(tmp_path):
   assert "| lab_test_plain | mnist |" in rerun.stdout  # The results table at the end.
 
   out = tmp_path / "report"
-  script("report.py", f"--runs={workdir}", f"--out={out}")
+  assert run_main("report.py", f"--runs={workdir}", f"--out={out}").returncode == 0
   document = json.loads((out / "report.json").read_text())
   assert [row["experiment"] for row in document["experiments"]] == ["lab_test_bn_dropout",
                                                                      "lab_test_plain"]
@@ -249,7 +249,8 @@ def test_sigterm_stops_the_lab_after_a_checkpoint(tmp_path):
     assert lab_status(workdir)[f"lab_term_b/seed_{seed}"] == "running"
     assert (workdir / "lab_term_b" / f"seed_{seed}" / "checkpoints"
             / f"step_{step:09d}.msgpack").is_file()
-  resumed = script("run_lab.py", *args)
+  resumed = run_main("run_lab.py", *args)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
   for seed in (0, 1):
     assert (f"Resuming {workdir / 'lab_term_b' / f'seed_{seed}'} from step {step}"
             in resumed.stderr)
@@ -263,8 +264,7 @@ def test_a_failing_run_beside_a_passing_one(tmp_path):
   lab_file = write_lab(tmp_path / "half.py", "lab_test_ok", "lab_test_no_data",
                        b_dataset="cifar10")
   workdir = tmp_path / "lab"
-  result = script("run_lab.py", *run_lab_args(lab_file, workdir, data, "--seeds=0"),
-                  check=False)
+  result = run_main("run_lab.py", *run_lab_args(lab_file, workdir, data, "--seeds=0"))
   assert result.returncode == 1, result.stderr
   runs = {r["path"]: r for r in json.loads((workdir / "lab.json").read_text())["runs"]}
   assert runs["lab_test_ok/seed_0"]["status"] == "completed"
@@ -304,19 +304,9 @@ def test_a_failing_run_beside_a_passing_one(tmp_path):
   assert rebuilt["lab_test_no_data/seed_0"]["status"] == "failed"
 
 
-@pytest.mark.slow
-def test_report_imports_nothing_of_training():
-  code = ("import sys, jaxlab.report.build; "
-          "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'flax', 'optax') "
-          "or m in ('jaxlab.train', 'jaxlab.steps', 'jaxlab.state', 'jaxlab.models')); "
-          "print(bad); sys.exit(1 if bad else 0)")
-  result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
-  assert result.returncode == 0, result.stdout + result.stderr
-
-
 def test_run_lab_bad_input(tmp_path):
-  """Each a one-line error and status 2: each case in this process (run_lab.py's main, as its
-  command line would run it), the first also as a real process."""
+  """Each a one-line error and status 2, in this process (run_lab.py's main, as its command
+  line would run it; as a process, bad input and all: tests/test_scripts.py)."""
   (tmp_path / "file.txt").write_text("x")
   cases = [
       (["--lab=lab77", f"--workdir={tmp_path}/w"], "unknown lab 'lab77'"),
@@ -327,11 +317,8 @@ def test_run_lab_bad_input(tmp_path):
        "experiment 'vgg_cifar10' is not in lab lab02"),
       (["--lab=lab02", f"--workdir={tmp_path}/file.txt"], "is a file, not a directory"),
   ]
-  process = start_script("run_lab.py", *cases[0][0])
   results = [run_main("run_lab.py", *args) for args, _ in cases]
-  _, stderr = process.communicate(timeout=300)
-  results.append(subprocess.CompletedProcess(cases[0][0], process.returncode, "", stderr))
-  for (args, message), result in zip(cases + cases[:1], results):
+  for (args, message), result in zip(cases, results):
     errors = [l for l in result.stderr.splitlines() if l.startswith("error: ")]
     assert result.returncode == 2 and len(errors) == 1 and message in errors[0], (args,
                                                                                    result.stderr)
