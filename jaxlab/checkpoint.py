@@ -40,9 +40,13 @@ def encode(target: Any, meta: dict[str, Any] | None = None) -> bytes:
                         "sha256": hashlib.sha256(payload).hexdigest(), "payload": payload})
 
 
-def save(path: str | os.PathLike, target: Any, meta: dict[str, Any] | None = None) -> None:
-  """Saves any pytree of arrays (a train state, a dict holding one) with its metadata."""
-  write_atomic(path, encode(target, meta))
+def save(path: str | os.PathLike | Sequence[str | os.PathLike], target: Any,
+         meta: dict[str, Any] | None = None) -> None:
+  """Saves any pytree of arrays (a train state, a dict holding one) with its metadata, to one
+  path or to each of several (encoded once)."""
+  data = encode(target, meta)
+  for each in [path] if isinstance(path, (str, os.PathLike)) else path:
+    write_atomic(each, data)
 
 
 def read(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -297,8 +297,7 @@ def _write_imported(run: Run, config: TrainConfig, variables: dict[str, Any],
   for hook in files:
     hook.on_run_start(run)
   meta = {**run.identity, "step": 0, "epoch": 0}
-  for path in (run.step_checkpoint(0), run.best):
-    checkpoint.save(path, checkpoint_template(imported), meta)
+  checkpoint.save([run.step_checkpoint(0), run.best], checkpoint_template(imported), meta)
   summary = run.summarize("imported", last=run.step_checkpoint(0),
                           extra={"imported_from": str(source)})
   for hook in files:
