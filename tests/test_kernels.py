@@ -115,6 +115,7 @@ if os.environ.get("FAIL"):
 """
 
 
+@pytest.mark.slow
 def test_an_item_that_kills_the_measuring_process_is_reported_and_the_rest_measured(tmp_path):
   (tmp_path / "measurer.py").write_text(FAKE_MEASURER)
   argv = [sys.executable, str(tmp_path / "measurer.py")]

@@ -92,6 +92,7 @@ def imported():
   return json.loads(result.stdout)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module", JAX_FREE)
 def test_modules_that_read_run_directories_import_no_jax(imported, module):
   assert imported[module] == [], f"importing {module} loaded {imported[module][:5]}"
