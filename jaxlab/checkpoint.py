@@ -7,8 +7,7 @@ A checkpoint file is one msgpack map:
 `payload` is `flax.serialization.to_bytes` of the target (a dict holding the train state and
 its position); `sha256` is its checksum, so a truncated or bit-flipped file is detected before
 anything is restored from it; `meta` says what wrote it (experiment, configuration, layer plan,
-step, versions) without reading the payload. Files are written atomically (`write_atomic`). A
-file of the first format (a bare `to_bytes` of the target) still restores.
+step, versions) without reading the payload. Files are written atomically (`write_atomic`).
 
 `AsyncWriter` saves in a background thread: the caller copies the state to the host at a step
 boundary, and serializing and writing go on while training does, one save in flight at most.
@@ -57,28 +56,23 @@ def read(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
   raw = path.read_bytes()
   try:
     outer = msgpack.unpackb(raw, raw=False)
-  except Exception:  # Not our envelope: a first-format file, or damage.
-    outer = None
-  if isinstance(outer, dict) and outer.get("format") == FORMAT:
-    payload = outer.get("payload", b"")
-    if hashlib.sha256(payload).hexdigest() != outer.get("sha256"):
-      raise CorruptCheckpoint(f"checkpoint {path} is corrupt: its checksum does not match its "
-                              f"contents ({len(raw)} bytes)")
-    meta = outer.get("meta") or {}
-  elif isinstance(outer, dict) and "payload" in outer:
-    raise CorruptCheckpoint(f"checkpoint {path} is corrupt: unknown format "
-                            f"{outer.get('format')!r}")
-  else:
-    payload, meta = raw, None
+  except Exception as e:  # msgpack raises many types for a damaged file.
+    raise CorruptCheckpoint(f"checkpoint {path} is not a readable msgpack file "
+                            f"({len(raw)} bytes): {e}") from None
+  if not isinstance(outer, dict) or outer.get("format") != FORMAT:
+    found = outer.get("format") if isinstance(outer, dict) else type(outer).__name__
+    raise CorruptCheckpoint(f"checkpoint {path} is corrupt or not a jaxlab checkpoint: format "
+                            f"{found!r}, expected {FORMAT!r}")
+  payload = outer.get("payload", b"")
+  if hashlib.sha256(payload).hexdigest() != outer.get("sha256"):
+    raise CorruptCheckpoint(f"checkpoint {path} is corrupt: its checksum does not match its "
+                            f"contents ({len(raw)} bytes)")
   try:
     state_dict = serialization.msgpack_restore(payload)
   except Exception as e:  # msgpack raises many types for a corrupt file.
     raise CorruptCheckpoint(f"checkpoint {path} is not a readable msgpack file "
                             f"({len(raw)} bytes): {e}") from None
-  if meta is None:  # The first format: the training loop's epoch was part of the payload.
-    has_epoch = isinstance(state_dict, dict) and "state" in state_dict and "epoch" in state_dict
-    meta = {"epoch": int(state_dict.pop("epoch"))} if has_epoch else {}
-  return meta, state_dict
+  return outer.get("meta") or {}, state_dict
 
 
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:
@@ -116,10 +110,6 @@ def check_fits(state_dict: dict[str, Any], template_dict: dict[str, Any], origin
 
 def restore_state_dict(state_dict: dict[str, Any], template: T, origin: str) -> T:
   template_dict = serialization.to_state_dict(template)
-  # A first-format file has no position beyond the epoch: fill what it lacks from the template.
-  for key, value in template_dict.items():
-    if key not in state_dict and key != "state":
-      state_dict[key] = value
   check_fits(state_dict, template_dict, origin)
   return serialization.from_state_dict(template, state_dict)
 

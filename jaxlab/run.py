@@ -54,9 +54,8 @@ def _jax_version() -> str:
 
 
 def step_of(path: pathlib.Path) -> int:
-  """The train step a step checkpoint's name gives (0 for a first-format last.msgpack)."""
-  match = _STEP_FILE.fullmatch(path.name)
-  return int(match.group(1)) if match else 0
+  """The train step a step checkpoint's name gives."""
+  return int(_STEP_FILE.fullmatch(path.name).group(1))
 
 
 def member_path(workdir: str | os.PathLike, seed: int | None = None,
@@ -166,21 +165,16 @@ class Run:
     return self.checkpoints / f"step_{step:09d}.msgpack"
 
   def step_checkpoints(self) -> list[pathlib.Path]:
-    """Every step checkpoint, newest first (then a first-format last.msgpack, the oldest)."""
-    found = []
-    if self.checkpoints.is_dir():
-      for path in self.checkpoints.iterdir():
-        match = _STEP_FILE.fullmatch(path.name)
-        if match:
-          found.append((int(match.group(1)), path))
-    legacy = self.checkpoints / "last.msgpack"
-    return [p for _, p in sorted(found, reverse=True)] + ([legacy] if legacy.is_file() else [])
+    """Every step checkpoint, newest first."""
+    found = ([p for p in self.checkpoints.iterdir() if _STEP_FILE.fullmatch(p.name)]
+             if self.checkpoints.is_dir() else [])
+    return sorted(found, key=step_of, reverse=True)
 
   @property
   def last(self) -> pathlib.Path:
-    """The newest checkpoint's file (a name that does not exist yet if there is none)."""
+    """The newest checkpoint's file (step 0's name, not yet written, if there is none)."""
     newest = self.step_checkpoints()
-    return newest[0] if newest else self.checkpoints / "last.msgpack"
+    return newest[0] if newest else self.step_checkpoint(0)
 
   def checkpoint(self, which: str) -> pathlib.Path:
     if which not in CHECKPOINTS:
@@ -268,8 +262,6 @@ class Run:
   def check_checkpoint(self, meta: dict[str, Any], path: pathlib.Path) -> None:
     """Refuses a checkpoint of another experiment, configuration or architecture, naming both."""
     expected = self.identity
-    if "experiment" not in meta:  # A first-format checkpoint says nothing about itself.
-      return
     if meta["experiment"] != expected["experiment"]:
       raise CheckpointError(
           f"checkpoint {path} belongs to experiment {meta['experiment']!r} (config "
