@@ -25,6 +25,7 @@ import numpy as np
 from jaxlab.errors import BadValue
 from jaxlab.models import PlanModel
 from jaxlab.optim import make_optimizer
+from jaxlab.kernels import cpu
 from jaxlab.runtime import environment
 from jaxlab.summary import forward_flops, layer_output_shapes
 
@@ -228,16 +229,7 @@ def torch_runner(model: PlanModel, images, labels, batch_size: int) -> EpochRunn
 
 
 def machine() -> dict[str, Any]:
-  cpu = platform.processor() or platform.machine()
-  try:
-    for line in open("/proc/cpuinfo"):
-      if line.startswith("model name"):
-        cpu = line.split(":", 1)[1].strip()
-        break
-  except OSError:
-    pass
-
-  return {"cpu": cpu, "cpu_count": os.cpu_count(), "python": platform.python_version(),
+  return {"cpu": cpu()[0], "cpu_count": os.cpu_count(), "python": platform.python_version(),
           **environment()}
 
 

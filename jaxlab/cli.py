@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import logging as std_logging
 import shlex
 import sys
@@ -24,7 +23,7 @@ from absl import app, flags
 
 from jaxlab.config import TrainConfig
 from jaxlab.errors import BadValue, NonFiniteError, UserError, one_line, show_traceback
-from jaxlab.preemption import EXIT_PREEMPTED, Preempted, under_launcher
+from jaxlab.preemption import EXIT_PREEMPTED, Preempted
 
 # JAX logs at INFO that it found no TPU library on every start; that is not news to a user.
 std_logging.getLogger("jax._src.xla_bridge").setLevel(std_logging.WARNING)
@@ -33,35 +32,18 @@ EXIT_BAD_INPUT = 2
 EXIT_NONFINITE = 3
 
 
-def user_errors_exit(main: Callable[[list[str]], None] | None = None, *,
-                     first: Callable[[], None] | None = None) -> Any:
+def user_errors_exit(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
   """Wraps an absl `main` so that a user error (stray positional arguments among them) prints
   `error: ...` and exits with status 2, a NaN stop with 3, and a stop on a signal prints where
-  it stopped and how to resume, and exits with 75. `first` (`@user_errors_exit(first=f)`) runs
-  before anything imports JAX: checks that should answer at once."""
-  if main is None:
-    return functools.partial(user_errors_exit, first=first)
+  it stopped and how to resume, and exits with 75. Any other exception is a bug and keeps its
+  traceback (status 1). The process's set-up is the script's own first call
+  (`jaxlab.runtime.start`)."""
 
   @functools.wraps(main)
   def wrapped(argv: list[str]) -> None:
     try:
       if len(argv) > 1:
         raise BadValue(f"unexpected arguments: {' '.join(argv[1:])}")
-      if first is not None:
-        first()
-      if "kernels" in flags.FLAGS:  # Before JAX starts: XLA reads its flags once.
-        from jaxlab import kernels
-        kernels.apply(flags.FLAGS.kernels, _started_kernels(), kind=_model_kind)
-      f = flags.FLAGS
-      if "coordinator_address" in f and (
-          under_launcher() or any(getattr(f, n) is not None for n in
-                                  ("coordinator_address", "num_processes", "process_id"))):
-        from jaxlab import parallel  # Only here: a single process starts JAX when it needs it.
-        parallel.initialize(f.coordinator_address, f.num_processes, f.process_id)
-      if "loop" in flags.FLAGS and flags.FLAGS.loop:
-        os.environ["JAXLAB_LOOP"] = flags.FLAGS.loop  # jaxlab.steps.LOOP_ENV
-      if "compilation_cache" in flags.FLAGS and flags.FLAGS.compilation_cache:
-        _enable_compilation_cache()
       main(argv)
     except Preempted as e:
       print(f"{e}\nresume with the same command: python {shlex.join(sys.argv)}",
@@ -88,19 +70,6 @@ def _parse_flags(argv: list[str]) -> list[str]:
     sys.exit(EXIT_BAD_INPUT)
 
 
-def _enable_compilation_cache() -> None:
-  """JAX's persistent compilation cache, through the environment JAX reads when it is imported,
-  so that a script that refuses its input (a busy run directory) does so before importing JAX;
-  through jax.config where JAX is already running (a script's main called in-process)."""
-  if "jax" in sys.modules:
-    from jaxlab import runtime
-    runtime.enable_compilation_cache()
-    return
-  from jaxlab.data import compilation_cache_options
-  os.environ.update({name.upper(): str(value)
-                     for name, value in compilation_cache_options().items()})
-
-
 def define_compilation_cache_flag() -> None:
   flags.DEFINE_bool("compilation_cache", True, "Keep compiled XLA programs in JAX's persistent "
                     "cache ($JAXLAB_XLA_CACHE_DIR, or $JAXLAB_CACHE_DIR/xla; default "
@@ -120,41 +89,6 @@ def define_kernels_flag() -> None:
                     "keeps nothing in the compilation cache (scripts/probe_kernels.py shows "
                     "what each does here). Default: $JAXLAB_KERNELS, else auto; a resumed run "
                     "keeps the kernels it started with.")
-
-
-def _model_kind() -> str:
-  """The kind of model this command runs, for jaxlab.kernels: "conv" where one of the
-  experiments it names (--experiment, else --lab's --experiments or all of its experiments) has
-  convolutions, "dense" where none has, "conv" where it names none. Imports the experiments,
-  which imports JAX but does not start its backend."""
-  f = flags.FLAGS
-  names = [f.experiment] if "experiment" in f and f.experiment else []
-  lab = f.lab if "lab" in f else None
-  if not names and not lab:
-    return "conv"
-  from jaxlab import experiment
-  from jaxlab.models import has_convolutions
-  if lab:
-    declared = experiment.load_lab(lab).experiments
-    names = names or (f.experiments if "experiments" in f and f.experiments else declared)
-  return ("conv" if any(has_convolutions(experiment.get_experiment(n).model) for n in names)
-          else "dense")
-
-
-def _started_kernels() -> str | None:
-  """The kernels recorded in --workdir's config.json (or its first member's), if any."""
-  workdir = flags.FLAGS["workdir"].value if "workdir" in flags.FLAGS else None
-  if not workdir:
-    return None
-  import json
-  import pathlib
-  root = pathlib.Path(workdir)
-  for path in [root / "config.json", *sorted(root.glob("*/config.json"))[:1]]:
-    try:
-      return json.loads(path.read_text()).get("environment", {}).get("kernels")
-    except (OSError, ValueError, AttributeError):
-      continue
-  return None
 
 
 def define_loop_flag() -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import hashlib
-import json
+import io
 import os
 import pathlib
 import pickle
@@ -29,7 +29,9 @@ from typing import Any, Callable
 import numpy as np
 from absl import logging
 
+from jaxlab import caches
 from jaxlab.errors import DataError
+from jaxlab.metrics import write_atomic, write_json
 from jaxlab.registry import Registry
 
 DEBIAN_FASHION_MNIST_DIR = pathlib.Path("/usr/share/datasets/fashion-mnist")
@@ -346,25 +348,6 @@ def find_source(info: DatasetInfo, data_dir: str | None = None, download: bool =
 # ----------------------------------------------------------------------------- cache
 
 
-def default_cache_dir() -> pathlib.Path:
-  return pathlib.Path(os.environ.get("JAXLAB_CACHE_DIR", "~/.cache/jaxlab")).expanduser()
-
-
-def default_compilation_cache() -> pathlib.Path:
-  """$JAXLAB_XLA_CACHE_DIR if set, else $JAXLAB_CACHE_DIR/xla (default ~/.cache/jaxlab/xla)."""
-  if os.environ.get("JAXLAB_XLA_CACHE_DIR"):
-    return pathlib.Path(os.environ["JAXLAB_XLA_CACHE_DIR"]).expanduser()
-  return default_cache_dir() / "xla"
-
-
-def compilation_cache_options(directory: str | os.PathLike | None = None) -> dict[str, Any]:
-  """JAX's options for its persistent compilation cache in `directory` (default
-  `default_compilation_cache()`), for every program however quick to compile."""
-  path = pathlib.Path(directory) if directory else default_compilation_cache()
-  return {"jax_compilation_cache_dir": str(path), "jax_persistent_cache_min_compile_time_secs": 0,
-          "jax_persistent_cache_min_entry_size_bytes": 0}
-
-
 ARRAY_NAMES = ("train_images", "train_labels", "test_images", "test_labels")
 
 
@@ -394,7 +377,7 @@ def load_dataset(name: str, data_dir: str | None = None, download: bool = False,
   cache = None
   if use_cache and found.key:
     digest = hashlib.sha256(found.key.encode()).hexdigest()[:16]
-    cache = pathlib.Path(cache_dir or default_cache_dir()) / f"{name}-{digest}"
+    cache = pathlib.Path(cache_dir or caches.cache_dir()) / f"{name}-{digest}"
     if (cache / "done.json").is_file():
       arrays = {k: np.load(cache / f"{k}.npy", mmap_mode="r") for k in ARRAY_NAMES}
       logging.info("Loaded %s from the cache %s (source: %s)", name, cache, found.description)
@@ -416,11 +399,10 @@ def load_dataset(name: str, data_dir: str | None = None, download: bool = False,
 def _write_cache(cache: pathlib.Path, arrays: dict[str, np.ndarray], found: Found) -> None:
   """Writes the arrays, then the marker: a crash midway leaves no cache that looks complete."""
   try:
-    cache.mkdir(parents=True, exist_ok=True)
     for k in ARRAY_NAMES:
-      tmp = cache / f"{k}.tmp.npy"
-      np.save(tmp, arrays[k])
-      os.replace(tmp, cache / f"{k}.npy")
-    (cache / "done.json").write_text(json.dumps({"source": found.description, "key": found.key}))
-  except OSError as e:  # A read-only home must not stop a run.
+      npy = io.BytesIO()
+      np.save(npy, arrays[k])
+      write_atomic(cache / f"{k}.npy", npy.getvalue())
+    write_json(cache / "done.json", {"source": found.description, "key": found.key})
+  except OSError as e:  # A read-only home or a full disk must not stop a run.
     logging.warning("Could not write the data cache %s: %s", cache, e)

@@ -37,8 +37,9 @@ import tempfile
 import time
 from typing import Any, Callable
 
-from jaxlab.data import default_cache_dir
+from jaxlab.caches import cache_dir
 from jaxlab.errors import BadValue
+from jaxlab.metrics import read_json, write_json
 
 # Name -> the XLA flags that select it for a process. "xla" is XLA:CPU as it comes.
 KERNELS: dict[str, str] = {
@@ -80,7 +81,7 @@ SAMPLE_SECONDS = 0.05  # A timed sample repeats a quick step until it lasts abou
 
 
 def cache_file() -> pathlib.Path:
-  return default_cache_dir() / "kernels.json"
+  return cache_dir() / "kernels.json"
 
 
 def cpu() -> tuple[str, str]:
@@ -337,10 +338,7 @@ def choose(log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
   The record's `kinds` holds, per kind, the name, its flags, and every candidate's seconds,
   error against float64 and whether that is within float rounding."""
   key, path = machine_key(), cache_file()
-  try:
-    cached = json.loads(path.read_text())
-  except (OSError, ValueError):
-    cached = {}
+  cached = read_json(path)
   if not refresh and _complete(cached.get(key)):
     return cached[key]
   log("measuring XLA:CPU's kernel libraries on this machine, once "
@@ -372,10 +370,7 @@ def choose(log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
     return record
   cached[key] = record
   try:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(cached, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_json(path, cached)
   except OSError as e:
     log(f"  (not cached: {e})")
   return record

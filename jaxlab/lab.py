@@ -74,8 +74,9 @@ class LabRunner:
 
   def __init__(self, lab: Lab, workdir: str | pathlib.Path, runs: list[Run],
                settings: dict[str, Any], progress: bool | None = None,
-               say: Callable[[str], None] | None = None):
+               say: Callable[[str], None] | None = None, loop: str | None = None):
     self.lab, self.runs, self.settings, self.progress = lab, runs, settings, progress
+    self.loop = loop  # How a compiled call runs its steps (`jaxlab.train.train_group`).
     self.root = pathlib.Path(workdir)
     if self.root.exists() and not self.root.is_dir():
       raise BadValue(f"--workdir {self.root} is a file, not a directory")
@@ -268,7 +269,8 @@ class LabRunner:
     t0 = time.perf_counter()
     try:
       summaries = train_group([r.config for r in group], [r.root for r in group],
-                              dataset=self._dataset(group[0].config), progress=self.progress)
+                              dataset=self._dataset(group[0].config), progress=self.progress,
+                              loop=self.loop)
     except preemption.Preempted as e:  # The lab stops; the runs resume next time.
       self.write()
       raise preemption.Preempted(f"{head}: {e}") from None

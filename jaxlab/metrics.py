@@ -59,6 +59,16 @@ def dumps(obj: Any, **kwargs: Any) -> str:
   return json.dumps(finite_json(obj), allow_nan=False, **kwargs)
 
 
+def read_json(path: str | os.PathLike) -> dict[str, Any]:
+  """A JSON object from a file; {} where the file is missing, unreadable, not JSON or not an
+  object (a run directory's files are read by whoever finds them, whatever state they are in)."""
+  try:
+    found = json.loads(pathlib.Path(path).read_text())
+  except (OSError, ValueError):
+    return {}
+  return found if isinstance(found, dict) else {}
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
   write_atomic(path, (dumps(obj, indent=2) + "\n").encode())
 

@@ -21,21 +21,19 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxlab.errors import BadValue
-from jaxlab.preemption import under_launcher
 
 AXIS = "data"
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None) -> bool:
-  """Joins a multi-process run; returns whether this is one. Explicit settings win; without
-  them, a launcher's environment (SLURM, Open MPI, Kubernetes JobSet) is detected by JAX."""
+               process_id: int | None = None) -> None:
+  """Joins a multi-process run. Explicit settings win; without them, a launcher's environment
+  (SLURM, Open MPI, Kubernetes JobSet) is read by JAX (`jaxlab.runtime.start` calls this
+  where there is one)."""
   given = [v is not None for v in (coordinator_address, num_processes, process_id)]
   if any(given) and not all(given):
     raise BadValue("--coordinator_address, --num_processes and --process_id go together "
                    "(or none of them, to let JAX read a launcher's environment)")
-  if not any(given) and not under_launcher():
-    return False
   if num_processes is not None and not 0 <= process_id < num_processes:
     raise BadValue(f"--process_id must be in [0, {num_processes}), got {process_id}")
   # CPU devices need an implementation of collectives across processes (gloo ships with
@@ -45,7 +43,6 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
   else:
     jax.distributed.initialize()
-  return True
 
 
 def data_mesh(num_devices: int | None = None) -> Mesh:

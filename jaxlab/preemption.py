@@ -4,9 +4,6 @@ A preempted machine sends SIGTERM and a user presses Ctrl-C: `stop_on_signals()`
 scripts that train) turns the first such signal into a request that the training loop honours
 at its next step boundary (`jaxlab.hooks.StopOnSignal`: a checkpoint, then `Preempted`); a
 second signal aborts at once. The flag is process-wide, as signals are.
-
-`under_launcher()`: whether a cluster launcher (SLURM, Open MPI, Kubernetes) started this
-process, as JAX's cluster detection sees it, without importing JAX.
 """
 
 from __future__ import annotations
@@ -17,14 +14,6 @@ import signal
 import sys
 import threading
 from typing import Iterator
-
-# Environment variables by which JAX's cluster detection recognizes a launcher.
-CLUSTER_ENVIRONMENT = ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "JOBSET_NAME",
-                       "MEGASCALE_COORDINATOR_ADDRESS")
-
-
-def under_launcher() -> bool:
-  return any(name in os.environ for name in CLUSTER_ENVIRONMENT)
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on request; the same command resumes.
 SIGNALS = (signal.SIGTERM, signal.SIGINT)

@@ -18,32 +18,6 @@ import jax
 import jax.numpy as jnp
 
 
-class CompileCounter:
-  """Counts XLA backend compilations while active (a context manager).
-
-  Uses JAX's monitoring events, so it sees every compilation in the process, whoever asks.
-  """
-
-  EVENT = "/jax/core/compile/backend_compile_duration"
-
-  def __init__(self):
-    self.count = 0
-    self._active = False
-    jax.monitoring.register_event_duration_secs_listener(self._listener)
-
-  def _listener(self, event: str, duration: float, **kwargs) -> None:
-    if self._active and event == self.EVENT:
-      self.count += 1
-
-  def __enter__(self) -> "CompileCounter":
-    self.count = 0
-    self._active = True
-    return self
-
-  def __exit__(self, *exc) -> None:
-    self._active = False
-
-
 @dataclasses.dataclass
 class CompiledStats:
   """What XLA says about one compiled function, and how long compiling it took."""

@@ -28,20 +28,12 @@ from typing import Any
 import jaxlab
 from jaxlab.config import RESUMABLE_CHANGES, TrainConfig, changed_settings
 from jaxlab.errors import BadValue, CheckpointError, MissingFile
-from jaxlab.metrics import read_jsonl
+from jaxlab.metrics import read_json, read_jsonl
 
 CHECKPOINTS = ("last", "best")
 STATUSES = ("pending", "running", "completed", "failed", "missing", "imported")
 RESTART_HINT = "pass --restart to discard this run's checkpoints and train from scratch"
 _STEP_FILE = re.compile(r"step_(\d+)\.msgpack")
-
-
-def _read_json(path: pathlib.Path) -> dict[str, Any]:
-  try:
-    found = json.loads(path.read_text())
-  except (OSError, ValueError):
-    return {}
-  return found if isinstance(found, dict) else {}
 
 
 def _digest(obj: Any) -> str:
@@ -208,7 +200,7 @@ class Run:
     config.json): settings, description, history, summary and status (`completed` once the
     final evaluation is in metrics.json, `imported` for imported weights, else `running`)."""
     root = pathlib.Path(root)
-    saved = _read_json(root / "config.json")
+    saved = read_json(root / "config.json")
     if not isinstance(saved.get("config"), dict):
       return None
     run = cls(root, settings=saved["config"], path=path)
@@ -217,7 +209,7 @@ class Run:
     run.architecture = saved.get("model", {})
     run.data = saved.get("data", {})
     run.environment = saved.get("environment", {})
-    run.summary = _read_json(root / "metrics.json")
+    run.summary = read_json(root / "metrics.json")
     run.history = read_jsonl(root / "metrics.jsonl")
     state = run.summary.get("status")
     run.status = ("completed" if state == "completed" and "evaluation" in run.summary

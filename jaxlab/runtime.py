@@ -1,9 +1,19 @@
-"""The process a run trains in: compilations, the persistent cache, its environment.
+"""The process a run trains in: its set-up, its compilations, the persistent cache, its environment.
 
-What a process pays before it trains (XLA compilations, counted and timed as JAX reports them,
-and the time to the first step), JAX's persistent compilation cache (which makes a second
-process running the same programs skip compiling them), and the environment a run records in
-config.json.
+`start(FLAGS)` is the first call of every script's `main`: it sets up the process before JAX
+starts its backend, from the flags the script defines (each only if it does):
+
+- `--kernels`: XLA:CPU's kernel libraries (`jaxlab.kernels`), for the kind of model the command
+  runs (with or without convolutions), or the ones a resumed run started with;
+- `--coordinator_address`, `--num_processes`, `--process_id` (or a cluster launcher's
+  environment): a run of several processes (`jax.distributed`);
+- `--compilation_cache`: JAX's persistent compilation cache (`jaxlab.caches`), which makes a
+  second process running the same programs skip compiling them.
+
+Then what a process pays before it trains (XLA compilations, counted and timed as JAX reports
+them, and the time to the first step), and the environment a run records in config.json.
+
+Imports nothing of JAX until it is asked to: `start` runs before JAX does.
 """
 
 from __future__ import annotations
@@ -11,20 +21,89 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
+import sys
 import time
 from typing import Any
 
-import jax
-
 import jaxlab
-from jaxlab import kernels
-from jaxlab.data import compilation_cache_options
+from jaxlab import caches, kernels
 
-# JAX reports every program it gets for a backend (compiled, or loaded from the persistent
-# cache) as one duration event; loads also come as cache hits, with their retrieval time.
-_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
-_CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
-_RETRIEVAL_EVENT = "/jax/compilation_cache/cache_retrieval_time_sec"
+# Environment variables by which JAX's cluster detection recognizes a launcher.
+CLUSTER_ENVIRONMENT = ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "JOBSET_NAME",
+                       "MEGASCALE_COORDINATOR_ADDRESS")
+
+
+def under_launcher() -> bool:
+  """Whether a cluster launcher (SLURM, Open MPI, Kubernetes) started this process, as JAX's
+  cluster detection sees it."""
+  return any(name in os.environ for name in CLUSTER_ENVIRONMENT)
+
+
+def start(flags: Any) -> None:
+  """Sets up this process for a script's command line (`flags`, absl's FlagValues; see the
+  module docstring): kernels, then jax.distributed, then the compilation cache."""
+  if "kernels" in flags:  # Before JAX starts its backend: XLA reads its flags once.
+    kernels.apply(flags.kernels, _started_kernels(flags), kind=lambda: _model_kind(flags))
+  if "coordinator_address" in flags:
+    given = [flags[n].value for n in ("coordinator_address", "num_processes", "process_id")]
+    if under_launcher() or any(v is not None for v in given):
+      from jaxlab import parallel
+      parallel.initialize(*given)
+  if "compilation_cache" in flags and flags.compilation_cache:
+    enable_compilation_cache()
+
+
+def _model_kind(flags: Any) -> str:
+  """The kind of model a command runs, for jaxlab.kernels: "conv" where one of the experiments
+  it names (--experiment, else --lab's --experiments or all of its experiments) has
+  convolutions, "dense" where none has, "conv" where it names none. Imports the experiments,
+  which imports JAX but does not start its backend."""
+  names = [flags.experiment] if "experiment" in flags and flags.experiment else []
+  lab = flags.lab if "lab" in flags else None
+  if not names and not lab:
+    return "conv"
+  from jaxlab import experiment
+  from jaxlab.models import has_convolutions
+  if lab:
+    declared = experiment.load_lab(lab).experiments
+    names = names or (flags.experiments if "experiments" in flags and flags.experiments
+                      else declared)
+  return ("conv" if any(has_convolutions(experiment.get_experiment(n).model) for n in names)
+          else "dense")
+
+
+def _started_kernels(flags: Any) -> str | None:
+  """The kernels recorded in --workdir's config.json (or its first member's), if any."""
+  workdir = flags["workdir"].value if "workdir" in flags else None
+  if not workdir:
+    return None
+  from jaxlab.metrics import read_json
+  root = pathlib.Path(workdir)
+  for path in [root / "config.json", *sorted(root.glob("*/config.json"))[:1]]:
+    found = read_json(path).get("environment", {})
+    if isinstance(found, dict) and found.get("kernels"):
+      return found["kernels"]
+  return None
+
+
+def enable_compilation_cache(directory: str | os.PathLike | None = None) -> pathlib.Path:
+  """Turns on JAX's persistent compilation cache in `directory` (default
+  `jaxlab.caches.compilation_cache_dir()`), for every program however quick to compile: a
+  second process (another seed, another learning rate, a resumed run) then loads them instead
+  of compiling them. Before JAX is imported, through the environment it reads when it is (so
+  that a script that refuses its input does so without importing JAX); after, through
+  jax.config."""
+  options = caches.compilation_cache_options(directory)
+  if "jax" in sys.modules:
+    import jax
+    for name, value in options.items():
+      jax.config.update(name, value)
+  else:
+    os.environ.update({name.upper(): str(value) for name, value in options.items()})
+  return pathlib.Path(options["jax_compilation_cache_dir"])
+
+
+# ----------------------------------------------------------------------------- compilations
 
 
 def _process_start() -> float:
@@ -40,14 +119,21 @@ def _process_start() -> float:
 
 PROCESS_START = _process_start()
 
+# JAX reports every program it gets for a backend (compiled, or loaded from the persistent
+# cache) as one duration event; loads also come as cache hits, with their retrieval time.
+_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+_CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
+_RETRIEVAL_EVENT = "/jax/compilation_cache/cache_retrieval_time_sec"
+
 
 @dataclasses.dataclass
-class _Totals:
+class Totals:
+  """The process's programs so far (or between two marks)."""
+
   programs: int = 0  # Compiled or loaded from the persistent cache.
   cache_hits: int = 0
   seconds: float = 0.0  # Compiling and loading.
   retrieval_seconds: float = 0.0  # Loading.
-  first_step: float | None = None  # Unix time the process's first train step was done.
 
   @property
   def compilations(self) -> int:
@@ -57,69 +143,91 @@ class _Totals:
   def compile_seconds(self) -> float:
     return self.seconds - self.retrieval_seconds
 
-
-_TOTALS = _Totals()
-
-
-def _duration_listener(event: str, duration: float, **kwargs: Any) -> None:
-  if event == _COMPILE_EVENT:
-    _TOTALS.programs += 1
-    _TOTALS.seconds += duration
-  elif event == _RETRIEVAL_EVENT:
-    _TOTALS.retrieval_seconds += duration
+  def __sub__(self, other: Totals) -> Totals:
+    return Totals(*(getattr(self, f.name) - getattr(other, f.name)
+                    for f in dataclasses.fields(self)))
 
 
-def _event_listener(event: str, **kwargs: Any) -> None:
-  if event == _CACHE_HIT_EVENT:
-    _TOTALS.cache_hits += 1
+_TOTALS = Totals()
+_FIRST_STEP: list[float] = []  # Unix time the process's first train step was done.
+_LISTENING: list[bool] = []
 
 
-jax.monitoring.register_event_duration_secs_listener(_duration_listener)
-jax.monitoring.register_event_listener(_event_listener)
+def _listen() -> None:
+  """Registers the one pair of listeners of JAX's compile events (once per process)."""
+  if _LISTENING:
+    return
+  import jax
+
+  def duration(event: str, duration: float, **kwargs: Any) -> None:
+    if event == _COMPILE_EVENT:
+      _TOTALS.programs += 1
+      _TOTALS.seconds += duration
+    elif event == _RETRIEVAL_EVENT:
+      _TOTALS.retrieval_seconds += duration
+
+  def count(event: str, **kwargs: Any) -> None:
+    if event == _CACHE_HIT_EVENT:
+      _TOTALS.cache_hits += 1
+
+  jax.monitoring.register_event_duration_secs_listener(duration)
+  jax.monitoring.register_event_listener(count)
+  _LISTENING.append(True)
 
 
 def first_step_done() -> None:
-  if _TOTALS.first_step is None:
-    _TOTALS.first_step = time.time()
+  if not _FIRST_STEP:
+    _FIRST_STEP.append(time.time())
 
 
 @dataclasses.dataclass(frozen=True)
 class Mark:
-  """Where the counters stood when a run started."""
+  """Where the counters stood at a moment (a run's start, a block being counted)."""
 
   time: float
-  totals: _Totals
+  totals: Totals
+
+  def since(self) -> Totals:
+    """The programs compiled or loaded since this mark."""
+    return _TOTALS - self.totals
 
 
 def mark() -> Mark:
+  _listen()
   return Mark(time.time(), dataclasses.replace(_TOTALS))
+
+
+class CompileCounter:
+  """Counts the XLA programs this process compiles (or loads from the persistent cache) while
+  active, whoever asks for them: `with CompileCounter() as c: ...; c.count`."""
+
+  def __enter__(self) -> CompileCounter:
+    self._mark, self._final = mark(), None
+    return self
+
+  def __exit__(self, *exc: Any) -> None:
+    self._final = self._mark.since()
+
+  @property
+  def count(self) -> int:
+    return (self._final or self._mark.since()).programs
 
 
 def startup_report(since: Mark) -> dict[str, Any]:
   """For metrics.json: the process's seconds from its start to its first train step, and, since
   `since` (a run's start), the XLA programs compiled (count, seconds) and those loaded from the
   persistent cache instead."""
-  first, now, then = _TOTALS.first_step, _TOTALS, since.totals
-  return {"process_seconds_to_first_step": None if first is None else first - PROCESS_START,
-          "compilations": now.compilations - then.compilations,
-          "compile_seconds": now.compile_seconds - then.compile_seconds,
-          "programs_from_cache": now.cache_hits - then.cache_hits}
-
-
-def enable_compilation_cache(directory: str | os.PathLike | None = None) -> pathlib.Path:
-  """Turns on JAX's persistent compilation cache in `directory` (default
-  `jaxlab.data.default_compilation_cache()`), for every program however quick to compile: a second process
-  (another seed, another learning rate, a resumed run) then loads them instead of compiling
-  them."""
-  options = compilation_cache_options(directory)
-  for name, value in options.items():
-    jax.config.update(name, value)
-  return pathlib.Path(options["jax_compilation_cache_dir"])
+  done = since.since()
+  return {"process_seconds_to_first_step": (_FIRST_STEP[0] - PROCESS_START if _FIRST_STEP
+                                            else None),
+          "compilations": done.compilations, "compile_seconds": done.compile_seconds,
+          "programs_from_cache": done.cache_hits}
 
 
 def environment() -> dict[str, Any]:
   """jaxlab and JAX versions, the backend and device the computation runs on, and on the CPU
   the kernels XLA uses (`jaxlab.kernels`) with the XLA flags the backend started with."""
+  import jax
   device = jax.devices()[0]
   found = {"jaxlab": jaxlab.__version__, "jax": jax.__version__,
            "backend": jax.default_backend(), "device": getattr(device, "device_kind", str(device)),

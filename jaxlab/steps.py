@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from typing import Any, Callable
 
 import jax
@@ -167,15 +166,12 @@ def _zeros(sums: dict[str, float | int], members: int | None = None) -> Metrics:
 EVAL_SUMS = {"loss_sum": 0.0, "correct": 0, "count": 0}
 
 
-LOOP_ENV = "JAXLAB_LOOP"  # The scripts' --loop; "auto" where unset.
-
-
 def choose_loop(model: PlanModel, loop: str | None = None, backend: str | None = None) -> str:
-  """The loop `make_steps` builds: `loop` (default: $JAXLAB_LOOP, else "auto") unless "auto";
+  """The loop `make_steps` builds: `loop` (the scripts' --loop; default "auto") unless "auto";
   "auto" is "steps" for a model with convolutions on the CPU (measured: AlexNet's step 0.26 s
   alone, 4.7 s inside a scan of one step, on XLA:CPU) and "scan" otherwise (a scan of an MLP's
   steps saves the dispatches)."""
-  loop = loop or os.environ.get(LOOP_ENV) or "auto"
+  loop = loop or "auto"
   if loop not in LOOPS:
     raise ValueError(f"unknown loop {loop!r}; known: {', '.join(LOOPS)}")
   if loop != "auto":

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import os
 import pathlib
 import sys
 import time
@@ -40,7 +39,7 @@ from jaxlab.optim import make_optimizer
 from jaxlab.restore import restore_group, restore_state
 from jaxlab.run import Run
 from jaxlab.state import TrainState, create_group_state, member, seed_keys
-from jaxlab.steps import (LOOP_ENV, Steps, evaluate, evaluate_group, make_steps,
+from jaxlab.steps import (Steps, evaluate, evaluate_group, make_steps,
                           train_epoch)
 from jaxlab.summary import param_counts, summarize
 from jaxlab.tensorboard import TensorBoard
@@ -73,21 +72,23 @@ def group_configs(config: TrainConfig, seeds: Sequence[int] | None = None,
 
 def train_and_evaluate(config: TrainConfig, workdir: str | pathlib.Path,
                        dataset: Dataset | None = None, progress: bool | None = None,
-                       hooks: Sequence[Hook] = (), restart: bool = False) -> dict[str, Any]:
+                       hooks: Sequence[Hook] = (), restart: bool = False,
+                       loop: str | None = None) -> dict[str, Any]:
   """Trains `config` into `workdir`, resuming from its newest intact checkpoint (at an epoch's
   end or inside an epoch), and returns the summary.
 
   `hooks` run after the default ones (`default_hooks`) at every point of the loop. `progress`
   shows per-epoch bars (default: when stderr is a terminal). `restart` discards what the run
-  directory holds and trains from scratch.
+  directory holds and trains from scratch. `loop` is how a compiled call runs its steps
+  (`jaxlab.steps.choose_loop`; default: a resumed run's own, else "auto").
   """
-  return train_group([config], [workdir], dataset, progress, [hooks], restart)[0]
+  return train_group([config], [workdir], dataset, progress, [hooks], restart, loop)[0]
 
 
 def train_group(configs: Sequence[TrainConfig], workdirs: Sequence[str | pathlib.Path],
                 dataset: Dataset | None = None, progress: bool | None = None,
                 hooks: Sequence[Sequence[Hook]] | None = None,
-                restart: bool = False) -> list[dict[str, Any]]:
+                restart: bool = False, loop: str | None = None) -> list[dict[str, Any]]:
   """Trains K runs of one architecture that differ only in seed and learning rate as one
   vmapped state and program, run k into `workdirs[k]`, and returns their summaries.
 
@@ -96,7 +97,7 @@ def train_group(configs: Sequence[TrainConfig], workdirs: Sequence[str | pathlib
   resumes as a group. `hooks[k]` are member k's own hooks (after the default ones).
   """
   with contextlib.ExitStack() as held:  # Each run directory's lock (`jaxlab.lock`).
-    group = _set_up(configs, workdirs, dataset, progress, hooks, restart, held)
+    group = _set_up(configs, workdirs, dataset, progress, hooks, restart, loop, held)
     try:
       group.hooks.run_start()
       for epoch in range(group.runs[0].start_epoch + 1, group.config.epochs + 1):
@@ -140,7 +141,7 @@ class _Group:
 
 def _set_up(configs: Sequence[TrainConfig], workdirs: Sequence[str | pathlib.Path],
             dataset: Dataset | None, progress: bool | None,
-            extra_hooks: Sequence[Sequence[Hook]] | None, restart: bool,
+            extra_hooks: Sequence[Sequence[Hook]] | None, restart: bool, loop: str | None,
             held: contextlib.ExitStack) -> _Group:
   """Checks the group, prepares its directories, loads the data, builds the model and its
   steps, and restores the newest state every member has saved."""
@@ -185,19 +186,19 @@ def _set_up(configs: Sequence[TrainConfig], workdirs: Sequence[str | pathlib.Pat
   arrays = parallel.put_replicated((dataset.train_images, dataset.train_labels,
                                     dataset.test_images, dataset.test_labels), mesh)
   shuffle_keys = jnp.stack([seed_keys(c.seed)[2] for c in configs])
-  steps = make_steps(model, base.nan_policy, mesh, _loop(runs))
+  steps = make_steps(model, base.nan_policy, mesh, _loop(runs, loop))
   for run in runs:
     run.environment = {**run.environment, "loop": steps.loop}
   return _Group(runs, hooks, model, steps, state, sums,
                 template, dataset, arrays, shuffle_keys, started)
 
 
-def _loop(runs: Sequence[Run]) -> str | None:
-  """The loop a resumed run started with (so that it resumes bit for bit), unless $JAXLAB_LOOP
-  (--loop) names one; None (the choice for this model and backend) for a fresh run (or one
-  restarted: its config.json is gone by now)."""
-  if os.environ.get(LOOP_ENV):
-    return None
+def _loop(runs: Sequence[Run], loop: str | None) -> str | None:
+  """`loop` where it is given (the scripts' --loop); else the loop a resumed run started with
+  (so that it resumes bit for bit), or None (the choice for this model and backend) for a
+  fresh run (or one restarted: its config.json is gone by now)."""
+  if loop:
+    return loop
   saved = Run.read(runs[0].root)
   return saved.environment.get("loop") if saved else None
 

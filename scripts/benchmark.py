@@ -11,7 +11,7 @@ import pathlib
 
 from absl import flags
 
-from jaxlab import cli
+from jaxlab import cli, runtime
 from jaxlab.benchmark import PEERS, markdown, run_benchmark
 from jaxlab.config import PRECISIONS
 from jaxlab.experiment import build_model
@@ -37,6 +37,7 @@ FLAGS = flags.FLAGS
 
 @cli.user_errors_exit
 def main(argv):
+  runtime.start(FLAGS)
   exp = get_experiment(FLAGS.experiment)
   info = DATASETS.get(FLAGS.dataset or exp.dataset)
   model = build_model(exp, info, FLAGS.precision)

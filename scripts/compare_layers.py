@@ -12,7 +12,7 @@ import sys
 import numpy as np
 from absl import flags
 
-from jaxlab import cli
+from jaxlab import cli, runtime
 from jaxlab.compare import capture, compare
 from jaxlab.experiment import build_model
 from jaxlab.experiment import get_experiment
@@ -30,6 +30,7 @@ FLAGS = flags.FLAGS
 
 @cli.user_errors_exit
 def main(argv):
+  runtime.start(FLAGS)
   exp = get_experiment(FLAGS.experiment)
   model = build_model(exp, FLAGS.dataset)
   variables = import_keras_weights(model, FLAGS.keras_weights)

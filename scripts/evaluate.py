@@ -8,7 +8,7 @@ import json
 import jax
 from absl import flags
 
-from jaxlab import cli, evaluation
+from jaxlab import cli, evaluation, runtime
 from jaxlab.data import load_dataset
 from jaxlab.restore import load_run
 from jaxlab.steps import evaluate, make_steps
@@ -24,6 +24,7 @@ FLAGS = flags.FLAGS
 
 @cli.user_errors_exit
 def main(argv):
+  runtime.start(FLAGS)
   config, model, state, epoch = load_run(FLAGS.workdir, FLAGS.checkpoint)
   dataset = load_dataset(config.dataset, data_dir=FLAGS.data_dir or config.data_dir)
   metrics, predictions = evaluate(make_steps(model), state.variables,

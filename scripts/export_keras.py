@@ -5,7 +5,7 @@
 
 from absl import flags
 
-from jaxlab import cli
+from jaxlab import cli, runtime
 from jaxlab.keras_io import export_keras
 from jaxlab.restore import load_run
 
@@ -18,6 +18,7 @@ FLAGS = flags.FLAGS
 
 @cli.user_errors_exit
 def main(argv):
+  runtime.start(FLAGS)
   config, model, state, epoch = load_run(FLAGS.workdir, FLAGS.checkpoint)
   export_keras(model, state.variables, FLAGS.output)
   print(f"wrote {FLAGS.output} ({config.experiment}, {FLAGS.checkpoint} checkpoint, epoch {epoch})")

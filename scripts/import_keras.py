@@ -9,7 +9,7 @@ BatchNorm statistics, so evaluate.py, predict.py and train.py work on DIR.
 
 from absl import flags
 
-from jaxlab import cli
+from jaxlab import cli, runtime
 from jaxlab.experiment import build_model, resolve_config
 from jaxlab.keras_io import import_keras_weights
 from jaxlab.keras_io import write_imported_run
@@ -23,6 +23,7 @@ FLAGS = flags.FLAGS
 
 @cli.user_errors_exit
 def main(argv):
+  runtime.start(FLAGS)
   config = resolve_config(FLAGS.experiment, dataset=FLAGS.dataset)
   model = build_model(config.experiment, config.dataset)
   variables = import_keras_weights(model, FLAGS.keras_weights)

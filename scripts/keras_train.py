@@ -9,7 +9,7 @@ import time
 
 from absl import flags
 
-from jaxlab import cli
+from jaxlab import cli, runtime
 from jaxlab.benchmark import keras_train
 from jaxlab.experiment import build_model, resolve_config
 from jaxlab.data import load_dataset
@@ -22,6 +22,7 @@ FLAGS = flags.FLAGS
 
 @cli.user_errors_exit
 def main(argv):
+  runtime.start(FLAGS)
   config = resolve_config(FLAGS.experiment, **cli.config_overrides(OVERRIDES))
   dataset = load_dataset(config.dataset, data_dir=config.data_dir)
   model = build_model(config.experiment, dataset.info)

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 from absl import flags
 
-from jaxlab import cli
+from jaxlab import cli, runtime
 from jaxlab.errors import BadValue
 from jaxlab.restore import load_run
 
@@ -28,6 +28,7 @@ FLAGS = flags.FLAGS
 
 @cli.user_errors_exit
 def main(argv):
+  runtime.start(FLAGS)
   config, model, state, _ = load_run(FLAGS.workdir, FLAGS.checkpoint)
   try:
     x = np.load(FLAGS.inputs, allow_pickle=False)

@@ -16,9 +16,8 @@ import sys
 
 from absl import flags
 
-from jaxlab import cli, kernels, profiling
+from jaxlab import cli, kernels, profiling, runtime
 from jaxlab.errors import BadValue
-from jaxlab.runtime import environment
 
 flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Operand dtypes to probe.")
 flags.DEFINE_integer("steps", 3, "Timed calls per op (after 3 warm-up calls).", lower_bound=1)
@@ -28,13 +27,14 @@ FLAGS = flags.FLAGS
 
 @cli.user_errors_exit
 def main(argv):
+  runtime.start(FLAGS)
   for dtype in FLAGS.dtypes:
     if dtype not in ("float32", "bfloat16"):
       raise BadValue(f"unknown dtype {dtype!r}; known: float32, bfloat16")
   rows = profiling.probe_kernels({**kernels.OPTIONS, **profiling.ONEDNN_OPTIONS},
                                  FLAGS.dtypes, FLAGS.steps,
                                  log=lambda s: print(s, file=sys.stderr, flush=True))
-  env = environment()
+  env = runtime.environment()
   if FLAGS.json:
     print(json.dumps({"environment": env, "rows": rows}, indent=2))
     return

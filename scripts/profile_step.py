@@ -15,14 +15,13 @@ import jax
 import numpy as np
 from absl import flags
 
-from jaxlab import cli, profiling
+from jaxlab import cli, profiling, runtime
 from jaxlab.config import TrainConfig
 from jaxlab.experiment import build_model, load_lab, resolve_config
 from jaxlab.models import DTYPES
 from jaxlab.data import DATASETS
 from jaxlab.optim import make_optimizer
 from jaxlab.summary import forward_flops
-from jaxlab.runtime import environment
 from jaxlab.state import create_group_state, create_train_state
 from jaxlab.steps import make_steps
 
@@ -110,7 +109,7 @@ def profile(config: TrainConfig, steps: int, trace_dir: str | None = None,
     r["median_member_step_seconds"] = r["median_step_seconds"] / members
   return {"experiment": experiment, "dataset": info.name, "batch_size": batch_size,
           "members": members,
-          "precision": precision, **environment(),
+          "precision": precision, **runtime.environment(),
           "matmul_peak_flops_per_second": peak, **results,
           **extra}
 
@@ -155,6 +154,7 @@ def format_table(r: dict) -> str:
 
 @cli.user_errors_exit
 def main(argv):
+  runtime.start(FLAGS)
   if FLAGS.lab:
     load_lab(FLAGS.lab)
   config = resolve_config(FLAGS.experiment, **cli.config_overrides(OVERRIDES))

@@ -14,7 +14,7 @@ alone rebuilds it (as docs/results/lab02_fashion_mnist does):
 
 from absl import flags
 
-from jaxlab import cli
+from jaxlab import cli, runtime
 from jaxlab.report import build_report
 from jaxlab.report.build import copy_small_files
 
@@ -30,6 +30,7 @@ FLAGS = flags.FLAGS
 
 @cli.user_errors_exit
 def main(argv):
+  runtime.start(FLAGS)
   out = FLAGS.out or f"{FLAGS.runs.rstrip('/')}/report"
   runs = FLAGS.runs
   if FLAGS.with_runs:

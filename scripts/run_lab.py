@@ -18,7 +18,7 @@ import sys
 
 from absl import flags, logging
 
-from jaxlab import cli, preemption
+from jaxlab import cli, preemption, runtime
 from jaxlab.experiment import load_lab
 from jaxlab.lab import LabRunner, plan_lab, run_workers
 from jaxlab.report import results_table
@@ -47,6 +47,7 @@ FLAGS = flags.FLAGS
 
 @cli.user_errors_exit
 def main(argv):
+  runtime.start(FLAGS)
   logging.set_verbosity(logging.INFO)
   lab = load_lab(FLAGS.lab)
   overrides = cli.config_overrides(OVERRIDES)
@@ -56,7 +57,7 @@ def main(argv):
   if FLAGS.workers > 1:  # Checked above (lab, experiments, settings); the workers do the rest.
     argv = [a for a in sys.argv[1:] if not a.startswith(("--workers", "-workers"))]
     sys.exit(run_workers(FLAGS.workers, [sys.executable, sys.argv[0], *argv]))
-  runner = LabRunner(lab, FLAGS.workdir, runs, settings, progress=FLAGS.progress)
+  runner = LabRunner(lab, FLAGS.workdir, runs, settings, progress=FLAGS.progress, loop=FLAGS.loop)
   with preemption.stop_on_signals():
     record = runner.run()
   failed = [r for r in record["runs"] if r["status"] == "failed"]

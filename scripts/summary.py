@@ -7,7 +7,7 @@ import json
 
 from absl import flags
 
-from jaxlab import cli
+from jaxlab import cli, runtime
 from jaxlab.experiment import build_model
 from jaxlab.summary import format_summary, summarize
 
@@ -19,6 +19,7 @@ FLAGS = flags.FLAGS
 
 @cli.user_errors_exit
 def main(argv):
+  runtime.start(FLAGS)
   summary = summarize(build_model(FLAGS.experiment, FLAGS.dataset))
   if FLAGS.json:
     print(json.dumps({"experiment": FLAGS.experiment, **summary}, indent=2))

@@ -13,7 +13,7 @@ same command resumes. A second signal aborts at once.
 
 from absl import flags, logging
 
-from jaxlab import cli, lock, preemption
+from jaxlab import cli, lock, preemption, runtime
 from jaxlab.errors import BadValue
 from jaxlab.run import member_dir, member_path
 
@@ -53,8 +53,10 @@ def refuse_busy() -> None:
                      for r in rates or [None]))
 
 
-@cli.user_errors_exit(first=refuse_busy)
+@cli.user_errors_exit
 def main(argv):
+  refuse_busy()  # At once: before JAX starts, before the data loads.
+  runtime.start(FLAGS)
   logging.set_verbosity(logging.INFO)
   workdir, seeds, rates = members()
   from jaxlab.experiment import load_lab, resolve_config  # pylint: disable=g-import-not-at-top
@@ -69,7 +71,8 @@ def main(argv):
   configs = group_configs(config, seeds, rates)
   workdirs = [member_dir(workdir, c, bool(seeds), bool(rates)) for c in configs]
   with preemption.stop_on_signals():
-    summaries = train_group(configs, workdirs, progress=FLAGS.progress, restart=FLAGS.restart)
+    summaries = train_group(configs, workdirs, progress=FLAGS.progress, restart=FLAGS.restart,
+                            loop=FLAGS.loop)
   for c, summary, path in zip(configs, summaries, workdirs):
     print(f"{c.experiment} on {c.dataset}" + (f", seed {c.seed}" if seeds else "")
           + (f", learning rate {c.learning_rate:g}" if rates else "")

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxlab import profiling
+from jaxlab import profiling, runtime
 from jaxlab import benchmark
 from jaxlab.benchmark import markdown, run_benchmark
 from jaxlab.experiment import build_model, resolve_config
@@ -91,7 +91,7 @@ def test_second_run_does_not_recompile(tmp_path):
                           steps_per_dispatch=4, eval_batch_size=64)
   ds = synthetic_dataset()
   train_and_evaluate(config, tmp_path / "a", dataset=ds)
-  with profiling.CompileCounter() as counter:
+  with runtime.CompileCounter() as counter:
     train_and_evaluate(config, tmp_path / "b", dataset=ds)
   assert counter.count == 0
 
@@ -103,7 +103,7 @@ def test_epochs_after_the_first_do_not_compile(tmp_path):
   ds = synthetic_dataset(n_train=250)  # 7 full batches (chunks 3, 3, 1) and one of 26.
   counts = []
   jax.clear_caches()  # Programs another test compiled would not count as this run's.
-  with profiling.CompileCounter() as counter:
+  with runtime.CompileCounter() as counter:
     train_and_evaluate(config, tmp_path, dataset=ds,
                        hooks=[OnEpochEnd(lambda epoch, record, state: counts.append(counter.count))])
   assert counts[0] > 0 and counts[1] == counts[2] == counts[0]
@@ -118,13 +118,13 @@ def test_resumed_run_compiles_what_a_fresh_run_does(tmp_path):
   train_and_evaluate(resolve_config("mlp_wide_narrow", dataset="mnist", epochs=1, batch_size=32,
                                     steps_per_dispatch=3, eval_batch_size=64),
                      tmp_path / "b", dataset=ds)
-  with profiling.CompileCounter() as counter:  # Restored state: same types, no new programs.
+  with runtime.CompileCounter() as counter:  # Restored state: same types, no new programs.
     train_and_evaluate(config, tmp_path / "b", dataset=ds)
   assert counter.count == 0
 
 
 def test_compile_counter_sees_compilations():
-  with profiling.CompileCounter() as counter:
+  with runtime.CompileCounter() as counter:
     jax.jit(lambda x: x * 3 + 1)(np.arange(7.0))
   assert counter.count >= 1
 

@@ -14,6 +14,7 @@ import pathlib
 from typing import Any
 
 from jaxlab.errors import MissingFile
+from jaxlab.metrics import read_json
 from jaxlab.run import Run
 
 # Settings that do not change what a run computes (where the data is, how it is batched for
@@ -53,13 +54,6 @@ class Collection:
   groups: list[Group]
 
 
-def _read_json(path: pathlib.Path) -> dict[str, Any]:
-  try:
-    return json.loads(path.read_text())
-  except (OSError, ValueError):
-    return {}
-
-
 def find_runs(root: str | pathlib.Path) -> Collection:
   """Every run directory under `root` (any depth), merged with what each lab.json expected:
   a run the lab recorded as failed, or has not started, is listed as failed or missing."""
@@ -74,7 +68,7 @@ def find_runs(root: str | pathlib.Path) -> Collection:
   labs = []
   order: list[str] = []
   for lab_file in sorted(root.rglob("lab.json"), key=lambda p: (len(p.parts), p)):
-    lab = _read_json(lab_file)
+    lab = read_json(lab_file)
     if "runs" not in lab:
       continue
     lab_dir = lab_file.parent.relative_to(root)

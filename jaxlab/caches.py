@@ -1,0 +1,36 @@
+"""Where jaxlab keeps what it can compute again: decoded data, kernel choices, compiled programs.
+
+  $JAXLAB_CACHE_DIR (default ~/.cache/jaxlab)    decoded data sets (jaxlab.data), the kernels
+                                                 measured per machine (jaxlab.kernels)
+  $JAXLAB_XLA_CACHE_DIR (default CACHE_DIR/xla)  JAX's persistent compilation cache
+                                                 (jaxlab.runtime)
+
+Imports nothing of JAX: the kernels are chosen, and the compilation cache set, before JAX
+starts.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from typing import Any
+
+
+def cache_dir() -> pathlib.Path:
+  """$JAXLAB_CACHE_DIR, default ~/.cache/jaxlab."""
+  return pathlib.Path(os.environ.get("JAXLAB_CACHE_DIR", "~/.cache/jaxlab")).expanduser()
+
+
+def compilation_cache_dir() -> pathlib.Path:
+  """$JAXLAB_XLA_CACHE_DIR if set, else $JAXLAB_CACHE_DIR/xla (default ~/.cache/jaxlab/xla)."""
+  if os.environ.get("JAXLAB_XLA_CACHE_DIR"):
+    return pathlib.Path(os.environ["JAXLAB_XLA_CACHE_DIR"]).expanduser()
+  return cache_dir() / "xla"
+
+
+def compilation_cache_options(directory: str | os.PathLike | None = None) -> dict[str, Any]:
+  """JAX's options for its persistent compilation cache in `directory` (default
+  `compilation_cache_dir()`), for every program however quick to compile."""
+  path = pathlib.Path(directory) if directory else compilation_cache_dir()
+  return {"jax_compilation_cache_dir": str(path), "jax_persistent_cache_min_compile_time_secs": 0,
+          "jax_persistent_cache_min_entry_size_bytes": 0}
