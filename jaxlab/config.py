@@ -17,9 +17,26 @@ PRECISIONS = ("float32", "bf16")
 NAN_POLICIES = ("stop", "skip")
 
 
-def _setting(help_text: str, **kwargs: Any) -> Any:
-  """A TrainConfig field; its help text is the help of the flag that overrides it (jaxlab.cli)."""
-  return dataclasses.field(metadata={"help": help_text}, **kwargs)
+# What a setting is, as each TrainConfig field declares it (`role`), and what that allows: whether
+# a resumed run may change it, and whether it changes what a run computes. Every list of
+# settings that jaxlab keeps is derived from this table (below TrainConfig).
+ROLES = {
+    # role: (may change on resume, changes results)
+    "computes": (False, True),  # The experiment, its data, model, optimizer and batch.
+    "length": (True, True),  # epochs: more extend a finished run.
+    "member": (False, True),  # Seed and learning rate: what the members of a group differ in.
+    "where": (True, False),  # Where the data is: a machine's paths.
+    "dispatch": (False, False),  # How steps and evaluation are cut into compiled calls.
+    "safety": (True, False),  # When checkpoints are written, what a NaN does.
+    "devices": (True, False),  # How many devices share the work (a checkpoint restores on any).
+}
+
+
+def _setting(help_text: str, role: str = "computes", **kwargs: Any) -> Any:
+  """A TrainConfig field with its `role` (ROLES); its help text is the help of the flag that
+  overrides it (jaxlab.cli)."""
+  assert role in ROLES, role
+  return dataclasses.field(metadata={"help": help_text, "role": role}, **kwargs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,38 +50,38 @@ class TrainConfig:
   dataset: str = _setting("Data set: mnist, fashion_mnist or cifar10. Default: the "
                           "experiment's own.")
   epochs: int = _setting("Epochs to train; a larger value extends a finished run. Default: "
-                         "the experiment's.")
+                         "the experiment's.", role="length")
   batch_size: int = _setting("Training batch size. Default: the experiment's.")
   optimizer: str = _setting("adam, sgd, momentum, nadam or rmsprop. Default: the "
                             "experiment's (adam).")
-  learning_rate: float = _setting("Learning rate. Default: the experiment's (1e-3).")
-  seed: int = _setting("Seed of initialization, shuffling and dropout. Default: 0.", default=0)
+  learning_rate: float = _setting("Learning rate. Default: the experiment's (1e-3).", role="member")
+  seed: int = _setting("Seed of initialization, shuffling and dropout. Default: 0.", role="member", default=0)
   train_limit: int | None = _setting("Use only the first N training examples. Default: all.",
                                      default=None)
   precision: str = _setting("float32, or bf16 (bfloat16 compute; float32 parameters, optimizer "
                             "state and loss). Default: float32.", default="float32")
-  eval_batch_size: int = _setting("Validation batch size. Default: 1000.", default=1000)
+  eval_batch_size: int = _setting("Validation batch size. Default: 1000.", role="dispatch", default=1000)
   steps_per_dispatch: int = _setting("Train steps per compiled call (one lax.scan). Default: "
-                                     "50.", default=50)
+                                     "50.", role="dispatch", default=50)
   data_dir: str | None = _setting("Directory with the data set's raw files or a TFDS-prepared "
-                                  "copy (see README).", default=None)
+                                  "copy (see README).", role="where", default=None)
   download: bool = _setting("Let TFDS download and prepare the data set (needs network and "
-                            "TensorFlow).", default=False)
+                            "TensorFlow).", role="where", default=False)
   checkpoint_every_steps: int = _setting(
       "Also save a checkpoint inside an epoch every N train steps (at the first compiled-call "
-      "boundary at or after N steps); 0: only by time. Default: 0.", default=0)
+      "boundary at or after N steps); 0: only by time. Default: 0.", role="safety", default=0)
   checkpoint_every_secs: float = _setting(
       "Also save a checkpoint inside an epoch when this many seconds have passed since the "
-      "last one, so a long epoch is never lost; 0: off. Default: 600.", default=600.0)
+      "last one, so a long epoch is never lost; 0: off. Default: 600.", role="safety", default=600.0)
   keep_checkpoints: int = _setting("How many of the newest checkpoints to keep (besides the "
-                                   "best). Default: 2.", default=2)
+                                   "best). Default: 2.", role="safety", default=2)
   nan_policy: str = _setting("On a NaN or infinite loss or gradient: stop (the run ends with an "
                              "error; its last good checkpoints stay) or skip (that step's "
                              "update is dropped and counted in skipped_steps). Default: stop.",
-                             default="stop")
+                             default="stop", role="safety")
   num_devices: int | None = _setting(
       "Data parallelism over the first N devices (each global batch split across them). "
-      "Default: all devices of all processes.", default=None)
+      "Default: all devices of all processes.", role="devices", default=None)
 
   def to_json(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -89,11 +106,25 @@ class TrainConfig:
     return config
 
 
-# Fields that may differ when a run is resumed: more epochs extend it, where the data is, when
-# checkpoints are written, what a NaN does (a run stopped by one can go on skipping), and how
-# many devices share the work (a checkpoint restores on any number).
-RESUMABLE_CHANGES = ("epochs", "data_dir", "download", "checkpoint_every_steps",
-                     "checkpoint_every_secs", "keep_checkpoints", "nan_policy", "num_devices")
+def settings(role: str | None = None, *, resumable: bool | None = None,
+             results: bool | None = None) -> tuple[str, ...]:
+  """The names of TrainConfig's settings of `role`, or those that may (not) change on resume,
+  or that do (not) change results (`ROLES`), in the class's order."""
+  return tuple(f.name for f in dataclasses.fields(TrainConfig)
+               if (role is None or f.metadata["role"] == role)
+               and (resumable is None or ROLES[f.metadata["role"]][0] == resumable)
+               and (results is None or ROLES[f.metadata["role"]][1] == results))
+
+
+# Settings that may differ when a run is resumed: more epochs extend it, where the data is,
+# when checkpoints are written, what a NaN does (a run stopped by one can go on skipping), and
+# how many devices share the work.
+RESUMABLE_CHANGES = settings(resumable=True)
+# Settings that change no result: runs that differ only in these (and the seed) are one
+# experiment's seeds in a report.
+NO_RESULT_CHANGE = settings(results=False)
+WHERE_SETTINGS = settings("where")  # A machine's paths: they stay out of a report.
+GROUP_SETTINGS = settings("member")  # What the members of a group may differ in.
 
 
 def changed_settings(old: dict[str, Any], new: dict[str, Any]) -> list[str]:

@@ -27,7 +27,7 @@ import numpy as np
 from absl import logging
 
 from jaxlab import checkpoint, evaluation, lock, parallel, runtime
-from jaxlab.config import TrainConfig, changed_settings
+from jaxlab.config import GROUP_SETTINGS, TrainConfig, changed_settings
 from jaxlab.data import Dataset, load_dataset
 from jaxlab.errors import BadValue, OutOfMemory
 from jaxlab.experiment import build_model, describe_experiment
@@ -44,7 +44,6 @@ from jaxlab.steps import (Steps, evaluate, evaluate_group, make_steps,
 from jaxlab.summary import param_counts, summarize
 from jaxlab.tensorboard import TensorBoard
 
-GROUP_SETTINGS = ("seed", "learning_rate")  # What the members of a group may differ in.
 
 
 def default_hooks(progress: bool, writer: bool = True) -> list[Hook]:

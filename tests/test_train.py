@@ -205,3 +205,25 @@ def test_chunks_cover_every_step_once(num_steps, max_length):
   assert sum(n for _, n in chunks) == num_steps
   assert all(0 < n <= max_length for _, n in chunks)
   assert len({n for _, n in chunks}) <= 2  # At most two compiled lengths.
+
+
+def test_every_setting_says_what_it_is():
+  """Each TrainConfig field declares its role once; the lists of settings derive from it."""
+  import dataclasses
+  from jaxlab import config
+  from jaxlab.config import TrainConfig
+  roles = {f.name: f.metadata["role"] for f in dataclasses.fields(TrainConfig)}
+  assert set(roles.values()) <= set(config.ROLES)
+  assert "epochs" in config.RESUMABLE_CHANGES and "batch_size" not in config.RESUMABLE_CHANGES
+  assert "data_dir" in config.NO_RESULT_CHANGE and "seed" not in config.NO_RESULT_CHANGE
+  assert set(config.WHERE_SETTINGS) <= set(config.NO_RESULT_CHANGE) & set(
+      config.RESUMABLE_CHANGES)
+  assert config.GROUP_SETTINGS == config.settings("member") == ("learning_rate", "seed")
+  # A resumed run may change a setting of the resumable roles, and no other.
+  old = TrainConfig(experiment="x", dataset="mnist", epochs=1, batch_size=8, optimizer="adam",
+                    learning_rate=1e-3).to_json()
+  for name in roles:
+    if name in ("experiment",):
+      continue
+    changed = config.changed_settings(old, {**old, name: "other"})
+    assert bool(changed) == (name not in config.RESUMABLE_CHANGES), name

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from jaxlab import data
+from jaxlab.config import WHERE_SETTINGS
 from jaxlab.errors import BadValue, MissingFile
 from jaxlab.metrics import write_json
 from jaxlab.report import figures, findings, render
@@ -27,8 +28,6 @@ from jaxlab.run import Run
 
 LAST_EPOCHS = 3  # The mean of the last epochs, beside the final one.
 ZOOM_POINTS = 0.10  # Zoomed panels: experiments within 10 points of the median final accuracy.
-# Where the data lives: a machine's paths, which change no result and stay out of a report.
-WHERE_SETTINGS = ("data_dir", "download")
 UNSTABLE_STD = findings.UNSTABLE_POINTS  # Seeds that disagree: per-seed confusion matrices.
 CONFUSED_PAIRS = 3  # Most confused pairs listed per experiment.
 

@@ -13,17 +13,15 @@ import json
 import pathlib
 from typing import Any
 
+from jaxlab.config import NO_RESULT_CHANGE
 from jaxlab.errors import MissingFile
 from jaxlab.metrics import read_json
 from jaxlab.run import Run
 
-# Settings that do not change what a run computes (where the data is, how it is batched for
-# evaluation or dispatched, when checkpoints are written, on how many devices), or that a
-# report shows as the seed: runs that differ only in these are one experiment's seeds. Runs
-# written before a setting existed lack it, which must not split them off either.
-_NOT_IN_GROUP = ("seed", "data_dir", "download", "eval_batch_size", "steps_per_dispatch",
-                 "checkpoint_every_steps", "checkpoint_every_secs", "keep_checkpoints",
-                 "nan_policy", "num_devices")
+# Runs that differ only in these settings (they change no result, `jaxlab.config.ROLES`) or in
+# their seed are one experiment's seeds. Runs written before a setting existed lack it, which
+# must not split them off either.
+_NOT_IN_GROUP = ("seed", *NO_RESULT_CHANGE)
 
 
 @dataclasses.dataclass
