@@ -68,34 +68,32 @@ _DECLARED_IN: dict[str, tuple[str, str]] = {}  # experiment name -> (module name
 _FILE_LABS: dict[pathlib.Path, Lab] = {}
 
 
-def _declaring_module() -> tuple[str, str]:
-  """(name, file) of the module whose top-level code is running: the lab being imported.
-
-  Walking up to the nearest module-level frame attributes an experiment to the file that
-  declared it even when a helper in another module (`experiments/lab04_common.py`, or a user's
-  import of it) makes the `register` call."""
-  frame = sys._getframe(2)
-  while frame is not None and frame.f_code.co_name != "<module>":
-    frame = frame.f_back
-  if frame is None:
-    return "", ""
-  return frame.f_globals.get("__name__", ""), frame.f_globals.get("__file__") or ""
+# The lab whose module is being loaded (its name and file), while it is: what `register`
+# attributes an experiment to, however deep the helper that calls it (experiments/
+# lab04_common.py makes the calls of both Lab 04 modules).
+_LOADING: list[tuple[str, str]] = []
 
 
 def register(experiment: Experiment) -> Experiment:
-  """Adds `experiment` to the catalog; a name that is already taken fails naming both places."""
-  module, path = _declaring_module()
+  """Adds `experiment` to the catalog, declared by the lab being loaded (`load_lab`; none where
+  it is called outside one); a name that is already taken fails naming both places."""
+  module, path = _LOADING[-1] if _LOADING else ("", "")
   if experiment.name in EXPERIMENTS:
     _, other = _DECLARED_IN.get(experiment.name, ("", "?"))
     raise BadValue(f"experiment name {experiment.name!r} declared in {path or module} is "
-                   f"already taken (declared in {other}); choose another name")
+                   f"already taken (declared in {other or '?'}); choose another name")
   _DECLARED_IN[experiment.name] = (module, path)
   return EXPERIMENTS.register(experiment.name, experiment)
 
 
 def _load_builtin_labs() -> None:
   for module in BUILTIN_LABS.values():
-    importlib.import_module(module)
+    if module not in sys.modules:
+      _LOADING.append((module, importlib.util.find_spec(module).origin))
+      try:
+        importlib.import_module(module)
+      finally:
+        _LOADING.pop()
 
 
 def _lab_of_module(name: str, module: str, path: str) -> Lab:
@@ -128,6 +126,7 @@ def load_lab(spec: str) -> Lab:
   module_spec = importlib.util.spec_from_file_location(module_name, path)
   module = importlib.util.module_from_spec(module_spec)
   sys.modules[module_name] = module
+  _LOADING.append((module_name, str(path)))
   try:
     module_spec.loader.exec_module(module)
   except Exception as e:
@@ -138,6 +137,8 @@ def load_lab(spec: str) -> Lab:
   except BaseException:
     del sys.modules[module_name]
     raise
+  finally:
+    _LOADING.pop()
   _FILE_LABS[path] = lab = _lab_of_module(path.stem, module_name, str(path))
   return lab
 
