@@ -100,7 +100,7 @@ class ProgressBar(Hook):
   def on_chunk_end(self, steps: int, totals: dict[str, float]) -> None:
     if self._bar is not None:
       n = max(totals["count"], 1)
-      self._bar.set_postfix(loss=f"{totals['loss_sum'] / n:.4f}",
+      self._bar.set_postfix(loss=f"{totals['data_loss'] / n:.4f}",
                             accuracy=f"{totals['correct'] / n:.4f}", refresh=False)
       self._bar.update(steps)
 

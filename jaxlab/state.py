@@ -46,7 +46,7 @@ NO_STEP = np.iinfo(np.int32).max  # `first_nonfinite` of steps that were all fin
 def train_sums_zeros() -> dict[str, float | int]:
   """The host-side metric sums of no train step (a Python number per metric): the running sums
   of an epoch start here, and a checkpoint holds them beside the state (`jaxlab.restore`)."""
-  return {"loss_sum": 0.0, "l2_sum": 0.0, "correct": 0, "count": 0, "nonfinite": 0,
+  return {"data_loss": 0.0, "l2_loss": 0.0, "correct": 0, "count": 0, "nonfinite": 0,
           "first_nonfinite": int(NO_STEP)}
 
 

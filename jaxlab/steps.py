@@ -46,7 +46,7 @@ def l2_penalty(params: Any, coefficients: dict[str, float]) -> jax.Array:
 
 def _sum_metrics(logits: jax.Array, labels: jax.Array) -> Metrics:
   loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-  return {"loss_sum": jnp.sum(loss),
+  return {"data_loss": jnp.sum(loss),
           "correct": jnp.sum(jnp.argmax(logits, -1) == labels).astype(jnp.int32),
           "count": jnp.asarray(labels.shape[0], jnp.int32)}
 
@@ -92,7 +92,7 @@ def make_train_step(model: PlanModel, nan_policy: str = "stop") -> Callable[
       kept = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), new_state, state)
       new_state = kept.replace(step=new_state.step)
     metrics = _sum_metrics(logits, labels)
-    metrics["l2_sum"] = reg * labels.shape[0]
+    metrics["l2_loss"] = reg * labels.shape[0]
     metrics = {k: jnp.where(finite, v, jnp.zeros_like(v)) for k, v in metrics.items()}
     metrics["nonfinite"] = (~finite).astype(jnp.int32)
     metrics["first_nonfinite"] = jnp.where(finite, NO_STEP, state.step).astype(jnp.int32)
@@ -163,7 +163,7 @@ def _zeros(sums: dict[str, float | int], members: int | None = None) -> Metrics:
           for k, v in sums.items()}
 
 
-EVAL_SUMS = {"loss_sum": 0.0, "correct": 0, "count": 0}
+EVAL_SUMS = {"data_loss": 0.0, "correct": 0, "count": 0}
 
 
 def choose_loop(model: PlanModel, loop: str | None = None, backend: str | None = None) -> str:
@@ -306,7 +306,7 @@ def evaluate_group(steps: Steps, variables: dict, images: jax.Array, labels: jax
   members = []
   for k in range(len(totals["count"])):
     count = int(totals["count"][k])
-    members.append({"loss": float(totals["loss_sum"][k]) / count,
+    members.append({"loss": float(totals["data_loss"][k]) / count,
                     "accuracy": int(totals["correct"][k]) / count})
   return members, np.asarray(jnp.concatenate(preds, axis=1))
 
@@ -401,9 +401,10 @@ def train_epoch(steps: Steps, state: TrainState, images: jax.Array, labels: jax.
 
 
 def epoch_metrics(totals: dict[str, Any]) -> dict[str, Any]:
-  """The epoch's means from its sums (None where every step was skipped)."""
+  """The epoch's means from its sums (None where every step was skipped): a metric's sum and
+  its mean have one name (`loss` is the data loss plus the L2 term, as Keras's)."""
   count = totals["count"]
   mean = (lambda x: x / count) if count else (lambda x: None)
-  return {"loss": mean(totals["loss_sum"] + totals["l2_sum"]),
-          "data_loss": mean(totals["loss_sum"]), "l2_loss": mean(totals["l2_sum"]),
+  return {"loss": mean(totals["data_loss"] + totals["l2_loss"]),
+          "data_loss": mean(totals["data_loss"]), "l2_loss": mean(totals["l2_loss"]),
           "accuracy": mean(totals["correct"]), "skipped_steps": totals["nonfinite"]}

@@ -259,12 +259,12 @@ def _epoch(group: _Group, epoch: int) -> None:
   host = checkpoint.to_host(group.state)
   records = []
   for k, run in enumerate(runs):
-    train, val = train_metrics[k], group.validation[0][k]
+    train, val = dict(train_metrics[k]), group.validation[0][k]
+    skipped = train.pop("skipped_steps")
     records.append({"epoch": epoch, "step": int(host.step[k]),
-                    "train_loss": train["loss"], "train_data_loss": train["data_loss"],
-                    "train_l2_loss": train["l2_loss"], "train_accuracy": train["accuracy"],
-                    "val_loss": val["loss"], "val_accuracy": val["accuracy"],
-                    "skipped_steps": train["skipped_steps"],
+                    **{f"train_{name}": value for name, value in train.items()},
+                    **{f"val_{name}": value for name, value in val.items()},
+                    "skipped_steps": skipped,
                     "learning_rate": run.config.learning_rate,
                     "epoch_seconds": t1 - t0, "eval_seconds": t2 - t1, "time": time.time()})
     run.history.append(records[k])

@@ -142,7 +142,7 @@ def test_one_train_step_of_every_cnn_experiment(name):
   before = np.asarray(state.params["dense"]["kernel"])
   state, metrics = make_steps(small).train_step(state, jnp.asarray(ds.train_images),
                                                 jnp.asarray(ds.train_labels))
-  loss = float(metrics["loss_sum"]) / 2
+  loss = float(metrics["data_loss"]) / 2
   assert np.isfinite(loss) and loss > 0
   assert int(state.step) == 1
   assert not np.array_equal(np.asarray(state.params["dense"]["kernel"]), before)
@@ -162,7 +162,7 @@ def overfit(model, steps=80):
   step = make_steps(model).train_step
   for _ in range(steps):
     state, metrics = step(state, images, labels)
-  return state, float(metrics["loss_sum"]) / 64, int(metrics["correct"]) / 64
+  return state, float(metrics["data_loss"]) / 64, int(metrics["correct"]) / 64
 
 
 @pytest.mark.slow
