@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 from jaxlab.errors import BadValue
-from jaxlab.models import PlanModel
+from jaxlab.models import PlanModel, iter_ops, walk
 from jaxlab.optim import make_optimizer
 from jaxlab.kernels import cpu
 from jaxlab.runtime import environment
@@ -148,52 +148,59 @@ def keras_train(model: PlanModel, dataset, epochs: int, batch_size: int,
   return {k: [float(v) for v in vs] for k, vs in history.history.items()}
 
 
+def _torch_layers():
+  """Op kind -> its PyTorch module, from the op and the shapes (channels last) it reads and
+  writes."""
+  from torch import nn
+
+  activations = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
+  activated = lambda module, op: nn.Sequential(
+      module, *([activations[op.activation]()] if op.activation in activations else []))
+
+  def conv(op, shape_in, shape_out):
+    if op.padding == "same" and op.strides != 1:
+      raise BadValue("the PyTorch peer supports 'same' padding at stride 1 only")
+    return activated(nn.Conv2d(shape_in[-1], op.features, op.kernel_size, op.strides,
+                               padding=op.padding), op)
+
+  return {
+      "dense": lambda op, shape_in, shape_out: activated(nn.Linear(shape_in[-1], op.features), op),
+      "conv2d": conv,
+      "batch_normalization": lambda op, shape_in, shape_out: (
+          nn.BatchNorm1d if len(shape_out) == 1 else nn.BatchNorm2d)(shape_out[-1], eps=1e-3,
+                                                                     momentum=0.01),
+      "dropout": lambda op, shape_in, shape_out: nn.Dropout(op.rate),
+      "max_pooling2d": lambda op, shape_in, shape_out: nn.MaxPool2d(op.kernel_size, op.strides),
+      "flatten": lambda op, shape_in, shape_out: nn.Flatten(),
+  }
+
+
 def to_torch(model: PlanModel):
-  """A PyTorch module of the plan (NCHW for convolutions), for timing only."""
+  """A PyTorch module of the plan (`jaxlab.models.walk` with a table of PyTorch layers; NCHW
+  for convolutions), for timing only."""
   import torch
   from torch import nn
 
-  shapes = layer_output_shapes(model)
-  acts = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
+  plan, shapes, inputs = model.plan(), layer_output_shapes(model), {}
 
-  class Parallel(nn.Module):
-    def __init__(self, paths):
+  def shape_of(op, shape):  # Each op's input shape, from the walk over shapes.
+    inputs[op.name] = shape
+    return shapes[op.name]
+
+  walk(plan, model.input_shape(), shape_of, lambda op, _: shapes[op.name])
+  table = _torch_layers()
+
+  class Net(nn.Module):
+    def __init__(self):
       super().__init__()
-      self.paths = nn.ModuleList(paths)
+      self.layers = nn.ModuleDict({op.name: table[op.kind](op, inputs[op.name], shapes[op.name])
+                                   for op in iter_ops(plan) if not op.paths})
 
     def forward(self, x):
-      return torch.cat([p(x) for p in self.paths], dim=1)
+      return walk(plan, x, lambda op, x: self.layers[op.name](x),
+                  lambda op, xs: torch.cat(xs, dim=1))
 
-  def build(ops, in_shape):
-    layers = []
-    for op in ops:
-      out_shape = shapes[op.name]
-      if op.kind == "dense":
-        layers.append(nn.Linear(in_shape[-1], op.features))
-        if op.activation in acts:
-          layers.append(acts[op.activation]())
-      elif op.kind == "conv2d":
-        if op.padding == "same" and op.strides != 1:
-          raise BadValue("the PyTorch peer supports 'same' padding at stride 1 only")
-        layers.append(nn.Conv2d(in_shape[-1], op.features, op.kernel_size, op.strides,
-                                padding=op.padding))
-        if op.activation in acts:
-          layers.append(acts[op.activation]())
-      elif op.kind == "batch_normalization":
-        bn = nn.BatchNorm1d if len(out_shape) == 1 else nn.BatchNorm2d
-        layers.append(bn(out_shape[-1], eps=1e-3, momentum=0.01))
-      elif op.kind == "dropout":
-        layers.append(nn.Dropout(op.rate))
-      elif op.kind == "max_pooling2d":
-        layers.append(nn.MaxPool2d(op.kernel_size, op.strides))
-      elif op.kind == "flatten":
-        layers.append(nn.Flatten())
-      elif op.kind == "concatenate":
-        layers.append(Parallel([build(p, in_shape) for p in op.paths]))
-      in_shape = out_shape
-    return nn.Sequential(*layers)
-
-  return build(model.plan(), model.input_shape())
+  return Net()
 
 
 def torch_runner(model: PlanModel, images, labels, batch_size: int) -> EpochRunner:

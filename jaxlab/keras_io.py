@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import pathlib
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from flax import serialization
@@ -21,7 +21,8 @@ from jaxlab.config import TrainConfig
 from jaxlab.errors import BadValue, MissingDependency, MissingFile
 from jaxlab.experiment import build_model, describe_experiment
 from jaxlab.hooks import ConfigFile, MetricsLog, SummaryFile
-from jaxlab.models import BN_EPSILON, BN_MOMENTUM, KERAS_TYPES, Op, PlanModel, describe
+from jaxlab.models import (BN_EPSILON, BN_MOMENTUM, KERAS_TYPES, Op, PlanModel, describe,
+                           iter_ops, walk)
 from jaxlab.optim import make_optimizer
 from jaxlab.restore import checkpoint_template
 from jaxlab.run import Run
@@ -38,41 +39,40 @@ def import_keras():
   return keras
 
 
-def _keras_layer(keras, op: Op, is_output: bool):
-  layers, regularizers = keras.layers, keras.regularizers
-  reg = {"kernel_regularizer": regularizers.l2(op.l2)} if op.l2 else {}
-  if op.kind == "dense":
-    activation = "softmax" if is_output else (op.activation or "linear")
-    return layers.Dense(op.features, activation=activation, name=op.name, **reg)
-  if op.kind == "conv2d":
-    return layers.Conv2D(op.features, op.kernel_size, strides=op.strides, padding=op.padding,
-                         activation=op.activation or "linear", name=op.name, **reg)
-  if op.kind == "batch_normalization":
-    return layers.BatchNormalization(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=op.name)
-  if op.kind == "dropout":
-    return layers.Dropout(op.rate, name=op.name)
-  if op.kind == "max_pooling2d":
-    return layers.MaxPooling2D(op.kernel_size, op.strides, name=op.name)
-  if op.kind == "flatten":
-    return layers.Flatten(name=op.name)
-  raise ValueError(f"no Keras layer for op kind {op.kind!r}")
+# Op kind -> its Keras layer (`keras`, the op, its activation: a softmax for the output layer).
+KERAS_LAYERS: dict[str, Callable[..., Any]] = {
+    "dense": lambda keras, op, activation: keras.layers.Dense(
+        op.features, activation=activation, name=op.name, **_l2(keras, op)),
+    "conv2d": lambda keras, op, activation: keras.layers.Conv2D(
+        op.features, op.kernel_size, strides=op.strides, padding=op.padding,
+        activation=activation, name=op.name, **_l2(keras, op)),
+    "batch_normalization": lambda keras, op, activation: keras.layers.BatchNormalization(
+        momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=op.name),
+    "dropout": lambda keras, op, activation: keras.layers.Dropout(op.rate, name=op.name),
+    "max_pooling2d": lambda keras, op, activation: keras.layers.MaxPooling2D(
+        op.kernel_size, op.strides, name=op.name),
+    "flatten": lambda keras, op, activation: keras.layers.Flatten(name=op.name),
+}
+
+
+def _l2(keras, op: Op) -> dict[str, Any]:
+  return {"kernel_regularizer": keras.regularizers.l2(op.l2)} if op.l2 else {}
 
 
 def to_keras(model: PlanModel):
-  """The Keras model of a plan: same layers, order, names and settings; softmax output."""
+  """The Keras model of a plan (`jaxlab.models.walk` with `KERAS_LAYERS`): the same layers,
+  order, names and settings; the output layer with Keras's softmax."""
   keras = import_keras()
   plan = model.plan()
 
-  def run(ops, x, top):
-    for i, op in enumerate(ops):
-      if op.kind == "concatenate":
-        x = keras.layers.Concatenate(name=op.name)([run(p, x, False) for p in op.paths])
-      else:
-        x = _keras_layer(keras, op, top and i == len(ops) - 1)(x)
-    return x
+  def layer(op: Op, x):
+    activation = "softmax" if op is plan[-1] else (op.activation or "linear")
+    return KERAS_LAYERS[op.kind](keras, op, activation)(x)
 
   inputs = keras.Input(shape=model.input_shape())
-  return keras.Model(inputs, run(plan, inputs, True), name=type(model).__name__.lower())
+  outputs = walk(plan, inputs, layer,
+                 lambda op, xs: keras.layers.Concatenate(name=op.name)(xs))
+  return keras.Model(inputs, outputs, name=type(model).__name__.lower())
 
 
 def keras_weights(op: Op, params: dict[str, Any], batch_stats: dict[str, Any]) -> list[np.ndarray]:
@@ -89,8 +89,6 @@ def keras_weights(op: Op, params: dict[str, Any], batch_stats: dict[str, Any]) -
 
 def set_keras_weights(keras_model, model: PlanModel, variables: dict[str, Any]) -> None:
   """Writes jaxlab variables (params and batch_stats) into a model made by `to_keras`."""
-  from jaxlab.models import iter_ops
-
   params, stats = variables["params"], variables.get("batch_stats", {})
   for op in iter_ops(model.plan()):
     weights = keras_weights(op, params, stats)

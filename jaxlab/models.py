@@ -182,8 +182,42 @@ def has_convolutions(model: nn.Module) -> bool:
   return bool(getattr(model, "blocks", ()))
 
 
+def walk(ops: Sequence[Op], x: Any, layer: Callable[[Op, Any], Any],
+         merge: Callable[[Op, list[Any]], Any]) -> Any:
+  """What a plan means, in any framework: each op in turn, `layer(op, x)`, applied to what the
+  op before it gave; an op with paths (a concatenation) is `merge(op, outputs)` of its paths,
+  each walked from the same input. The Flax modules here, the Keras model of `jaxlab.keras`
+  and the PyTorch peer of the benchmark are this walk, each with its table of layers."""
+  for op in ops:
+    x = merge(op, [walk(path, x, layer, merge) for path in op.paths]) if op.paths else layer(op, x)
+  return x
+
+
+_GLOROT = {"kernel_init": nn.initializers.glorot_uniform(), "bias_init": nn.initializers.zeros}
+
+# Op kind -> the Flax module of an op, in a model of compute dtype `dtype`, in training or not;
+# each named after its op, so `capture_intermediates` names it too.
+FLAX_LAYERS: dict[str, Callable[[Op, Any, bool], nn.Module]] = {
+    "dense": lambda op, dtype, train: KerasDense(
+        op.features, activation=op.activation, dtype=dtype, name=op.name, **_GLOROT),
+    "conv2d": lambda op, dtype, train: KerasConv(
+        op.features, (op.kernel_size,) * 2, strides=(op.strides,) * 2,
+        padding=op.padding.upper(), activation=op.activation, dtype=dtype, name=op.name,
+        **_GLOROT),
+    "batch_normalization": lambda op, dtype, train: nn.BatchNorm(
+        use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=dtype,
+        name=op.name),
+    "dropout": lambda op, dtype, train: nn.Dropout(op.rate, deterministic=not train,
+                                                   name=op.name),
+    "max_pooling2d": lambda op, dtype, train: MaxPooling2D(op.kernel_size, op.strides,
+                                                           name=op.name),
+    "flatten": lambda op, dtype, train: Flatten(name=op.name),
+}
+
+
 class PlanModel(nn.Module):
-  """Runs a plan of ops. Subclasses say how their specs become a plan."""
+  """Runs a plan of ops (`walk`, with `FLAX_LAYERS`). Subclasses say how their specs become a
+  plan."""
 
   def plan(self) -> tuple[Op, ...]:
     raise NotImplementedError
@@ -197,39 +231,9 @@ class PlanModel(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     x = x.reshape((x.shape[0],) + self.input_shape()).astype(self.dtype)
-    x = self._run(self.plan(), x, train)
+    x = walk(self.plan(), x, lambda op, x: FLAX_LAYERS[op.kind](op, self.dtype, train)(x),
+             lambda op, xs: Concatenate(name=op.name)(xs))
     return x.astype(jnp.float32)
-
-  def _run(self, ops: Sequence[Op], x: jax.Array, train: bool) -> jax.Array:
-    for op in ops:
-      x = self._layer(op, train)(x)
-    return x
-
-  def _layer(self, op: Op, train: bool) -> nn.Module:
-    """The Flax module of one op, named after it, so `capture_intermediates` names it too."""
-    kind = op.kind
-    if kind == "dense":
-      return KerasDense(op.features, activation=op.activation, dtype=self.dtype,
-                        kernel_init=nn.initializers.glorot_uniform(),
-                        bias_init=nn.initializers.zeros, name=op.name)
-    if kind == "conv2d":
-      return KerasConv(op.features, (op.kernel_size, op.kernel_size),
-                       strides=(op.strides, op.strides), padding=op.padding.upper(),
-                       activation=op.activation, dtype=self.dtype,
-                       kernel_init=nn.initializers.glorot_uniform(),
-                       bias_init=nn.initializers.zeros, name=op.name)
-    if kind == "batch_normalization":
-      return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
-                          dtype=self.dtype, name=op.name)
-    if kind == "dropout":
-      return nn.Dropout(op.rate, deterministic=not train, name=op.name)
-    if kind == "max_pooling2d":
-      return MaxPooling2D(op.kernel_size, op.strides, name=op.name)
-    if kind == "flatten":
-      return Flatten(name=op.name)
-    if kind == "concatenate":
-      return lambda x: Concatenate(name=op.name)([self._run(path, x, train) for path in op.paths])
-    raise ValueError(f"unknown op kind {kind!r}")
 
 
 class KerasDense(nn.Dense):
