@@ -288,9 +288,8 @@ def _write_imported(run: Run, config: TrainConfig, variables: dict[str, Any],
   checkpoint.check_fits(serialization.to_state_dict(checkpoint_template(imported)),
                         serialization.to_state_dict(checkpoint_template(state)),
                         f"weights from {source}")
-  run.about, run.architecture = describe_experiment(config.experiment), describe(model)
-  run.data = {"imported_from": str(source)}
-  run.counts = param_counts(model)
+  run.describe(about=describe_experiment(config.experiment), architecture=describe(model),
+               data={"imported_from": str(source)}, counts=param_counts(model))
   files = [ConfigFile(), MetricsLog(), SummaryFile()]
   for hook in files:
     hook.on_run_start(run)
@@ -300,5 +299,5 @@ def _write_imported(run: Run, config: TrainConfig, variables: dict[str, Any],
                           extra={"imported_from": str(source)})
   for hook in files:
     hook.on_run_end(summary)
-  run.status = "imported"
+  run.finish(summary, status="imported")
   return run

@@ -248,7 +248,7 @@ class LabRunner:
     if run.path in self._mine and run.status in ("completed", "failed"):
       return True
     if run.finished(run.config):
-      self._completed(run, Run.read(run.root).summary)
+      run.finish(Run.read(run.root).summary)
       self.write()
       self.say(f"{self._head([numbers[id(run)]], [run])}: finished earlier, skipped")
       return True
@@ -261,8 +261,7 @@ class LabRunner:
       raise preemption.Preempted(f"[{self.lab.name}] stopped before run {numbers[0]}/"
                                  f"{len(self.runs)}")
     for run in group:
-      run.status, run.error = "running", None
-      run.worker = {"host": socket.gethostname(), "pid": os.getpid()}
+      run.claim({"host": socket.gethostname(), "pid": os.getpid()})
       self._mine.add(run.path)
     self.write()
     self.say(f"{head} -> {self.root / group[0].experiment}")
@@ -277,15 +276,14 @@ class LabRunner:
     except Exception as e:  # A failing group is recorded; the lab goes on.
       self.trained_failed = True
       for run in group:
-        run.status, run.error = "failed", describe(e)
+        run.fail(describe(e))
       if not isinstance(e, UserError):
         logging.error("%s failed:\n%s", head, traceback.format_exc())
       self.say(f"{head}: FAILED: {group[0].error}")
     else:
       seconds = time.perf_counter() - t0
       for i, run, summary in zip(numbers, group, summaries):
-        self._completed(run, summary)
-        run.seconds = seconds
+        run.finish(summary, seconds=seconds)
         self.say(f"{self._head([i], [run])}: final validation accuracy "
                  f"{summary['final_val_accuracy']:.4f} (best {summary['best_val_accuracy']:.4f})")
       self.say(f"{head}: {seconds:.2f} s")
@@ -301,9 +299,6 @@ class LabRunner:
     return (f"[{self.lab.name}] runs {span}/{n}: {runs[0].experiment} seeds "
             f"{','.join(str(r.seed) for r in runs)}")
 
-  @staticmethod
-  def _completed(run: Run, summary: dict[str, Any]) -> None:
-    run.status, run.error, run.summary = "completed", None, summary
 
 
 def _gpus() -> list[str]:

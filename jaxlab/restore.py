@@ -101,7 +101,7 @@ def load_run(workdir: str | pathlib.Path,
   # An experiment of a user's lab file: load that file, so the name means what it meant.
   get_experiment(config.experiment, run.about.get("declared_in"))
   model = build_model(config.experiment, config.dataset, config.precision)
-  run.architecture = describe(model)
+  run.describe(architecture=describe(model))
   template = create_train_state(model, make_optimizer(config.optimizer), config.seed,
                                 config.learning_rate)
   if which == "last":

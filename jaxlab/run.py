@@ -75,9 +75,9 @@ class Run:
   `experiment`, `seed`, `dataset` and `epochs` there. `path` is its name in a lab or report
   (relative to that folder); `label` its name in a group's log lines (`seed_3`).
 
-  While it trains, the loop sets its position (`start_step`, `steps_per_epoch`), its parameter
-  `counts` and what config.json describes (`about`, `architecture`, `data`, `environment`), and
-  appends each finished epoch's record to `history`.
+  A run changes only through its methods: what config.json says of it (`describe`), where it
+  resumes (`resume_at`), each epoch it finishes (`record_epoch`), and how it ends or stands in
+  a lab (`claim`, `fail`, `finish`). Everything else is read.
   """
 
   def __init__(self, root: str | pathlib.Path, config: TrainConfig | None = None, *,
@@ -271,6 +271,47 @@ class Run:
           f"(its declaration changed since: "
           f"{_architecture_change(meta.get('architecture', {}), expected['architecture'])}); "
           f"{RESTART_HINT}")
+
+  # --------------------------------------------------------------------------- what it wrote
+
+  # --------------------------------------------------------------------------- changes
+
+  def describe(self, *, about: dict[str, Any] | None = None,
+               architecture: dict[str, Any] | None = None, data: dict[str, Any] | None = None,
+               environment: dict[str, Any] | None = None,
+               counts: dict[str, int] | None = None) -> None:
+    """What config.json says of the run (where its experiment comes from, its layer plan, its
+    data, the environment it trains in) and its parameter counts: those given."""
+    for name, value in (("about", about), ("architecture", architecture), ("data", data),
+                        ("environment", environment), ("counts", counts)):
+      if value is not None:
+        setattr(self, name, dict(value))
+
+  def resume_at(self, step: int, steps_per_epoch: int) -> None:
+    """Training (re)starts after global step `step`, of `steps_per_epoch` an epoch: the history
+    keeps the epochs before it (those logged after the checkpoint it resumes from are trained
+    again)."""
+    self.start_step, self.steps_per_epoch = step, steps_per_epoch
+    self.history = [r for r in read_jsonl(self.metrics_jsonl) if r["epoch"] <= self.start_epoch]
+
+  def record_epoch(self, record: dict[str, Any]) -> None:
+    """A finished epoch's record (its metrics.jsonl line)."""
+    self.history.append(record)
+
+  def claim(self, worker: dict[str, Any]) -> None:
+    """A lab's worker (host, process) starts training it."""
+    self.status, self.error, self.worker = "running", None, worker
+
+  def fail(self, error: str | None) -> None:
+    self.status, self.error = "failed", error
+
+  def finish(self, summary: dict[str, Any], status: str = "completed",
+             seconds: float | None = None) -> None:
+    """Done (`completed`, or `imported` weights), with metrics.json's `summary` and, in a lab,
+    the `seconds` it took."""
+    self.status, self.error, self.summary = status, None, summary
+    if seconds is not None:
+      self.seconds = seconds
 
   # --------------------------------------------------------------------------- what it wrote
 

@@ -33,7 +33,6 @@ from jaxlab.errors import BadValue, OutOfMemory
 from jaxlab.experiment import build_model, describe_experiment
 from jaxlab.hooks import (Checkpoints, ConfigFile, Hook, Hooks, MetricsLog, NonFiniteGuard,
                           ProgressBar, StopOnSignal, SummaryFile)
-from jaxlab.metrics import read_jsonl
 from jaxlab.models import PlanModel, describe
 from jaxlab.optim import make_optimizer
 from jaxlab.restore import restore_group, restore_state
@@ -167,16 +166,15 @@ def _set_up(configs: Sequence[TrainConfig], workdirs: Sequence[str | pathlib.Pat
     raise ValueError(f"dataset {dataset.info.name!r} given for a config of {base.dataset!r}")
   dataset = dataset.limit_train(base.train_limit)
   model = build_model(base.experiment, dataset.info, base.precision)
-  _describe(runs, model, dataset, parallel.describe(mesh))
+  steps = make_steps(model, base.nan_policy, mesh, _loop(runs, loop))
+  _describe(runs, model, dataset, {**runtime.environment(), "mesh": parallel.describe(mesh),
+                                   "loop": steps.loop})
   fresh = create_group_state(model, make_optimizer(base.optimizer), [c.seed for c in configs],
                              [c.learning_rate for c in configs], parallel.replicated(mesh))
   template = member(fresh, 0)  # Its own buffers: `fresh` may be trained (and donated).
   state, sums = restore_group(runs, fresh, parallel.replicated(mesh))
   for run in runs:  # The step number is the position: epochs done, and steps into the next.
-    run.start_step = int(state.step[0])
-    run.steps_per_epoch = math.ceil(len(dataset.train_labels) / base.batch_size)
-    # Epochs after the checkpoint (a crash between the metrics line and the checkpoint) rerun.
-    run.history = [r for r in read_jsonl(run.metrics_jsonl) if r["epoch"] <= run.start_epoch]
+    run.resume_at(int(state.step[0]), math.ceil(len(dataset.train_labels) / base.batch_size))
   show = sys.stderr.isatty() if progress is None else progress
   extra_hooks = extra_hooks or [()] * len(runs)
   hooks = Hooks(runs, [[*default_hooks(show and k == 0, writer), *extra_hooks[k]]
@@ -185,9 +183,6 @@ def _set_up(configs: Sequence[TrainConfig], workdirs: Sequence[str | pathlib.Pat
   arrays = parallel.put_replicated((dataset.train_images, dataset.train_labels,
                                     dataset.test_images, dataset.test_labels), mesh)
   shuffle_keys = jnp.stack([seed_keys(c.seed)[2] for c in configs])
-  steps = make_steps(model, base.nan_policy, mesh, _loop(runs, loop))
-  for run in runs:
-    run.environment = {**run.environment, "loop": steps.loop}
   return _Group(runs, hooks, model, steps, state, sums,
                 template, dataset, arrays, shuffle_keys, started)
 
@@ -220,15 +215,14 @@ def _check_group(configs: Sequence[TrainConfig], workdirs: Sequence[Any]) -> Non
 
 
 def _describe(runs: Sequence[Run], model: PlanModel, dataset: Dataset,
-              mesh: dict[str, Any]) -> None:
+              environment: dict[str, Any]) -> None:
   """What config.json says of each run, and its parameter counts."""
   counts = param_counts(model)
-  environment = {**runtime.environment(), "mesh": mesh}
   for run in runs:
-    run.about, run.architecture = describe_experiment(run.experiment), describe(model)
-    run.data = {"source": dataset.source, "train_examples": int(len(dataset.train_labels)),
-                "validation_examples": int(len(dataset.test_labels))}
-    run.environment, run.counts = environment, counts
+    run.describe(about=describe_experiment(run.experiment), architecture=describe(model),
+                 data={"source": dataset.source, "train_examples": int(len(dataset.train_labels)),
+                       "validation_examples": int(len(dataset.test_labels))},
+                 environment=environment, counts=counts)
 
 
 def _epoch(group: _Group, epoch: int) -> None:
@@ -267,7 +261,7 @@ def _epoch(group: _Group, epoch: int) -> None:
                     "skipped_steps": skipped,
                     "learning_rate": run.config.learning_rate,
                     "epoch_seconds": t1 - t0, "eval_seconds": t2 - t1, "time": time.time()})
-    run.history.append(records[k])
+    run.record_epoch(records[k])
   hooks.epoch_end(epoch, records, host)
 
 
@@ -289,7 +283,7 @@ def _finish(group: _Group) -> list[dict[str, Any]]:
     evaluations = _final_evaluations(group, run, finals[k], predictions[k], last)
     summaries.append(run.summarize("completed", evaluations, last=last, extra={
         "startup": startup, "group": [str(r.root) for r in group.runs]}))
-    run.status = "completed"
+    run.finish(summaries[-1])
   logging.info("process %d of %d: final state fingerprint %s", jax.process_index(),
                jax.process_count(), checkpoint.fingerprint(checkpoint.to_host(group.state)))
   group.hooks.run_end(summaries)

@@ -76,7 +76,7 @@ def find_runs(root: str | pathlib.Path) -> Collection:
       path = (lab_dir / expected["path"]).as_posix()
       run = runs.get(path)
       if run is not None and run.status != "completed" and expected.get("status") == "failed":
-        run.status, run.error = "failed", expected.get("error")
+        run.fail(expected.get("error"))
       elif run is None:
         # Failed before it wrote anything, started and killed at once, or not started yet.
         status = {"failed": "failed", "running": "running"}.get(expected.get("status"),
