@@ -1,7 +1,7 @@
 """Where jaxlab keeps what it can compute again: decoded data, kernel choices, compiled programs.
 
   $JAXLAB_CACHE_DIR (default ~/.cache/jaxlab)    decoded data sets (jaxlab.data), the kernels
-                                                 measured per machine (jaxlab.kernels)
+                                                 measured per machine (jaxlab.perf.kernels)
   $JAXLAB_XLA_CACHE_DIR (default CACHE_DIR/xla)  JAX's persistent compilation cache
                                                  (jaxlab.runtime)
 

@@ -23,7 +23,7 @@ from absl import app, flags
 
 from jaxlab.config import TrainConfig
 from jaxlab.errors import BadValue, NonFiniteError, UserError, one_line, show_traceback
-from jaxlab.preemption import EXIT_PREEMPTED, Preempted
+from jaxlab.runtime import EXIT_PREEMPTED, Preempted
 
 # JAX logs at INFO that it found no TPU library on every start; that is not news to a user.
 std_logging.getLogger("jax._src.xla_bridge").setLevel(std_logging.WARNING)
@@ -78,9 +78,9 @@ def define_compilation_cache_flag() -> None:
 
 
 def define_kernels_flag() -> None:
-  from jaxlab.kernels import CHOICES  # No JAX.
+  from jaxlab.perf.kernels import CHOICES  # No JAX.
   flags.DEFINE_enum("kernels", None, list(CHOICES),
-                    "XLA:CPU's kernel library for dots and convolutions (jaxlab.kernels): auto "
+                    "XLA:CPU's kernel library for dots and convolutions (jaxlab.perf.kernels): auto "
                     "(the fastest on this machine for the kind of model run, with or without "
                     "convolutions, whose results equal XLA's own within float rounding, measured "
                     "once and cached in $JAXLAB_CACHE_DIR/kernels.json), xla (as XLA comes), or "

@@ -1,14 +1,19 @@
-"""The process a run trains in: its set-up, its compilations, the persistent cache, its environment.
+"""The process a run trains in: its set-up, its signals, its compilations, its environment.
 
 `start(FLAGS)` is the first call of every script's `main`: it sets up the process before JAX
 starts its backend, from the flags the script defines (each only if it does):
 
-- `--kernels`: XLA:CPU's kernel libraries (`jaxlab.kernels`), for the kind of model the command
+- `--kernels`: XLA:CPU's kernel libraries (`jaxlab.perf.kernels`), for the kind of model the command
   runs (with or without convolutions), or the ones a resumed run started with;
 - `--coordinator_address`, `--num_processes`, `--process_id` (or a cluster launcher's
   environment): a run of several processes (`jax.distributed`);
 - `--compilation_cache`: JAX's persistent compilation cache (`jaxlab.caches`), which makes a
   second process running the same programs skip compiling them.
+
+Signals: a preempted machine sends SIGTERM and a user presses Ctrl-C; `stop_on_signals()` (used
+by the scripts that train) turns the first such signal into a request that the training loop
+honours at its next step boundary (`jaxlab.hooks.StopOnSignal`: a checkpoint, then
+`Preempted`); a second signal aborts at once. The flag is process-wide, as signals are.
 
 Then what a process pays before it trains (XLA compilations, counted and timed as JAX reports
 them, and the time to the first step), and the environment a run records in config.json.
@@ -18,15 +23,19 @@ Imports nothing of JAX until it is asked to: `start` runs before JAX does.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import pathlib
+import signal
 import sys
+import threading
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import jaxlab
-from jaxlab import caches, kernels
+from jaxlab import caches
+from jaxlab.perf import kernels
 
 # Environment variables by which JAX's cluster detection recognizes a launcher.
 CLUSTER_ENVIRONMENT = ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "JOBSET_NAME",
@@ -54,7 +63,7 @@ def start(flags: Any) -> None:
 
 
 def _model_kind(flags: Any) -> str:
-  """The kind of model a command runs, for jaxlab.kernels: "conv" where one of the experiments
+  """The kind of model a command runs, for jaxlab.perf.kernels: "conv" where one of the experiments
   it names (--experiment, else --lab's --experiments or all of its experiments) has
   convolutions, "dense" where none has, "conv" where it names none. Imports the experiments,
   which imports JAX but does not start its backend."""
@@ -101,6 +110,55 @@ def enable_compilation_cache(directory: str | os.PathLike | None = None) -> path
   else:
     os.environ.update({name.upper(): str(value) for name, value in options.items()})
   return pathlib.Path(options["jax_compilation_cache_dir"])
+
+
+# ----------------------------------------------------------------------------- signals
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on request; the same command resumes.
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_requested = threading.Event()
+
+
+class Preempted(Exception):
+  """Training stopped on a signal after saving its position."""
+
+  def __init__(self, message: str):
+    super().__init__(message)
+
+
+def requested() -> bool:
+  """Whether a stop was asked for (a signal arrived, or `request()` was called)."""
+  return _requested.is_set()
+
+
+def request() -> None:
+  _requested.set()
+
+
+def clear() -> None:
+  _requested.clear()
+
+
+def _handler(signum: int, frame) -> None:
+  name = signal.Signals(signum).name
+  if _requested.is_set():
+    print(f"\n{name} again: aborting now, without a checkpoint.", file=sys.stderr, flush=True)
+    os._exit(128 + signum)
+  _requested.set()
+  print(f"\n{name}: stopping at the next step boundary after saving a checkpoint "
+        f"({name} again aborts at once).", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[None]:
+  """Within the block, SIGTERM and SIGINT ask the training loop to stop (see the module doc)."""
+  previous = {s: signal.signal(s, _handler) for s in SIGNALS}
+  clear()
+  try:
+    yield
+  finally:
+    for s, handler in previous.items():
+      signal.signal(s, handler)
 
 
 # ----------------------------------------------------------------------------- compilations
@@ -226,7 +284,7 @@ def startup_report(since: Mark) -> dict[str, Any]:
 
 def environment() -> dict[str, Any]:
   """jaxlab and JAX versions, the backend and device the computation runs on, and on the CPU
-  the kernels XLA uses (`jaxlab.kernels`) with the XLA flags the backend started with."""
+  the kernels XLA uses (`jaxlab.perf.kernels`) with the XLA flags the backend started with."""
   import jax
   device = jax.devices()[0]
   found = {"jaxlab": jaxlab.__version__, "jax": jax.__version__,

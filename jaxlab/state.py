@@ -1,6 +1,6 @@
 """The train state: one pytree of params, BatchNorm statistics, optimizer state, step and RNG.
 
-Made for one run or stacked for a group (restoring one from a run directory: `jaxlab.restore`).
+Made for one run or stacked for a group (restoring one from a run directory: `jaxlab.checkpoint`).
 
 A state is made by one compiled program (`init_program`): initialization, the optimizer's
 init and the keys, instead of dozens of small ones run op by op. A group of K members (seeds
@@ -45,7 +45,7 @@ NO_STEP = np.iinfo(np.int32).max  # `first_nonfinite` of steps that were all fin
 
 def train_sums_zeros() -> dict[str, float | int]:
   """The host-side metric sums of no train step (a Python number per metric): the running sums
-  of an epoch start here, and a checkpoint holds them beside the state (`jaxlab.restore`)."""
+  of an epoch start here, and a checkpoint holds them beside the state (`jaxlab.checkpoint`)."""
   return {"data_loss": 0.0, "l2_loss": 0.0, "correct": 0, "count": 0, "nonfinite": 0,
           "first_nonfinite": int(NO_STEP)}
 

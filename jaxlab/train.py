@@ -32,16 +32,15 @@ from jaxlab.data import Dataset, load_dataset
 from jaxlab.errors import BadValue, OutOfMemory
 from jaxlab.experiment import build_model, describe_experiment
 from jaxlab.hooks import (Checkpoints, ConfigFile, Hook, Hooks, MetricsLog, NonFiniteGuard,
-                          ProgressBar, StopOnSignal, SummaryFile)
+                          ProgressBar, StopOnSignal, SummaryFile, TensorBoard)
 from jaxlab.models import PlanModel, describe
 from jaxlab.optim import make_optimizer
-from jaxlab.restore import restore_group, restore_state
+from jaxlab.checkpoint import restore_group, restore_state
 from jaxlab.run import Run
 from jaxlab.state import TrainState, create_group_state, member, seed_keys
 from jaxlab.steps import (Steps, evaluate, evaluate_group, make_steps,
                           train_epoch)
 from jaxlab.summary import param_counts, summarize
-from jaxlab.tensorboard import TensorBoard
 
 
 

@@ -12,7 +12,7 @@ import pathlib
 from absl import flags
 
 from jaxlab import cli, runtime
-from jaxlab.benchmark import PEERS, markdown, run_benchmark
+from jaxlab.perf.benchmark import PEERS, markdown, run_benchmark
 from jaxlab.config import PRECISIONS
 from jaxlab.experiment import build_model
 from jaxlab.data import DATASETS

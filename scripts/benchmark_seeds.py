@@ -22,7 +22,7 @@ import time
 from absl import flags
 
 from jaxlab import cli, runtime
-from jaxlab.benchmark import machine, rotation
+from jaxlab.perf.benchmark import machine, rotation
 
 cli.define_experiment_flag()
 OVERRIDES = cli.define_config_flags(["dataset", "data_dir", "epochs", "batch_size"])

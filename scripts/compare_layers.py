@@ -16,7 +16,8 @@ from jaxlab import cli, runtime
 from jaxlab.compare import capture, compare
 from jaxlab.experiment import build_model
 from jaxlab.experiment import get_experiment
-from jaxlab.keras_io import import_keras, import_keras_weights, keras_capture, to_keras
+from jaxlab.keras.model import import_keras, keras_capture, to_keras
+from jaxlab.keras.weights import import_keras_weights
 
 cli.define_kernels_flag()
 cli.define_experiment_flags()

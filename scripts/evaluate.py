@@ -10,7 +10,7 @@ from absl import flags
 
 from jaxlab import cli, evaluation, runtime
 from jaxlab.data import load_dataset
-from jaxlab.restore import load_run
+from jaxlab.checkpoint import load_run
 from jaxlab.steps import evaluate, make_steps
 
 cli.define_kernels_flag()

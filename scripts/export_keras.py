@@ -6,8 +6,8 @@
 from absl import flags
 
 from jaxlab import cli, runtime
-from jaxlab.keras_io import export_keras
-from jaxlab.restore import load_run
+from jaxlab.keras.weights import export_keras
+from jaxlab.checkpoint import load_run
 
 flags.DEFINE_string("workdir", None, "Run directory.")
 flags.DEFINE_string("output", None, "File to write: NAME.keras or NAME.weights.h5.")

@@ -11,8 +11,8 @@ from absl import flags
 
 from jaxlab import cli, runtime
 from jaxlab.experiment import build_model, resolve_config
-from jaxlab.keras_io import import_keras_weights
-from jaxlab.keras_io import write_imported_run
+from jaxlab.keras.weights import import_keras_weights
+from jaxlab.keras.weights import write_imported_run
 
 cli.define_experiment_flags()
 flags.DEFINE_string("keras_weights", None, "A Keras .weights.h5 or .keras file.")

@@ -10,7 +10,7 @@ import time
 from absl import flags
 
 from jaxlab import cli, runtime
-from jaxlab.benchmark import keras_train
+from jaxlab.perf.benchmark import keras_train
 from jaxlab.experiment import build_model, resolve_config
 from jaxlab.data import load_dataset
 

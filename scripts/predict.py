@@ -14,7 +14,7 @@ from absl import flags
 
 from jaxlab import cli, runtime
 from jaxlab.errors import BadValue
-from jaxlab.restore import load_run
+from jaxlab.checkpoint import load_run
 
 cli.define_kernels_flag()
 flags.DEFINE_string("workdir", None, "Run directory.")

@@ -3,7 +3,7 @@
   python scripts/probe_kernels.py [--dtypes=float32,bfloat16] [--steps=3] [--json]
 
 For a matmul, a convolution, the convolution's backward pass and an MLP's training step: under
-each of `jaxlab.kernels`' choices and XLA's other oneDNN options, which library runs it (XLA's
+each of `jaxlab.perf.kernels`' choices and XLA's other oneDNN options, which library runs it (XLA's
 own, YNNPACK or oneDNN), the dtype it reads (`f32` for a bfloat16 op: XLA converted its
 operands to float32 first) and at what rate. An option that kills the process on an op (an abort inside
 XLA) is reported on that row, and the probe goes on in a new process.
@@ -16,7 +16,8 @@ import sys
 
 from absl import flags
 
-from jaxlab import cli, kernels, profiling, runtime
+from jaxlab import cli, runtime
+from jaxlab.perf import kernels, profiling
 from jaxlab.errors import BadValue
 
 flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Operand dtypes to probe.")

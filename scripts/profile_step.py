@@ -15,7 +15,8 @@ import jax
 import numpy as np
 from absl import flags
 
-from jaxlab import cli, profiling, runtime
+from jaxlab import cli, runtime
+from jaxlab.perf import profiling
 from jaxlab.config import TrainConfig
 from jaxlab.experiment import build_model, load_lab, resolve_config
 from jaxlab.models import DTYPES

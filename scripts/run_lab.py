@@ -18,9 +18,10 @@ import sys
 
 from absl import flags, logging
 
-from jaxlab import cli, preemption, runtime
+from jaxlab import cli, runtime
 from jaxlab.experiment import load_lab
-from jaxlab.lab import LabRunner, plan_lab, run_workers
+from jaxlab.lab.runner import LabRunner, plan_lab
+from jaxlab.lab.workers import run_workers
 from jaxlab.report import results_table
 
 cli.define_kernels_flag()
@@ -58,7 +59,7 @@ def main(argv):
     argv = [a for a in sys.argv[1:] if not a.startswith(("--workers", "-workers"))]
     sys.exit(run_workers(FLAGS.workers, [sys.executable, sys.argv[0], *argv]))
   runner = LabRunner(lab, FLAGS.workdir, runs, settings, progress=FLAGS.progress, loop=FLAGS.loop)
-  with preemption.stop_on_signals():
+  with runtime.stop_on_signals():
     record = runner.run()
   failed = [r for r in record["runs"] if r["status"] == "failed"]
   done = sum(r["status"] == "completed" for r in record["runs"])

@@ -13,7 +13,7 @@ same command resumes. A second signal aborts at once.
 
 from absl import flags, logging
 
-from jaxlab import cli, lock, preemption, runtime
+from jaxlab import cli, lock, runtime
 from jaxlab.errors import BadValue
 from jaxlab.run import member_dir, member_path
 
@@ -70,7 +70,7 @@ def main(argv):
     raise BadValue("--learning_rate and --learning_rates do not go together")
   configs = group_configs(config, seeds, rates)
   workdirs = [member_dir(workdir, c, bool(seeds), bool(rates)) for c in configs]
-  with preemption.stop_on_signals():
+  with runtime.stop_on_signals():
     summaries = train_group(configs, workdirs, progress=FLAGS.progress, restart=FLAGS.restart,
                             loop=FLAGS.loop)
   for c, summary, path in zip(configs, summaries, workdirs):

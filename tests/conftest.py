@@ -60,12 +60,12 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))
 # either would have made alone, and both share the compilation cache.
 # (Worker processes of pytest-xdist inherit this process's settings: the user's flags are kept
 # aside once, by the first.)
-# XLA:CPU's kernels (jaxlab.kernels) are those of $JAXLAB_TEST_KERNELS (default xla, XLA as it
+# XLA:CPU's kernels (jaxlab.perf.kernels) are those of $JAXLAB_TEST_KERNELS (default xla, XLA as it
 # comes), here and in every script a test starts, so that no test measures the machine: run
 # the suite with JAXLAB_TEST_KERNELS=ynn_dot (say) to check it under another choice.
 _USER_XLA_FLAGS = os.environ.setdefault("JAXLAB_TEST_USER_XLA_FLAGS",
                                         os.environ.get("XLA_FLAGS", ""))
-from jaxlab import kernels  # noqa: E402  (no JAX: before the backend starts)
+from jaxlab.perf import kernels  # noqa: E402  (no JAX: before the backend starts)
 
 KERNELS = os.environ.setdefault("JAXLAB_TEST_KERNELS", "xla")
 os.environ["JAXLAB_KERNELS"] = KERNELS

@@ -15,8 +15,8 @@ import pytest
 import keras_models
 from jaxlab.compare import assert_layers_close, capture, compare
 from jaxlab.experiment import build_model
-from jaxlab.keras_io import (KerasWeightsError, export_keras, import_keras_weights, keras_capture,
-                             keras_order)
+from jaxlab.keras.model import KerasWeightsError, keras_capture, keras_order
+from jaxlab.keras.weights import export_keras, import_keras_weights
 from jaxlab.models import MLP, Dense, iter_ops
 from jaxlab.summary import summarize
 from conftest import run_main

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from jaxlab import kernels
+from jaxlab.perf import kernels
 from conftest import SCRIPT_XLA_FLAGS, script
 
 EXACT = {"w": np.full((3, 3), 0.5), "b": np.full((4,), -2.0)}
@@ -98,7 +98,7 @@ def test_a_failed_measurement_leaves_xla_as_it_comes_and_is_not_cached(tmp_path,
 # as an XLA abort does) after its last words, and $FAIL ends it outside any item.
 FAKE_MEASURER = """
 import json, os, signal, sys
-from jaxlab.kernels import Reporter
+from jaxlab.perf.kernels import Reporter
 report = Reporter(sys.argv[1])
 for item in "abc":
   if item in report.skip:

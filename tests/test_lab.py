@@ -15,7 +15,7 @@ import pytest
 from scipy import stats
 
 from jaxlab.experiment import load_lab
-from jaxlab.lab import LabRunner, plan_lab
+from jaxlab.lab.runner import LabRunner, plan_lab
 from jaxlab.report import build_report
 from datafiles import write_idx_dataset
 from conftest import run_main, start_script

@@ -6,9 +6,10 @@ import jax
 import numpy as np
 import pytest
 
-from jaxlab import profiling, runtime
-from jaxlab import benchmark
-from jaxlab.benchmark import markdown, run_benchmark
+from jaxlab import runtime
+from jaxlab.perf import profiling
+from jaxlab.perf import benchmark
+from jaxlab.perf.benchmark import markdown, run_benchmark
 from jaxlab.experiment import build_model, resolve_config
 from jaxlab.hooks import OnEpochEnd
 from jaxlab.train import train_and_evaluate

@@ -1,78 +1,30 @@
-"""Keras 3 models from jaxlab plans, and Keras weights into and out of jaxlab and its runs.
+"""Keras weights into and out of jaxlab: variables, Keras files, and run directories.
 
-jaxlab variables are written into Keras models, and Keras weights read back into jaxlab
-variables or into a new run directory (`write_imported_run`).
-
-Keras is an optional dependency (the `test` and `bench` extras); it is imported when these
-functions run, with the JAX backend unless KERAS_BACKEND says otherwise.
+A Keras `.weights.h5` or `.keras` file is read into jaxlab's variables (every layer matched in
+Keras's order and every shape checked), written from them, or imported as a new run directory
+whose checkpoints hold the weights (`write_imported_run`), which every script then reads.
 """
 
 from __future__ import annotations
 
-import os
 import pathlib
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from flax import serialization
 
 from jaxlab import checkpoint, lock
+from jaxlab.checkpoint import checkpoint_template
 from jaxlab.config import TrainConfig
 from jaxlab.errors import BadValue, MissingDependency, MissingFile
 from jaxlab.experiment import build_model, describe_experiment
 from jaxlab.hooks import ConfigFile, MetricsLog, SummaryFile
-from jaxlab.models import (BN_EPSILON, BN_MOMENTUM, KERAS_TYPES, Op, PlanModel, describe,
-                           iter_ops, walk)
+from jaxlab.keras.model import KerasWeightsError, import_keras, keras_order, to_keras
+from jaxlab.models import KERAS_TYPES, Op, PlanModel, describe, iter_ops
 from jaxlab.optim import make_optimizer
-from jaxlab.restore import checkpoint_template
 from jaxlab.run import Run
 from jaxlab.state import create_train_state
 from jaxlab.summary import param_counts
-
-
-def import_keras():
-  os.environ.setdefault("KERAS_BACKEND", "jax")
-  try:
-    import keras
-  except ImportError:
-    raise MissingDependency("Keras is needed for this; install it with `pip install -e '.[keras]'`") from None
-  return keras
-
-
-# Op kind -> its Keras layer (`keras`, the op, its activation: a softmax for the output layer).
-KERAS_LAYERS: dict[str, Callable[..., Any]] = {
-    "dense": lambda keras, op, activation: keras.layers.Dense(
-        op.features, activation=activation, name=op.name, **_l2(keras, op)),
-    "conv2d": lambda keras, op, activation: keras.layers.Conv2D(
-        op.features, op.kernel_size, strides=op.strides, padding=op.padding,
-        activation=activation, name=op.name, **_l2(keras, op)),
-    "batch_normalization": lambda keras, op, activation: keras.layers.BatchNormalization(
-        momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=op.name),
-    "dropout": lambda keras, op, activation: keras.layers.Dropout(op.rate, name=op.name),
-    "max_pooling2d": lambda keras, op, activation: keras.layers.MaxPooling2D(
-        op.kernel_size, op.strides, name=op.name),
-    "flatten": lambda keras, op, activation: keras.layers.Flatten(name=op.name),
-}
-
-
-def _l2(keras, op: Op) -> dict[str, Any]:
-  return {"kernel_regularizer": keras.regularizers.l2(op.l2)} if op.l2 else {}
-
-
-def to_keras(model: PlanModel):
-  """The Keras model of a plan (`jaxlab.models.walk` with `KERAS_LAYERS`): the same layers,
-  order, names and settings; the output layer with Keras's softmax."""
-  keras = import_keras()
-  plan = model.plan()
-
-  def layer(op: Op, x):
-    activation = "softmax" if op is plan[-1] else (op.activation or "linear")
-    return KERAS_LAYERS[op.kind](keras, op, activation)(x)
-
-  inputs = keras.Input(shape=model.input_shape())
-  outputs = walk(plan, inputs, layer,
-                 lambda op, xs: keras.layers.Concatenate(name=op.name)(xs))
-  return keras.Model(inputs, outputs, name=type(model).__name__.lower())
 
 
 def keras_weights(op: Op, params: dict[str, Any], batch_stats: dict[str, Any]) -> list[np.ndarray]:
@@ -106,30 +58,6 @@ def set_keras_weights(keras_model, model: PlanModel, variables: dict[str, Any]) 
 # gives jaxlab's ops in that same order, so the n-th Dense of the file is the n-th Dense there.
 
 WEIGHTED_KINDS = ("dense", "conv2d", "batch_normalization")
-
-
-class KerasWeightsError(BadValue):
-  """A Keras weights file that does not fit a jaxlab model."""
-
-
-def keras_order(model: PlanModel) -> list[Op]:
-  """The plan's ops in the order Keras's `model.layers` lists the same architecture."""
-  entries: list[tuple[int, int, int, Op]] = []  # (-depth from the output, path, position, op)
-  counter = [0]
-
-  def walk(ops, depth_after: int, path: int) -> None:
-    # `depth_after` is the depth (counted from the output) of what consumes the last op.
-    depth = depth_after + len(ops)
-    for op in ops:
-      entries.append((-depth, path, counter[0], op))
-      counter[0] += 1
-      if op.paths:
-        for i, p in enumerate(op.paths):
-          walk(p, depth, path * 10 + i + 1)
-      depth -= 1
-
-  walk(list(model.plan()), -1, 0)
-  return [op for *_, op in sorted(entries, key=lambda e: e[:3])]
 
 
 def _suffix(name: str) -> int:
@@ -228,40 +156,6 @@ def export_keras(model: PlanModel, variables: dict[str, Any], path: str):
   else:
     net.save_weights(path)
   return net
-
-
-def keras_layers_by_op(keras_model, model: PlanModel) -> dict[str, Any]:
-  """jaxlab op name -> the Keras layer that computes it, matched in Keras's layer order."""
-  theirs = [l for l in keras_model.layers if type(l).__name__ != "InputLayer"]
-  ours = keras_order(model)
-  if len(theirs) != len(ours):
-    raise KerasWeightsError(f"the Keras model has {len(theirs)} layers, the jaxlab model "
-                            f"{len(ours)}: not the same architecture")
-  out = {}
-  for op, layer in zip(ours, theirs):
-    if type(layer).__name__ != op.keras_type:
-      raise KerasWeightsError(f"Keras layer {layer.name!r} is a {type(layer).__name__} where "
-                              f"jaxlab has {op.name!r}, a {op.keras_type}")
-    out[op.name] = layer
-  return out
-
-
-def keras_capture(keras_model, model: PlanModel, x: np.ndarray) -> dict[str, np.ndarray]:
-  """Every Keras layer's output on `x` in inference mode, under the jaxlab layer's name."""
-  keras = import_keras()
-  layers = keras_layers_by_op(keras_model, model)
-  inputs = keras_model.inputs[0] if len(keras_model.inputs) == 1 else keras_model.inputs
-  probe = keras.Model(inputs, [layer.output for layer in layers.values()])
-  x = np.asarray(x, np.float32)
-  if keras.backend.backend() == "jax":  # One compiled call, not Keras's ops one by one.
-    import jax
-    call = jax.jit(lambda trainable, other, x: probe.stateless_call(trainable, other, x,
-                                                                    training=False)[0])
-    outputs = call([v.value for v in probe.trainable_variables],
-                   [v.value for v in probe.non_trainable_variables], x)
-  else:
-    outputs = probe(x, training=False)
-  return {name: np.asarray(out) for name, out in zip(layers, outputs)}
 
 
 def write_imported_run(workdir: str | pathlib.Path, config: TrainConfig,

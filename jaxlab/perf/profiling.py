@@ -239,7 +239,7 @@ def checkpoint_cost(state: Any, directory: str | pathlib.Path, repeats: int = 3)
           "async_background_seconds": statistics.median(background)}
 
 
-# XLA:CPU's other oneDNN options, probed beside jaxlab.kernels' candidates (onednn_dot among
+# XLA:CPU's other oneDNN options, probed beside jaxlab.perf.kernels' candidates (onednn_dot among
 # them). The custom calls need a jaxlib built with oneDNN's asynchronous runtime (jaxlib 0.10.2
 # accepts the option and changes nothing); whether bfloat16 stays bfloat16 in oneDNN (and
 # reaches AMX) depends on the CPU (AVX512-BF16).
@@ -304,12 +304,12 @@ def probe_kernels(options: dict[str, dict[str, Any]], dtypes=("float32", "bfloat
   `steps` calls). The ops: a matmul (2048 x 2048 by 2048), a convolution (AlexNet's second:
   batch 16, 28x28x96 by 5x5x96x256, `same`), that convolution's backward pass (the gradients to
   its input and kernel, as training runs it), and an MLP's training step (the gradients of
-  `jaxlab.kernels`' dense step: Lab 02's Dense, batch normalization, ReLU blocks at batch 128).
+  `jaxlab.perf.kernels`' dense step: Lab 02's Dense, batch normalization, ReLU blocks at batch 128).
   They run on the CPU in a process of its own: options this jaxlib refuses are reported as errors, and
   so are those that kill the process (an abort inside XLA), the others probed in a new one."""
   import sys
-  from jaxlab import kernels
-  argv = [sys.executable, "-m", "jaxlab.profiling",
+  from jaxlab.perf import kernels
+  argv = [sys.executable, "-m", "jaxlab.perf.profiling",
           json.dumps({"options": options, "dtypes": list(dtypes), "steps": steps})]
   done, crashed = kernels.isolated(argv, kernels.measuring_environment(), timeout=3600)
   for item, why in crashed.items():
@@ -327,7 +327,7 @@ def probe_kernels(options: dict[str, dict[str, Any]], dtypes=("float32", "bfloat
 def _probe(options: dict[str, dict[str, Any]], dtypes: list[str], steps: int,
            skip: str = "[]") -> None:
   """`probe_kernels`' measuring process: reports each row (`kernels.Reporter`)."""
-  from jaxlab import kernels
+  from jaxlab.perf import kernels
   report = kernels.Reporter(skip)
   keys = jax.random.split(jax.random.PRNGKey(0), 2)
   conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",

@@ -126,7 +126,7 @@ def measure(out: pathlib.Path, repeats: int = 9) -> dict[str, dict[str, dict[str
   kind's gradients go to out/KIND.NAME.npz, and in float64 to out/KIND.exact.npz. A candidate
   that kills the process (an XLA abort) is reported as an error; the others are measured in a
   new process."""
-  results, crashed = isolated([sys.executable, "-m", "jaxlab.kernels", str(out), str(repeats)],
+  results, crashed = isolated([sys.executable, "-m", "jaxlab.perf.kernels", str(out), str(repeats)],
                               measuring_environment())
   found: dict[str, dict[str, dict[str, Any]]] = {kind: {} for kind in KINDS}
   for item, why in crashed.items():

@@ -29,7 +29,7 @@ from typing import Any, Callable, Sequence
 
 from absl import logging
 
-from jaxlab import lock, preemption
+from jaxlab import lock, runtime
 from jaxlab.config import TrainConfig, changed_settings
 from jaxlab.data import Dataset, load_dataset
 from jaxlab.errors import BadValue, UserError, describe, one_line
@@ -199,8 +199,8 @@ class LabRunner:
                "workers hold (taken over if a worker dies)")
     while held_elsewhere:
       time.sleep(self.poll_seconds)
-      if preemption.requested():
-        raise preemption.Preempted(f"[{self.lab.name}] stopped while other workers train")
+      if runtime.requested():
+        raise runtime.Preempted(f"[{self.lab.name}] stopped while other workers train")
       held_elsewhere = [g for g in held_elsewhere if not self._claim(g, numbers, quiet=True)]
 
   @property
@@ -257,8 +257,8 @@ class LabRunner:
   def _train(self, group: list[Run], numbers: list[int]) -> None:
     """Trains one experiment's unfinished runs as a group, recording how it went."""
     head = self._head(numbers, group)
-    if preemption.requested():
-      raise preemption.Preempted(f"[{self.lab.name}] stopped before run {numbers[0]}/"
+    if runtime.requested():
+      raise runtime.Preempted(f"[{self.lab.name}] stopped before run {numbers[0]}/"
                                  f"{len(self.runs)}")
     for run in group:
       run.claim({"host": socket.gethostname(), "pid": os.getpid()})
@@ -270,9 +270,9 @@ class LabRunner:
       summaries = train_group([r.config for r in group], [r.root for r in group],
                               dataset=self._dataset(group[0].config), progress=self.progress,
                               loop=self.loop)
-    except preemption.Preempted as e:  # The lab stops; the runs resume next time.
+    except runtime.Preempted as e:  # The lab stops; the runs resume next time.
       self.write()
-      raise preemption.Preempted(f"{head}: {e}") from None
+      raise runtime.Preempted(f"{head}: {e}") from None
     except Exception as e:  # A failing group is recorded; the lab goes on.
       self.trained_failed = True
       for run in group:
@@ -298,81 +298,3 @@ class LabRunner:
         else ",".join(map(str, numbers))
     return (f"[{self.lab.name}] runs {span}/{n}: {runs[0].experiment} seeds "
             f"{','.join(str(r.seed) for r in runs)}")
-
-
-
-def _gpus() -> list[str]:
-  """This machine's GPUs as CUDA_VISIBLE_DEVICES names them (that variable's list where it is
-  set, else nvidia-smi's), without starting JAX; none on a machine without them."""
-  visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-  if visible is not None:
-    return [d for d in visible.split(",") if d.strip() and d.strip() != "-1"]
-  import shutil
-  import subprocess
-  if not shutil.which("nvidia-smi"):
-    return []
-  try:
-    listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
-  except (OSError, subprocess.SubprocessError):
-    return []
-  return [str(i) for i, line in enumerate(listed.stdout.splitlines()) if line.startswith("GPU")]
-
-
-def worker_devices(workers: int) -> list[dict[str, Any]]:
-  """What each of `workers` processes on this machine gets: one GPU each where there are GPUs
-  (`CUDA_VISIBLE_DEVICES`), else an equal share of the CPU cores this process may use (its CPU
-  affinity, which sets the size of XLA's thread pool)."""
-  if workers < 1:
-    raise BadValue(f"--workers must be a positive integer, got {workers}")
-  gpus = _gpus()
-  if gpus:
-    if workers > len(gpus):
-      raise BadValue(f"--workers={workers}, but this machine has {len(gpus)} GPUs "
-                     f"({','.join(gpus)}): one worker per GPU")
-    return [{"env": {"CUDA_VISIBLE_DEVICES": gpus[k]}, "cores": None} for k in range(workers)]
-  cores = sorted(os.sched_getaffinity(0))
-  if workers > len(cores):
-    raise BadValue(f"--workers={workers}, but this process may use {len(cores)} CPU cores "
-                   "(at least one per worker)")
-  shares = [cores[k * len(cores) // workers:(k + 1) * len(cores) // workers]
-            for k in range(workers)]
-  return [{"env": {"JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}, "cores": share}
-          for share in shares]
-
-
-def run_workers(workers: int, argv: Sequence[str],
-                say: Callable[[str], None] = lambda line: print(line, file=sys.stderr)) -> int:
-  """Starts `workers` processes of `argv` (a `run_lab.py` command without --workers) on this
-  machine, one device each (`worker_devices`), forwards SIGTERM and SIGINT to them, waits, and
-  returns the status to exit with: 75 if any was stopped by a signal (the same command
-  resumes), else 2 for bad input, else 1 if a run failed, else 0."""
-  import signal
-  import subprocess
-
-  devices = worker_devices(workers)
-  procs = []
-  for k, device in enumerate(devices):
-    cores = device["cores"]
-    env = {**os.environ, **device["env"], "JAXLAB_WORKER": f"{k + 1}/{workers}"}
-    procs.append(subprocess.Popen(
-        list(argv), env=env,
-        preexec_fn=(lambda c=cores: os.sched_setaffinity(0, c)) if cores else None))
-    say(f"worker {k + 1}/{workers}: process {procs[-1].pid}, "
-        + (f"CPU cores {','.join(map(str, cores))}" if cores
-           else f"GPU {device['env']['CUDA_VISIBLE_DEVICES']}"))
-
-  def forward(signum, frame):
-    for p in procs:
-      if p.poll() is None:
-        p.send_signal(signum)
-
-  previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
-  try:
-    codes = [p.wait() for p in procs]
-  finally:
-    for s, handler in previous.items():
-      signal.signal(s, handler)
-  for code in (75, 2, 1):
-    if code in codes:
-      return code
-  return 0 if all(c == 0 for c in codes) else max(abs(c) for c in codes)

@@ -25,7 +25,7 @@ import numpy as np
 from jaxlab.errors import BadValue
 from jaxlab.models import PlanModel, iter_ops, walk
 from jaxlab.optim import make_optimizer
-from jaxlab.kernels import cpu
+from jaxlab.perf.kernels import cpu
 from jaxlab.runtime import environment
 from jaxlab.summary import forward_flops, layer_output_shapes
 
@@ -103,7 +103,7 @@ def step_runner(model: PlanModel, images, labels, batch_size: int) -> EpochRunne
 def keras_runner(model: PlanModel, images, labels, batch_size: int) -> EpochRunner:
   """Keras 3 `model.fit`, one epoch per call; a callback times the epoch itself (Keras keeps
   the compiled train function between calls)."""
-  from jaxlab.keras_io import import_keras, to_keras
+  from jaxlab.keras.model import import_keras, to_keras
 
   keras = import_keras()
   net = to_keras(model)
@@ -132,7 +132,7 @@ def keras_train(model: PlanModel, dataset, epochs: int, batch_size: int,
                 seed: int) -> dict[str, list[float]]:
   """The peer of `scripts/train.py`: Keras 3 `fit` of the same architecture on a real data set
   (Adam 1e-3, validation on the test split every epoch), seeded with `seed`; its history."""
-  from jaxlab.keras_io import import_keras, to_keras
+  from jaxlab.keras.model import import_keras, to_keras
 
   keras = import_keras()
   keras.utils.set_random_seed(seed)
@@ -270,7 +270,7 @@ def run_benchmark(model: PlanModel, num_classes: int, batch_size: int, examples:
 
   With `members` K > 1, jaxlab trains K seeds as one vmapped group, and each peer trains K
   models one after another; an "epoch" is then an epoch of all K."""
-  from jaxlab import profiling
+  from jaxlab.perf import profiling
 
   for name in peers:
     if name not in PEERS:
