@@ -41,6 +41,15 @@ def train_args(data, workdir, *extra, experiment="mlp_baseline"):
           "--steps_per_dispatch=4", "--checkpoint_every_steps=8", "--eval_batch_size=64", *extra]
 
 
+def train_process_after(setup, args):
+  """train.py ARGS run as a process of its own, after the Python code `setup` (which breaks
+  something) has run in it."""
+  code = (f"{setup}import runpy, sys\nsys.argv = ['train.py'] + {list(args)!r}\n"
+          "runpy.run_path('scripts/train.py', run_name='__main__')\n")
+  return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                        env=script_environment(), timeout=300)
+
+
 def train(*args):
   """train.py's main in this process; fails with its stderr unless it exits with status 0."""
   done = run_main("train.py", *args)
@@ -258,13 +267,9 @@ def test_a_bug_is_a_traceback_and_status_1_and_leaves_the_run_resumable(data, re
   `error:` line; the run directory stays resumable, and the same command then finishes it as
   the uninterrupted run."""
   workdir = tmp_path / "run"
-  code = ("import runpy, sys\nimport jaxlab.evaluation\n"
-          "def report(*args, **kwargs):\n  return {}['per_class']\n"
-          "jaxlab.evaluation.report = report\n"
-          f"sys.argv = ['train.py'] + {train_args(data, workdir)!r}\n"
-          "runpy.run_path('scripts/train.py', run_name='__main__')\n")
-  bug = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                       env=script_environment(), timeout=300)
+  bug = train_process_after("import jaxlab.evaluation\n"
+                            "def report(*args, **kwargs):\n  return {}['per_class']\n"
+                            "jaxlab.evaluation.report = report\n", train_args(data, workdir))
   assert bug.returncode == 1, bug.stderr[-2000:]
   assert "Traceback (most recent call last)" in bug.stderr
   assert bug.stderr.rstrip().endswith("KeyError: 'per_class'")
@@ -281,12 +286,10 @@ def test_a_full_disk_keeps_the_previous_checkpoint(data, tmp_path):
   workdir = tmp_path / "run"
   train(*train_args(data, workdir, "--epochs=1"))
   before = {p.name: p.read_bytes() for p in (workdir / "checkpoints").iterdir()}
-  code = ("import resource, runpy, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
-          "resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000)); "
-          f"sys.argv = ['train.py'] + {train_args(data, workdir, '--epochs=2')!r}; "
-          "runpy.run_path('scripts/train.py', run_name='__main__')")
-  full = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                        env=script_environment(), timeout=300)
+  full = train_process_after("import resource, signal\n"
+                             "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+                             "resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))\n",
+                             train_args(data, workdir, "--epochs=2"))
   assert full.returncode == 2, full.stderr[-2000:]
   assert "error: could not write checkpoint" in full.stderr
   assert "File too large; the checkpoints written before it are intact" in full.stderr
