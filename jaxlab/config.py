@@ -13,7 +13,7 @@ from typing import Any
 from jaxlab.data import DATASETS
 from jaxlab.errors import BadValue
 
-PRECISIONS = ("float32", "bf16")
+PRECISIONS = ("float32", "bf16")  # What each computes in: jaxlab.models.PRECISIONS.
 NAN_POLICIES = ("stop", "skip")
 
 

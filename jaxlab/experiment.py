@@ -30,7 +30,7 @@ from typing import Any
 from jaxlab.config import PRECISIONS, TrainConfig, validate
 from jaxlab.data import DATASETS, DatasetInfo
 from jaxlab.errors import BadValue, LabFileError, MissingFile, UnknownNameError, one_line
-from jaxlab.models import DTYPES, MLP, ConvNet, PlanModel
+from jaxlab.models import MLP, ConvNet, PlanModel, at_precision
 from jaxlab.registry import Registry
 
 
@@ -216,9 +216,9 @@ def _fitted_model(exp: Experiment, info: DatasetInfo, precision: str) -> PlanMod
   # One object per (experiment, data set, precision): the train state holds `model.apply`,
   # and bound methods compare by identity, so the same object keeps jit's caches warm.
   model = exp.model
-  changes: dict[str, Any] = {"num_classes": info.num_classes, "dtype": DTYPES[precision]}
+  changes: dict[str, Any] = {"num_classes": info.num_classes}
   if isinstance(model, MLP):
     changes["num_inputs"] = math.prod(info.image_shape)
   elif isinstance(model, ConvNet):
     changes["image_shape"] = info.image_shape
-  return model.clone(**changes)
+  return at_precision(model.clone(**changes), precision)

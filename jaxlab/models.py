@@ -23,8 +23,92 @@ import jax.numpy as jnp
 
 from jaxlab.errors import BadValue
 
-# Compute dtype per precision setting (`TrainConfig.precision`); parameters stay float32.
-DTYPES = {"float32": jnp.float32, "bf16": jnp.bfloat16}
+# ----------------------------------------------------------------------------- precision
+
+
+@jax.custom_vjp
+def mixed_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """x (..., k) times kernel (k, n), on bfloat16 operands, accumulated and written in float32,
+  forward and backward: the two dots of the gradient read bfloat16 too (JAX's own transpose
+  would hand them float32 operands), and the gradients come back in the inputs' dtype. What a
+  CPU's bfloat16 units (AVX512-BF16, AMX) run several times faster than float32 dots."""
+  return _mixed_matmul_fwd(x, kernel)[0]
+
+
+def _contract_last(a: jax.Array, b: jax.Array, b_axis: int) -> jax.Array:
+  return jax.lax.dot_general(a, b, (((a.ndim - 1,), (b_axis,)), ((), ())),
+                             preferred_element_type=jnp.float32)
+
+
+def _mixed_matmul_fwd(x: jax.Array, kernel: jax.Array):
+  xb, kb = x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16)
+  # The inputs' dtypes travel as empty arrays: what a residual may hold is arrays.
+  dtypes = (jnp.zeros((0,), x.dtype), jnp.zeros((0,), kernel.dtype))
+  return _contract_last(xb, kb, 0), (xb, kb, dtypes)
+
+
+def _mixed_matmul_bwd(saved, g: jax.Array):
+  xb, kb, (x_dtype, kernel_dtype) = saved
+  x_dtype, kernel_dtype = x_dtype.dtype, kernel_dtype.dtype
+  gb = g.astype(jnp.bfloat16)
+  dx = _contract_last(gb, kb, 1)  # g (..., n) times kernel^T.
+  k, n = kb.shape
+  dk = _contract_last(xb.reshape(-1, k).T, gb.reshape(-1, n), 0)  # x^T (k, m) times g (m, n).
+  return dx.astype(x_dtype), dk.astype(kernel_dtype)
+
+
+mixed_matmul.defvjp(_mixed_matmul_fwd, _mixed_matmul_bwd)
+
+
+def mixed_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any,
+                      precision: Any = None, preferred_element_type: Any = None) -> jax.Array:
+  """`jax.lax.dot_general` for Flax's Dense (`dot_general=`), as `mixed_matmul`."""
+  (lhs_contract, rhs_contract), batch = dimension_numbers
+  assert tuple(lhs_contract) == (lhs.ndim - 1,) and tuple(rhs_contract) == (0,) and batch == (
+      (), ()), dimension_numbers  # Dense's contraction: the last axis of x, the kernel's first.
+  return mixed_matmul(lhs, rhs)
+
+
+# What `TrainConfig.precision` computes in; parameters, BatchNorm statistics, the loss and the
+# optimizer stay float32 in both:
+#   float32  everything in float32;
+#   bf16     on a GPU, bfloat16 layers (Flax's `dtype`: every dot, convolution and elementwise
+#            op reads and writes bfloat16; the path measured on an H100); elsewhere (XLA:CPU),
+#            every Dense dot reads bfloat16 operands and accumulates and writes float32, forward
+#            and backward (`mixed_matmul`), and convolutions and the rest stay float32: no
+#            kernel library of XLA:CPU runs a bfloat16 convolution, so bfloat16 there would
+#            only add conversions.
+PRECISIONS = ("float32", "bf16")
+
+
+def at_precision(model: PlanModel, precision: str, backend: str | None = None) -> PlanModel:
+  """`model` computing in `precision` on `backend` (default: JAX's), as PRECISIONS says."""
+  if precision == "float32":
+    return model.clone(dtype=jnp.float32, mixed_dots=False)
+  if (backend or jax.default_backend()) == "gpu":
+    return model.clone(dtype=jnp.bfloat16, mixed_dots=False)
+  return model.clone(dtype=jnp.float32, mixed_dots=True)
+
+
+def op_precisions(model: PlanModel) -> dict[str, str]:
+  """The precision ("float32" or "bf16") the Dense and the Conv2D layers of `model` run in."""
+  bf16 = model.dtype == jnp.bfloat16
+  return {"dense": "bf16" if bf16 or model.mixed_dots else "float32",
+          "conv2d": "bf16" if bf16 else "float32"}
+
+
+def precision_of(model: PlanModel) -> str:
+  """The `TrainConfig.precision` `model` computes in."""
+  return "bf16" if model.mixed_dots or model.dtype == jnp.bfloat16 else "float32"
+
+
+def describe_precision(model: PlanModel) -> str:
+  """How `model` computes, in words (for config.json's environment and the scripts)."""
+  if model.mixed_dots:
+    return ("bf16: dots read bfloat16 and accumulate and write float32 (forward and backward); "
+            "convolutions and the rest float32")
+  return "bf16: bfloat16 layers" if model.dtype == jnp.bfloat16 else "float32"
+
 
 BN_MOMENTUM = 0.99
 BN_EPSILON = 1e-3
@@ -195,23 +279,24 @@ def walk(ops: Sequence[Op], x: Any, layer: Callable[[Op, Any], Any],
 
 _GLOROT = {"kernel_init": nn.initializers.glorot_uniform(), "bias_init": nn.initializers.zeros}
 
-# Op kind -> the Flax module of an op, in a model of compute dtype `dtype`, in training or not;
-# each named after its op, so `capture_intermediates` names it too.
+# Op kind -> the Flax module of an op of `model` (its compute dtype, its dots), in training or
+# not; each named after its op, so `capture_intermediates` names it too.
 FLAX_LAYERS: dict[str, Callable[[Op, Any, bool], nn.Module]] = {
-    "dense": lambda op, dtype, train: KerasDense(
-        op.features, activation=op.activation, dtype=dtype, name=op.name, **_GLOROT),
-    "conv2d": lambda op, dtype, train: KerasConv(
+    "dense": lambda op, model, train: KerasDense(
+        op.features, activation=op.activation, dtype=model.dtype, name=op.name,
+        dot_general=mixed_dot_general if model.mixed_dots else None, **_GLOROT),
+    "conv2d": lambda op, model, train: KerasConv(
         op.features, (op.kernel_size,) * 2, strides=(op.strides,) * 2,
-        padding=op.padding.upper(), activation=op.activation, dtype=dtype, name=op.name,
+        padding=op.padding.upper(), activation=op.activation, dtype=model.dtype, name=op.name,
         **_GLOROT),
-    "batch_normalization": lambda op, dtype, train: nn.BatchNorm(
-        use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=dtype,
-        name=op.name),
-    "dropout": lambda op, dtype, train: nn.Dropout(op.rate, deterministic=not train,
+    "batch_normalization": lambda op, model, train: nn.BatchNorm(
+        use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
+        dtype=model.dtype, name=op.name),
+    "dropout": lambda op, model, train: nn.Dropout(op.rate, deterministic=not train,
                                                    name=op.name),
-    "max_pooling2d": lambda op, dtype, train: MaxPooling2D(op.kernel_size, op.strides,
+    "max_pooling2d": lambda op, model, train: MaxPooling2D(op.kernel_size, op.strides,
                                                            name=op.name),
-    "flatten": lambda op, dtype, train: Flatten(name=op.name),
+    "flatten": lambda op, model, train: Flatten(name=op.name),
 }
 
 
@@ -227,11 +312,12 @@ class PlanModel(nn.Module):
     raise NotImplementedError
 
   dtype: Any = jnp.float32  # Compute dtype; parameters are always float32.
+  mixed_dots: bool = False  # Dense dots on bfloat16 operands, written in float32 (PRECISIONS).
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     x = x.reshape((x.shape[0],) + self.input_shape()).astype(self.dtype)
-    x = walk(self.plan(), x, lambda op, x: FLAX_LAYERS[op.kind](op, self.dtype, train)(x),
+    x = walk(self.plan(), x, lambda op, x: FLAX_LAYERS[op.kind](op, self, train)(x),
              lambda op, xs: Concatenate(name=op.name)(xs))
     return x.astype(jnp.float32)
 

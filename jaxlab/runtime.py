@@ -53,6 +53,9 @@ def start(flags: Any) -> None:
   module docstring): kernels, then jax.distributed, then the compilation cache."""
   if "kernels" in flags:  # Before JAX starts its backend: XLA reads its flags once.
     kernels.apply(flags.kernels, _started_kernels(flags), kind=lambda: _model_kind(flags))
+    if _precision(flags) == "bf16" and not kernels.gpu_possible():
+      notice = kernels.bf16_notice(_model_kind(flags, precision=False))
+      print(("warning: " if "will not pay" in notice else "") + notice, file=sys.stderr)
   if "coordinator_address" in flags:
     given = [flags[n].value for n in ("coordinator_address", "num_processes", "process_id")]
     if under_launcher() or any(v is not None for v in given):
@@ -62,15 +65,21 @@ def start(flags: Any) -> None:
     enable_compilation_cache()
 
 
-def _model_kind(flags: Any) -> str:
-  """The kind of model a command runs, for jaxlab.perf.kernels: "conv" where one of the experiments
-  it names (--experiment, else --lab's --experiments or all of its experiments) has
-  convolutions, "dense" where none has, "conv" where it names none. Imports the experiments,
-  which imports JAX but does not start its backend."""
+def _precision(flags: Any) -> str:
+  return flags.precision if "precision" in flags and flags.precision else "float32"
+
+
+def _model_kind(flags: Any, precision: bool = True) -> str:
+  """The kind of model a command runs, for jaxlab.perf.kernels: "conv" where one of the
+  experiments it names (--experiment, else --lab's --experiments or all of its experiments) has
+  convolutions, "dense" where none has, "conv" where it names none; "_bf16" added under
+  --precision=bf16 (unless `precision` is False). Imports the experiments, which imports JAX
+  but does not start its backend."""
+  suffix = "_bf16" if precision and _precision(flags) == "bf16" else ""
   names = [flags.experiment] if "experiment" in flags and flags.experiment else []
   lab = flags.lab if "lab" in flags else None
   if not names and not lab:
-    return "conv"
+    return "conv" + suffix
   from jaxlab import experiment
   from jaxlab.models import has_convolutions
   if lab:
@@ -78,7 +87,7 @@ def _model_kind(flags: Any) -> str:
     names = names or (flags.experiments if "experiments" in flags and flags.experiments
                       else declared)
   return ("conv" if any(has_convolutions(experiment.get_experiment(n).model) for n in names)
-          else "dense")
+          else "dense") + suffix
 
 
 def _started_kernels(flags: Any) -> str | None:

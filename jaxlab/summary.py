@@ -75,15 +75,16 @@ def summarize(model: PlanModel) -> dict[str, Any]:
   }
 
 
-def forward_flops(model: PlanModel) -> int:
+def forward_flops(model: PlanModel, kind: str | None = None) -> int:
   """Multiply-add FLOPs (2 per MAC) of one example's forward pass through the Dense and Conv2D
-  layers, the layers that dominate the cost; training costs about 3 times this."""
+  layers (or those of one `kind`, "dense" or "conv2d"), the layers that dominate the cost;
+  training costs about 3 times this."""
   variables = abstract_variables(model)
   shapes = layer_output_shapes(model, variables)
   params = variables["params"]
   total = 0
   for op in iter_ops(model.plan()):
-    if op.kind in ("dense", "conv2d"):
+    if op.kind in ((kind,) if kind else ("dense", "conv2d")):
       kernel = params[op.name]["kernel"].shape
       positions = int(np.prod(shapes[op.name][:-1]))  # 1 for Dense, H*W for Conv2D.
       total += 2 * int(np.prod(kernel)) * positions

@@ -33,7 +33,7 @@ from jaxlab.errors import BadValue, OutOfMemory
 from jaxlab.experiment import build_model, describe_experiment
 from jaxlab.hooks import (Checkpoints, ConfigFile, Hook, Hooks, MetricsLog, NonFiniteGuard,
                           ProgressBar, StopOnSignal, SummaryFile, TensorBoard)
-from jaxlab.models import PlanModel, describe
+from jaxlab.models import PlanModel, describe, describe_precision
 from jaxlab.optim import make_optimizer
 from jaxlab.checkpoint import restore_group, restore_state
 from jaxlab.run import Run
@@ -167,7 +167,7 @@ def _set_up(configs: Sequence[TrainConfig], workdirs: Sequence[str | pathlib.Pat
   model = build_model(base.experiment, dataset.info, base.precision)
   steps = make_steps(model, base.nan_policy, mesh, _loop(runs, loop))
   _describe(runs, model, dataset, {**runtime.environment(), "mesh": parallel.describe(mesh),
-                                   "loop": steps.loop})
+                                   "loop": steps.loop, "computes": describe_precision(model)})
   fresh = create_group_state(model, make_optimizer(base.optimizer), [c.seed for c in configs],
                              [c.learning_rate for c in configs], parallel.replicated(mesh))
   template = member(fresh, 0)  # Its own buffers: `fresh` may be trained (and donated).

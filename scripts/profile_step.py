@@ -19,7 +19,7 @@ from jaxlab import cli, runtime
 from jaxlab.perf import profiling
 from jaxlab.config import TrainConfig
 from jaxlab.experiment import build_model, load_lab, resolve_config
-from jaxlab.models import DTYPES
+from jaxlab.models import describe_precision, op_precisions
 from jaxlab.data import DATASETS
 from jaxlab.optim import make_optimizer
 from jaxlab.summary import forward_flops
@@ -91,7 +91,8 @@ def profile(config: TrainConfig, steps: int, trace_dir: str | None = None,
       path = pathlib.Path(hlo_dir)
       path.mkdir(parents=True, exist_ok=True)
       (path / f"{experiment}.{name}.hlo.txt").write_text(stats.hlo_text)
-  peak = profiling.matmul_peak_flops(DTYPES[precision])
+  peaks = {p: profiling.matmul_peak_flops(p) for p in sorted(set(op_precisions(model).values()))}
+  peak = profiling.model_peak_flops(model, peaks)
   for r in results.values():
     # XLA's count misses work done in library calls (cuDNN convolutions on a GPU), so the
     # achieved rate uses the larger of XLA's count and the model's Dense/Conv2D count.
@@ -110,7 +111,8 @@ def profile(config: TrainConfig, steps: int, trace_dir: str | None = None,
     r["median_member_step_seconds"] = r["median_step_seconds"] / members
   return {"experiment": experiment, "dataset": info.name, "batch_size": batch_size,
           "members": members,
-          "precision": precision, **runtime.environment(),
+          "precision": precision, "computes": describe_precision(model),
+          **runtime.environment(), "matmul_peaks_flops_per_second": peaks,
           "matmul_peak_flops_per_second": peak, **results,
           **extra}
 
@@ -121,7 +123,12 @@ def format_table(r: dict) -> str:
               if r["members"] > 1 else "") +
            f"{r['backend']} ({r['device']})"
            + (f", kernels {r['kernels']}" if "kernels" in r else "")
-           + f"; measured matmul peak {r['matmul_peak_flops_per_second'] / 1e12:.3f} TFLOP/s"]
+           + "; measured matmul peak " + ", ".join(
+               f"{p} {v / 1e12:.3f}" for p, v in r["matmul_peaks_flops_per_second"].items())
+           + " TFLOP/s" + (f" (this model's mix of them: "
+                           f"{r['matmul_peak_flops_per_second'] / 1e12:.3f})"
+                           if len(r["matmul_peaks_flops_per_second"]) > 1 else ""),
+           f"computes in {r['computes']}"]
   rows = [("", "train_step", "eval_step"),
           ("compile (s)",) + tuple(f"{r[s]['compile_seconds']:.2f}" for s in ("train_step", "eval_step")),
           ("XLA GFLOP",) + tuple(f"{r[s]['xla_flops'] / 1e9:.3f}" for s in ("train_step", "eval_step")),

@@ -11,7 +11,8 @@ import pytest
 from jaxlab.experiment import (EXPERIMENTS, Experiment, build_model, experiment_names, register,
                                resolve_config)
 from jaxlab.metrics import read_jsonl
-from jaxlab.models import Conv, ConvBlock, ConvNet, Dense, MaxPool, l2_coefficients
+from jaxlab.models import (Conv, ConvBlock, ConvNet, Dense, MaxPool, at_precision,
+                           l2_coefficients, mixed_matmul, op_precisions)
 from jaxlab.optim import make_optimizer
 from jaxlab.state import create_train_state, init_program
 from jaxlab.steps import l2_penalty, make_steps, make_train_step
@@ -172,24 +173,64 @@ def test_small_cnn_overfits_64_examples():
 
 
 @pytest.mark.slow
-def test_bf16_computes_in_bfloat16_and_keeps_float32_state():
-  model = SMALL_CNN.clone(dtype=jnp.bfloat16)
+@pytest.mark.parametrize("backend", ["cpu", "gpu"])
+def test_bf16_trains_and_keeps_float32_state(backend):
+  """bf16 as each backend computes it (`jaxlab.models.PRECISIONS`; a GPU's path built and run
+  here on the CPU): the small CNN still memorizes its 64 examples, the state stays float32, and
+  the logits agree with float32's to bfloat16's precision."""
+  model = at_precision(SMALL_CNN, "bf16", backend=backend)
   state, loss, accuracy = overfit(model)
   assert accuracy == 1.0 and loss < 0.1
   for leaf in jax.tree_util.tree_leaves((state.params, state.opt_state, state.batch_stats)):
     assert leaf.dtype in (jnp.float32, jnp.int32), leaf.dtype
   x = jnp.asarray(np.random.default_rng(1).random((4, 28, 28, 1)), jnp.float32)
-  _, captured_bf16 = model.apply(state.variables, x, capture_intermediates=True,
-                                 mutable=["intermediates"])
-  assert captured_bf16["intermediates"]["conv2d"]["__call__"][-1].dtype == jnp.bfloat16
-  logits_bf16 = model.apply(state.variables, x)
+  _, captured = model.apply(state.variables, x, capture_intermediates=True,
+                            mutable=["intermediates"])
+  layers = {k: v["__call__"][-1].dtype for k, v in captured["intermediates"].items()
+            if k != "__call__"}
+  if backend == "gpu":  # bfloat16 layers.
+    assert layers["conv2d"] == layers["dense"] == jnp.bfloat16
+  else:  # Dots written in float32, convolutions in float32.
+    assert layers["conv2d"] == layers["dense"] == jnp.float32
+  logits = model.apply(state.variables, x)
   logits_f32 = SMALL_CNN.apply(state.variables, x)
-  assert logits_bf16.dtype == jnp.float32  # The loss is computed in float32.
+  assert logits.dtype == jnp.float32  # The loss is computed in float32.
   # bfloat16 keeps 8 bits of mantissa: agreement to a few percent of the logits' scale.
   scale = float(jnp.abs(logits_f32).max())
-  np.testing.assert_allclose(logits_bf16, logits_f32, atol=0.05 * scale)
+  np.testing.assert_allclose(logits, logits_f32, atol=0.05 * scale)
 
 
-def test_bf16_precision_flag_builds_a_bfloat16_model():
-  assert build_model("alexnet", precision="bf16").dtype == jnp.bfloat16
-  assert build_model("alexnet").dtype == jnp.float32
+def test_bf16_precision_flag_builds_the_backends_bf16_model():
+  cpu = build_model("alexnet", precision="bf16")  # This suite runs on the CPU.
+  assert (cpu.dtype, cpu.mixed_dots) == (jnp.float32, True)
+  assert op_precisions(cpu) == {"dense": "bf16", "conv2d": "float32"}
+  gpu = at_precision(build_model("alexnet"), "bf16", backend="gpu")
+  assert (gpu.dtype, gpu.mixed_dots) == (jnp.bfloat16, False)
+  assert op_precisions(gpu) == {"dense": "bf16", "conv2d": "bf16"}
+  assert (build_model("alexnet").dtype, build_model("alexnet").mixed_dots) == (jnp.float32, False)
+
+
+def test_mixed_dots_read_bfloat16_and_write_float32_forward_and_backward():
+  """`mixed_matmul` against float64 on the same bfloat16-rounded operands (exact up to float32
+  accumulation), for the output and both gradients; and in the compiled gradient every dot
+  reads bfloat16 operands and writes float32 (JAX's own transpose would read float32)."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(3, 8, 64)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(64, 32)), jnp.float32)
+  g = jnp.asarray(rng.normal(size=(3, 8, 32)), jnp.float32)
+  rounded = lambda a: np.asarray(jnp.asarray(a, jnp.bfloat16), np.float64)
+  y, vjp = jax.vjp(mixed_matmul, x, w)
+  dx, dw = vjp(g)
+  assert y.dtype == dx.dtype == dw.dtype == jnp.float32
+  xr, wr, gr = rounded(x), rounded(w), rounded(g)
+  np.testing.assert_allclose(y, xr @ wr, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dx, gr @ wr.T, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dw, xr.reshape(-1, 64).T @ gr.reshape(-1, 32), rtol=1e-5, atol=1e-5)
+  # float32 would differ from these by bfloat16's rounding: the test tells the two apart.
+  assert np.abs(np.asarray(x, np.float64) @ np.asarray(w, np.float64) - xr @ wr).max() > 1e-3
+  jaxpr = jax.make_jaxpr(jax.grad(lambda x, w: jnp.sum(mixed_matmul(x, w) ** 2), (0, 1)))(x, w)
+  dots = [e for e in jaxpr.eqns if e.primitive.name == "dot_general"]
+  assert len(dots) == 3  # Forward, and the two of the gradient.
+  for dot in dots:
+    assert [v.aval.dtype for v in dot.invars] == [jnp.bfloat16, jnp.bfloat16]
+    assert dot.outvars[0].aval.dtype == jnp.float32

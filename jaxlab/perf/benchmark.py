@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 from jaxlab.errors import BadValue
-from jaxlab.models import PlanModel, iter_ops, walk
+from jaxlab.models import PlanModel, at_precision, iter_ops, precision_of, walk
 from jaxlab.optim import make_optimizer
 from jaxlab.perf.kernels import cpu
 from jaxlab.runtime import environment
@@ -245,6 +245,10 @@ PEERS: dict[str, Callable[..., EpochRunner]] = {
     "torch_eager": torch_runner,
     # jaxlab's steps without a mesh: what the data-parallel path costs, on one device nothing.
     "jaxlab_unsharded": lambda *args: jaxlab_runner(*args, sharded=False),
+    # jaxlab's loop in bf16 (as this backend computes it: jaxlab.models.PRECISIONS), beside the
+    # float32 of the others, under the same process's kernels.
+    "jaxlab_bf16": lambda model, *args, **kwargs: jaxlab_runner(
+        at_precision(model, "bf16"), *args, **kwargs),
     # The step alone, as profile_step.py times it: the loop's target.
     "jaxlab_step": step_runner,
 }
@@ -298,7 +302,7 @@ def run_benchmark(model: PlanModel, num_classes: int, batch_size: int, examples:
     for name in order:
       results[name]["epoch_seconds"].append(runners[name]())
     if peak_flops is None:
-      peaks.append(profiling.matmul_peak_flops(model.dtype))
+      peaks.append(profiling.matmul_peak_flops(precision_of(model)))
     log(f"round {i + 1}/{epochs} ({', '.join(order)}): " + ", ".join(
         f"{name} {results[name]['epoch_seconds'][-1]:.3f} s" for name in runners))
   for name in runners:

@@ -70,8 +70,10 @@ OPTIONS: dict[str, dict[str, Any]] = {
                    "xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"},
 }
 CHOICES = ("auto", *KERNELS)
-# Kinds of model, chosen for apart: "conv", a model with convolutions; "dense", one without.
-KINDS = ("conv", "dense")
+# Kinds of model, chosen for apart: "conv", a model with convolutions; "dense", one without;
+# each in float32 and in bf16 (as XLA:CPU runs it: dots on bfloat16 operands written in float32,
+# convolutions in float32; jaxlab.models.PRECISIONS), whose dots other kernels run best.
+KINDS = ("conv", "dense", "conv_bf16", "dense_bf16")
 ENV = "JAXLAB_KERNELS"  # The scripts' --kernels; "auto" where unset.
 APPLIED_ENV = "JAXLAB_KERNELS_APPLIED"  # What this process's backend started with.
 # A candidate must beat XLA as it comes by this much to be chosen (timing noise is a few %).
@@ -110,7 +112,7 @@ def machine_key() -> str:
   return f"{model} | flags {digest} | {os.cpu_count()} cores | jaxlib {jaxlib}"
 
 
-def _gpu_possible() -> bool:
+def gpu_possible() -> bool:
   """Whether JAX may start on a GPU here (a CUDA plugin installed, JAX_PLATFORMS not cpu): then
   the CPU's kernels do not matter, and nothing is measured."""
   platforms = os.environ.get("JAX_PLATFORMS", "")
@@ -204,35 +206,42 @@ def _xent(logits, labels):
   return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(labels.shape[0]), labels])
 
 
-def _conv_loss(p, x, labels):
+def _matmul(a, b):
+  return a @ b
+
+
+def _conv_loss(p, x, labels, matmul=_matmul):
   import jax
   import jax.numpy as jnp
   h = jax.lax.conv_general_dilated(x, p["conv"], (1, 1), "SAME",
                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
   h = jax.lax.reduce_window(jax.nn.relu(h), -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1),
                             "VALID")
-  h = jax.nn.relu(h.reshape(x.shape[0], -1) @ p["dense"])
-  return _xent(h @ p["out"], labels)
+  h = jax.nn.relu(matmul(h.reshape(x.shape[0], -1), p["dense"]))
+  return _xent(matmul(h, p["out"]), labels)
 
 
-def _dense_loss(p, x, labels):  # Lab 02's D(n): Dense, BatchNormalization (train), ReLU.
+def _dense_loss(p, x, labels, matmul=_matmul):  # Lab 02's D(n): Dense, BatchNorm, ReLU.
   import jax
   for name in ("d0", "d1", "d2"):  # (No bias: the normalization cancels its gradient.)
-    h = x @ p[name]
+    h = matmul(x, p[name])
     mean = h.mean(0)
     x = jax.nn.relu((h - mean) * jax.lax.rsqrt(((h - mean) ** 2).mean(0) + 1e-3))
-  return _xent(x @ p["out"], labels)
+  return _xent(matmul(x, p["out"]), labels)
 
 
 def workload() -> dict[str, tuple[Callable, dict[str, Any], Any, Any]]:
   """The steps `choose` times, per kind: (loss, params, inputs, labels), as NumPy arrays, the
   same in every process. "conv": a 5x5 convolution, max pooling and two Dense layers at batch
   16 on 28x28x16 inputs; "dense": an MLP 784-512-128-512-10 with batch normalization at batch
-  128."""
+  128; "conv_bf16" and "dense_bf16": the same with their dots in bf16
+  (`jaxlab.models.mixed_matmul`)."""
+  import functools
   import numpy as np
+  from jaxlab.models import mixed_matmul
   rng = np.random.default_rng(0)
   normal = lambda scale, *shape: rng.normal(0, scale, shape).astype(np.float32)
-  return {
+  steps = {
       "conv": (_conv_loss, {"conv": normal(0.05, 5, 5, 16, 64),
                             "dense": normal(0.02, 14 * 14 * 64, 128),
                             "out": normal(0.05, 128, 10)},
@@ -241,6 +250,15 @@ def workload() -> dict[str, tuple[Callable, dict[str, Any], Any, Any]]:
                               "d2": normal(0.05, 128, 512), "out": normal(0.05, 512, 10)},
                 rng.random((128, 784), np.float32), rng.integers(0, 10, 128)),
   }
+  for kind in ("conv", "dense"):
+    loss, *rest = steps[kind]
+    steps[f"{kind}_bf16"] = (functools.partial(loss, matmul=mixed_matmul), *rest)
+  return steps
+
+
+def _exact_loss(kind: str) -> Callable:
+  """The float32 loss of a kind (its float64 run is the reference of both precisions)."""
+  return _conv_loss if kind.startswith("conv") else _dense_loss
 
 
 def _workload(out: str, repeats: int, skip: str = "[]") -> None:
@@ -291,8 +309,9 @@ def _workload(out: str, repeats: int, skip: str = "[]") -> None:
       found[name] = {"seconds": median(t)}
       if "xla" in times:  # Paired by round: the machine's drift falls on both alike.
         found[name]["vs_xla"] = median([a / b for a, b in zip(t, times["xla"])])
-    exact = jax.jit(jax.grad(loss))({k: jnp.asarray(v, jnp.float64) for k, v in params.items()},
-                                    jnp.asarray(x, jnp.float64), args[2])
+    exact = jax.jit(jax.grad(_exact_loss(kind)))(
+        {k: jnp.asarray(v, jnp.float64) for k, v in params.items()},
+        jnp.asarray(x, jnp.float64), args[2])
     np.savez(f"{out}/{kind}.exact.npz", **{k: np.asarray(v) for k, v in exact.items()})
     report.result(kind, found)
 
@@ -365,7 +384,10 @@ def choose(log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
                     + ("" if c.get("same_results", True) else " (results off)")
                     if "seconds" in c else c["error"])
         for n, c in candidates.items()) + f" -> {best}")
-  record = {"machine": key, "measured": time.strftime("%Y-%m-%dT%H:%M:%S"), "kinds": kinds}
+  record = {"machine": key, "measured": time.strftime("%Y-%m-%dT%H:%M:%S"), "kinds": kinds,
+            "bf16_vs_float32": _bf16_ratios(kinds)}
+  log("  bf16 over float32, each with its kernels: " + ", ".join(
+      f"{kind} {ratio:.2f}" for kind, ratio in record["bf16_vs_float32"].items()))
   if failed:
     return record
   cached[key] = record
@@ -374,6 +396,32 @@ def choose(log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
   except OSError as e:
     log(f"  (not cached: {e})")
   return record
+
+
+def _bf16_ratios(kinds: dict[str, Any]) -> dict[str, float]:
+  """Per kind of model, its bf16 step's time over its float32 step's, each under the kernels
+  chosen for it: below 1, bf16 pays on this CPU."""
+  ratios = {}
+  for kind in ("conv", "dense"):
+    seconds = [kinds[k]["candidates"].get(kinds[k]["name"], {}).get("seconds")
+               for k in (kind, f"{kind}_bf16")]
+    if all(seconds):
+      ratios[kind] = seconds[1] / seconds[0]
+  return ratios
+
+
+def bf16_notice(kind: str) -> str:
+  """One line on what bf16 does for a `kind` of model ("conv" or "dense") on this CPU, from
+  the measurement (`choose`: measured once, cached): the ratio, and whether it pays."""
+  ratio = choose()["bf16_vs_float32"].get(kind)
+  where = f"{cpu()[0]}, jaxlib {importlib.metadata.version('jaxlib')}"
+  if ratio is None:
+    return f"bf16 on this CPU ({where}): not measured (the kernels' measurement failed)"
+  if ratio < 1 - MARGIN:
+    return (f"bf16 on this CPU ({where}): a {kind} step takes {ratio:.2f} of float32's time "
+            "(dots in bfloat16, convolutions and the rest in float32)")
+  return (f"bf16 will not pay on this CPU ({where}): a {kind} step takes {ratio:.2f} of "
+          "float32's time (measured once by jaxlab.perf.kernels); training in bf16 as asked")
 
 
 def measuring_environment() -> dict[str, str]:
@@ -410,7 +458,7 @@ def apply(choice: str | None = None, started_with: str | None = None,
   if choice == "auto":
     if started_with in KERNELS:
       choice = started_with
-    elif _gpu_possible():
+    elif gpu_possible():
       choice = "xla"
     else:
       kinds = choose()["kinds"]

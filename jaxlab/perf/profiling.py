@@ -69,16 +69,33 @@ def median_seconds(run: Callable[[], Any], steps: int, warmup: int = 3) -> float
   return statistics.median(times)
 
 
-def matmul_peak_flops(dtype=jnp.float32, size: int | None = None, steps: int = 10) -> float:
-  """The machine's measured matrix-multiply rate (FLOP/s) for `dtype`, from square products."""
+def matmul_peak_flops(precision: str = "float32", size: int | None = None,
+                      steps: int = 10) -> float:
+  """The machine's measured matrix-multiply rate (FLOP/s) in `precision`, from square products:
+  "float32", or "bf16", the op a model's bfloat16 dots run (bfloat16 operands, accumulated and
+  written in float32)."""
   if size is None:
     size = 8192 if jax.default_backend() == "gpu" else 2048
+  dtype = jnp.bfloat16 if precision == "bf16" else jnp.float32
   keys = jax.random.split(jax.random.PRNGKey(0), 2)
   a = jax.random.normal(keys[0], (size, size), dtype)
   b = jax.random.normal(keys[1], (size, size), dtype)
-  matmul = jax.jit(lambda a, b: a @ b)
+  matmul = jax.jit(lambda a, b: jax.lax.dot(a, b, preferred_element_type=jnp.float32))
   seconds = median_seconds(lambda: matmul(a, b), steps)
   return 2.0 * size ** 3 / seconds
+
+
+def model_peak_flops(model: Any, peaks: dict[str, float]) -> float:
+  """The rate (FLOP/s) at which `model`'s Dense and Conv2D FLOPs could run if each ran at the
+  measured matmul peak of the precision it computes in (`peaks`: "float32", "bf16"): under bf16
+  on a CPU, dots in bfloat16 and convolutions in float32 (jaxlab.models.PRECISIONS)."""
+  from jaxlab.models import op_precisions
+  from jaxlab.summary import forward_flops
+  kinds = op_precisions(model)
+  flops = {kind: forward_flops(model, kind) for kind in kinds}
+  kinds = {kind: p for kind, p in kinds.items() if flops[kind]}
+  seconds = sum(flops[kind] / peaks[kinds[kind]] for kind in kinds)
+  return sum(flops.values()) / seconds if seconds else max(peaks.values())
 
 
 def write_trace(run: Callable[[], Any], trace_dir: str | pathlib.Path, steps: int = 5) -> None:
