@@ -1,4 +1,4 @@
-"""Checkpoints of the full train state that can be trusted: msgpack files, and runs resumed from them.
+"""Checkpoints of the full train state that can be trusted: msgpack files, and runs read back.
 
 A checkpoint file is one msgpack map:
 

@@ -54,13 +54,19 @@ class TrainConfig:
   batch_size: int = _setting("Training batch size. Default: the experiment's.")
   optimizer: str = _setting("adam, sgd, momentum, nadam or rmsprop. Default: the "
                             "experiment's (adam).")
-  learning_rate: float = _setting("Learning rate. Default: the experiment's (1e-3).", role="member")
-  seed: int = _setting("Seed of initialization, shuffling and dropout. Default: 0.", role="member", default=0)
+  learning_rate: float = _setting("Learning rate. Default: the experiment's (1e-3).",
+                                  role="member")
+  seed: int = _setting("Seed of initialization, shuffling and dropout. Default: 0.",
+                       role="member", default=0)
   train_limit: int | None = _setting("Use only the first N training examples. Default: all.",
                                      default=None)
-  precision: str = _setting("float32, or bf16 (bfloat16 compute; float32 parameters, optimizer "
-                            "state and loss). Default: float32.", default="float32")
-  eval_batch_size: int = _setting("Validation batch size. Default: 1000.", role="dispatch", default=1000)
+  precision: str = _setting("float32, or bf16: on the CPU, dots on bfloat16 operands, "
+                            "accumulated and written in float32 (convolutions float32); on a "
+                            "GPU, bfloat16 layers; parameters, optimizer state and loss float32 "
+                            "in both (jaxlab.models.PRECISIONS). Default: float32.",
+                            default="float32")
+  eval_batch_size: int = _setting("Validation batch size. Default: 1000.", role="dispatch",
+                                  default=1000)
   steps_per_dispatch: int = _setting("Train steps per compiled call (one lax.scan). Default: "
                                      "50.", role="dispatch", default=50)
   data_dir: str | None = _setting("Directory with the data set's raw files or a TFDS-prepared "
@@ -72,7 +78,8 @@ class TrainConfig:
       "boundary at or after N steps); 0: only by time. Default: 0.", role="safety", default=0)
   checkpoint_every_secs: float = _setting(
       "Also save a checkpoint inside an epoch when this many seconds have passed since the "
-      "last one, so a long epoch is never lost; 0: off. Default: 600.", role="safety", default=600.0)
+      "last one, so a long epoch is never lost; 0: off. Default: 600.", role="safety",
+      default=600.0)
   keep_checkpoints: int = _setting("How many of the newest checkpoints to keep (besides the "
                                    "best). Default: 2.", role="safety", default=2)
   nan_policy: str = _setting("On a NaN or infinite loss or gradient: stop (the run ends with an "

@@ -41,8 +41,8 @@ def cnn_lab(tmp_path_factory):
 @pytest.mark.parametrize("experiment,batch", [("mlp_halving", 32), ("profiling_small_cnn", 4)])
 def test_profile_step_json(tmp_path, cnn_lab, experiment, batch):
   out = run_main("profile_step.py", f"--lab={cnn_lab}", f"--experiment={experiment}",
-                 f"--batch_size={batch}", "--steps=3", "--json", f"--trace_dir={tmp_path / 'trace'}",
-                 f"--hlo_dir={tmp_path / 'hlo'}")
+                 f"--batch_size={batch}", "--steps=3", "--json",
+                 f"--trace_dir={tmp_path / 'trace'}", f"--hlo_dir={tmp_path / 'hlo'}")
   assert out.returncode == 0, out.stderr[-3000:]
   result = json.loads(out.stdout)
   assert result["batch_size"] == batch and result["matmul_peak_flops_per_second"] > 0

@@ -23,7 +23,8 @@ def import_keras():
   try:
     import keras
   except ImportError:
-    raise MissingDependency("Keras is needed for this; install it with `pip install -e '.[keras]'`") from None
+    raise MissingDependency("Keras is needed for this; install it with "
+                            "`pip install -e '.[keras]'`") from None
   return keras
 
 
