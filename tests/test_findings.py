@@ -259,3 +259,53 @@ def test_the_committed_lab02_report_rebuilds_from_the_repository(tmp_path):
               "p_value_vs_baseline", "p_holm_vs_baseline"):
     assert [r[key] for r in rebuilt["experiments"]] == [r[key] for r in saved["experiments"]]
   assert rebuilt["findings"] == saved["findings"]
+
+
+@pytest.mark.parametrize("effect,published", [(0.8, 26), (1.0, 17)])
+def test_seeds_needed_is_the_published_two_sample_power(effect, published):
+  """With equal spreads Welch's test has the two-sample t-test's degrees of freedom (2n - 2):
+  80% power at a two-sided 0.05 for Cohen's d of 0.8 and 1.0 needs 26 and 17 per group, as
+  G*Power and Cohen's tables give."""
+  from jaxlab.report.stats import seeds_needed, welch_power
+  spread = [-1.0, 0.0, 1.0]  # Sample standard deviation 1.
+  a, b = [effect + x for x in spread], spread
+  assert seeds_needed(a, b) == published
+  assert welch_power(effect, 1, 1, published, 0.05) >= 0.8 > welch_power(
+      effect, 1, 1, published - 1, 0.05)
+  # Holm over 12 comparisons asks 0.05 / 12 of the first it rejects: more seeds.
+  assert seeds_needed(a, b, tests=12) > published
+
+
+def test_seeds_needed_at_the_extremes():
+  from jaxlab.report.stats import PRACTICAL_SEEDS, seeds_needed
+  assert seeds_needed([0.80, 0.82, 0.84], [0.84, 0.80, 0.82]) is None  # No difference.
+  assert seeds_needed([0.80, 0.90, 0.70], [0.801, 0.899, 0.701]) is None  # Beyond 50.
+  assert seeds_needed([0.90, 0.9001, 0.8999], [0.10, 0.1001, 0.0999]) == 2  # Huge.
+  assert seeds_needed([0.9], [0.1, 0.2]) is None  # One seed: no spread to plan from.
+  assert PRACTICAL_SEEDS == 50
+
+
+def test_a_collapse_is_not_extrapolated_and_the_other_summary_is_told():
+  """A spread that comes from collapsed runs gets no seed count but says so; a question on the
+  mean of the last 3 epochs is answered on it, the final epoch's verdict told where it
+  differs."""
+  final = {"steady": [0.880, 0.882, 0.878], "collapses": [0.30, 0.86, 0.85],
+           "noisy": [0.86, 0.90, 0.85]}
+  best = {"steady": [0.885, 0.886, 0.880], "collapses": [0.84, 0.87, 0.86],
+          "noisy": [0.90, 0.905, 0.90]}
+  last3 = {"steady": [0.880, 0.882, 0.878], "collapses": [0.50, 0.86, 0.85],
+           "noisy": [0.899, 0.901, 0.900]}
+  evidence = findings.Evidence(final=final, best=best, seed_figure={}, seed_dataset={},
+                               dataset={}, last3=last3)
+  questions = [Question("Collapse", "?", compare=(Compare("collapses", "steady", "c"),)),
+               Question("Noise", "?", compare=(Compare("noisy", "steady", "n"),),
+                        metric="last3")]
+  (collapse,), (noise,) = [a["comparisons"] for a in findings.answer(questions, evidence,
+                                                                     "steady")]
+  assert collapse["collapsed"] == {"collapses": 1} and collapse["seeds_needed"] is None
+  assert "comes from collapsed runs (1 of its seeds" in findings.answer(
+      questions, evidence, "steady")[0]["answer"][0]
+  assert noise["metric"] == "last3" and noise["p_holm"] < 0.05  # Settled on the last 3 epochs.
+  assert noise["other"]["metric"] == "final" and noise["other"]["p_holm"] >= 0.05
+  sentence = findings.answer(questions, evidence, "steady")[1]["answer"][0]
+  assert "On the final validation accuracy instead" in sentence and "inside the spread" in sentence

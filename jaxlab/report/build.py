@@ -22,8 +22,8 @@ from jaxlab.errors import BadValue, MissingFile
 from jaxlab.metrics import write_json
 from jaxlab.report import figures, findings, render
 from jaxlab.report.runs import Collection, Group, find_runs
-from jaxlab.report.stats import (holm, indistinguishable_tiers, seed_figure, spread,
-                                 welch_p_value)
+from jaxlab.report.stats import (holm, indistinguishable_tiers, seed_figure, seeds_needed,
+                                 spread, welch_p_value)
 from jaxlab.run import Run
 
 LAST_EPOCHS = 3  # The mean of the last epochs, beside the final one.
@@ -155,7 +155,11 @@ def _evidence(rows: list[dict[str, Any]]) -> findings.Evidence:
             for k, r in first.items()},
       seed_figure={k: r["seed_report"]["final"] for k, r in first.items()},
       seed_dataset={k: r["seed_report"]["dataset"] for k, r in first.items()},
-      dataset={k: r["dataset"] for k, r in first.items()})
+      dataset={k: r["dataset"] for k, r in first.items()},
+      last3={k: [r[f"last{LAST_EPOCHS}_val_accuracy"]["per_seed"][s]
+                 for s in r["final_val_accuracy"]["per_seed"]
+                 if s in r[f"last{LAST_EPOCHS}_val_accuracy"]["per_seed"]]
+             for k, r in first.items()})
 
 
 def study(collection: Collection, rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -168,9 +172,24 @@ def study(collection: Collection, rows: list[dict[str, Any]]) -> dict[str, Any]:
   labelled = {r["label"]: list(r["final_val_accuracy"]["per_seed"].values()) for r in rows}
   means = {k: statistics.fmean(v) for k, v in evidence.final.items() if v}
   agreement = findings.rank_agreement(evidence, means)
+  tiers = indistinguishable_tiers(labelled)
   return {"questions": findings.answer(questions, evidence, baseline) if questions else [],
-          "tiers": indistinguishable_tiers(labelled),
+          "tiers": tiers, "tier_pairs": _tier_pairs(tiers, labelled),
           "rank_agreement": agreement, "rank_sentence": findings.rank_sentence(agreement)}
+
+
+def _tier_pairs(tiers: list[list[str]], samples: dict[str, list[float]]) -> list[dict[str, Any]]:
+  """Each pair a tier holds together (its best and each other member), with the seeds per
+  experiment that would split it if the observed difference is real (the tier's tests counted
+  for the correction)."""
+  pairs = []
+  for tier in tiers:
+    for other in tier[1:]:
+      a, b = samples[tier[0]], samples[other]
+      pairs.append({"experiment": tier[0], "against": other,
+                    "difference": statistics.fmean(a) - statistics.fmean(b),
+                    "seeds_needed": seeds_needed(a, b, len(tier) - 1)})
+  return pairs
 
 
 def _mean_std(stats: dict[str, Any], interval: bool = False) -> str:

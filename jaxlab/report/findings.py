@@ -5,11 +5,15 @@ A lab module declares what its seed report asked as `QUESTIONS`, a list of `Ques
   QUESTIONS = [Question("Depth", "Do 20 more layers help?", seed_answer="No: 0.968 against 0.976",
                         compare=(Compare("mlp_deep", "mlp_baseline", "23 layers of 128, not 3"),))]
 
-`run_lab.py` records them in lab.json; the report answers each from the runs' final validation
-accuracies: every comparison is a difference of means with its 95% Welch interval, Welch's p
-and Holm's correction over all the comparisons of the report (one family), said to be a
-difference only where the corrected test says so, and set against the seed report's own figures
-(reproduced, reversed, or not resolved). A stability question looks at each listed experiment's
+`run_lab.py` records them in lab.json; the report answers each from the runs' validation
+accuracies, on the summary the question names (`metric`: the final epoch's, or the mean of
+the last 3 epochs', less noisy): every comparison is a difference of means with its 95% Welch
+interval, Welch's p and Holm's correction over all the comparisons of the report (one family),
+said to be a difference only where the corrected test says so, and set against the seed
+report's own figures (reproduced, reversed, or not resolved). One the seeds cannot settle says
+how many seeds would (`stats.seeds_needed`), or that none would (too small a difference, or a
+spread that comes from collapsed runs); and where the other summary gives another verdict, it
+says so. A stability question looks at each listed experiment's
 fall from its best epoch and its spread over seeds, beside the first experiment's (the
 baseline's). This module is JAX-free: lab modules import it, and so does the report.
 """
@@ -20,9 +24,12 @@ import dataclasses
 import statistics
 from typing import Any, Sequence
 
-from jaxlab.report.stats import ALPHA, difference, holm, spearman
+from jaxlab.report.stats import ALPHA, PRACTICAL_SEEDS, difference, holm, seeds_needed, spearman
 
 UNSTABLE_POINTS = 0.05  # A fall from the best epoch, or a spread over seeds, above 5 points.
+# What a question may be answered on: the final epoch's accuracy, or the mean of the last 3.
+METRICS = {"final": "final validation accuracy",
+           "last3": "mean validation accuracy of the last 3 epochs"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +51,7 @@ class Question:
   seed_answer: str = ""
   compare: tuple[Compare, ...] = ()
   stability: tuple[str, ...] = ()
+  metric: str = "final"  # A key of METRICS: the summary its comparisons are made on.
 
   def to_json(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -52,7 +60,7 @@ class Question:
   def from_json(cls, data: dict[str, Any]) -> Question:
     return cls(data["topic"], data["question"], data.get("seed_answer", ""),
                tuple(Compare(**c) for c in data.get("compare", ())),
-               tuple(data.get("stability", ())))
+               tuple(data.get("stability", ())), data.get("metric", "final"))
 
 
 def _points(x: float) -> str:
@@ -69,17 +77,41 @@ class Evidence:
   seed_figure: dict[str, float | None]
   seed_dataset: dict[str, str]
   dataset: dict[str, str]
+  last3: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+
+  def of(self, metric: str) -> dict[str, list[float]]:
+    return self.last3 if metric == "last3" else self.final
+
+  def collapsed(self, name: str) -> int:
+    """How many of `name`'s seeds collapsed: ended more than UNSTABLE_POINTS below their best
+    epoch."""
+    return sum(b - f > UNSTABLE_POINTS for b, f in zip(self.best.get(name, []),
+                                                        self.final.get(name, [])))
 
 
-def _comparison(c: Compare, evidence: Evidence) -> dict[str, Any]:
-  a, b = evidence.final.get(c.experiment, []), evidence.final.get(c.against, [])
+def _compared(a: list[float], b: list[float]) -> dict[str, Any]:
+  return difference(a, b) or {"difference": None, "ci95": None, "p": None}
+
+
+def _comparison(c: Compare, evidence: Evidence, metric: str) -> dict[str, Any]:
+  """`c` on `metric`, with the same comparison on the other summary as `other`."""
+  other = "final" if metric == "last3" else "last3"
+  a, b = evidence.of(metric).get(c.experiment, []), evidence.of(metric).get(c.against, [])
   found = {"experiment": c.experiment, "against": c.against, "change": c.change,
-           "n": [len(a), len(b)], **(difference(a, b) or {"difference": None, "ci95": None,
-                                                        "p": None})}
+           "metric": metric, "n": [len(a), len(b)], **_compared(a, b),
+           "other": {"metric": other, **_compared(evidence.of(other).get(c.experiment, []),
+                                                  evidence.of(other).get(c.against, []))},
+           "collapsed": {name: evidence.collapsed(name) for name in (c.experiment, c.against)
+                         if evidence.collapsed(name)}}
   fa, fb = evidence.seed_figure.get(c.experiment), evidence.seed_figure.get(c.against)
   found["seed_difference"] = fa - fb if fa is not None and fb is not None else None
   found["seed_dataset"] = evidence.seed_dataset.get(c.experiment, "")
   return found
+
+
+def settled(found: dict[str, Any]) -> bool:
+  """Whether a comparison calls its difference real (Holm-corrected)."""
+  return found["p_holm"] is not None and found["p_holm"] < ALPHA
 
 
 def _verdict(found: dict[str, Any]) -> str:
@@ -109,11 +141,31 @@ def _sentence(found: dict[str, Any], tests: int) -> str:
   else:
     text = (f"{head}; {stats}): inside the seeds' spread; these seeds cannot tell the two "
             "apart" + (" (p < 0.05 only before the correction)" if found["p"] < ALPHA else "")
-            + ".")
+            + ". " + _seeds_sentence(found))
+  other = found["other"]
+  if other["p_holm"] is not None and (other["p_holm"] < ALPHA) != (found["p_holm"] < ALPHA):
+    text += (f" On the {METRICS[other['metric']]} instead ({_points(other['difference'])} "
+             f"points, Holm-corrected p {other['p_holm']:.2g}) the verdict is the other way: "
+             + ("a difference larger than the spread." if other["p_holm"] < ALPHA
+                else "inside the spread."))
   if found["seed_difference"] is not None:
     text += (f" The seed report ({found['seed_dataset'] or 'its data'}) had "
              f"{_points(found['seed_difference'])} points: {_verdict(found)}.")
   return text
+
+
+def _seeds_sentence(found: dict[str, Any]) -> str:
+  """What more seeds would do for a comparison that is not settled."""
+  if found["collapsed"]:
+    name, count = next(iter(found["collapsed"].items()))
+    return (f"More seeds would not settle this by averaging: the spread of `{name}` comes from "
+            f"collapsed runs ({count} of its seeds end more than {UNSTABLE_POINTS * 100:.0f} "
+            "points below their best epoch); more would say how often it collapses.")
+  if found["seeds_needed"] is None:
+    return (f"No practical number of seeds (up to {PRACTICAL_SEEDS} each) would settle a "
+            "difference this small for this spread.")
+  return (f"About {found['seeds_needed']} seeds each would settle this, if the difference is "
+          "real.")
 
 
 def _stability(name: str, evidence: Evidence) -> dict[str, Any]:
@@ -148,13 +200,15 @@ def answer(questions: Sequence[Question], evidence: Evidence, baseline: str
            ) -> list[dict[str, Any]]:
   """Each question with its comparisons (Holm-corrected over every comparison of every
   question), its stability checks, and the sentences that say them."""
-  found = [[_comparison(c, evidence) for c in q.compare] for q in questions]
+  found = [[_comparison(c, evidence, q.metric) for c in q.compare] for q in questions]
   flat = [f for fs in found for f in fs]
   adjusted = holm([f["p"] for f in flat])
-  for f, p in zip(flat, adjusted):
-    f["p_holm"] = p
-    f["verdict"] = _verdict(f)
   tests = sum(p is not None for p in adjusted)
+  for f, p, p_other in zip(flat, adjusted, holm([f["other"]["p"] for f in flat])):
+    f["p_holm"], f["other"]["p_holm"] = p, p_other
+    f["verdict"] = _verdict(f)
+    a, b = (evidence.of(f["metric"]).get(name, []) for name in (f["experiment"], f["against"]))
+    f["seeds_needed"] = None if f["collapsed"] else seeds_needed(a, b, tests)
   reference = _stability(baseline, evidence)
   answers = []
   for q, comparisons in zip(questions, found):

@@ -132,6 +132,22 @@ def _percent(x: float | None) -> str:
   return "—" if x is None else f"{x:.1%}"
 
 
+def _signed(x: float | None) -> str:
+  return "—" if x is None else f"{x * 100:+.1f}"
+
+
+def _interval(ci: list[float] | None) -> str:
+  return "—" if not ci else f"{ci[0] * 100:+.1f} to {ci[1] * 100:+.1f}"
+
+
+def _needed(c: dict[str, Any]) -> str:
+  if c.get("p_holm") is not None and c["p_holm"] < 0.05:
+    return "settled"
+  if c.get("collapsed"):
+    return "— (collapses)"
+  return "—" if c.get("seeds_needed") is None else str(c["seeds_needed"])
+
+
 def _findings(document: dict[str, Any]) -> list[Block]:
   found = document["findings"]
   blocks: list[Block] = [Heading("Findings")]
@@ -153,6 +169,22 @@ def _findings(document: dict[str, Any]) -> list[Block]:
     if q.get("seed_answer"):
       blocks.append(Paragraph(f"Seed report: {q['seed_answer']}"))
     blocks.append(Items(q["answer"]))
+  comparisons = [c for q in found["questions"] for c in q["comparisons"]]
+  if comparisons:
+    blocks += [Heading("Every comparison", 3),
+               Paragraph("Seeds needed: per experiment, for Welch's test, Holm-corrected, to "
+                         "call the observed difference real with 80% power if it is the true "
+                         "one (noncentral t; the level of the correction's first step), or — "
+                         "where no practical number (up to 50) would, or where collapsed runs "
+                         "make the spread."),
+               Table(["comparison", "on", "Δ points", "95% CI", "Holm p", "verdict",
+                      "seeds", "seeds needed"],
+                     [[f"{c['experiment']} − {c['against']}", c.get("metric", "final"),
+                       _signed(c["difference"]), _interval(c["ci95"]),
+                       "—" if c["p_holm"] is None else f"{c['p_holm']:.2g}",
+                       ("difference" if c["p_holm"] is not None and c["p_holm"] < 0.05
+                        else "not settled") + (f" ({c['verdict']})" if c.get("verdict") else ""),
+                       "/".join(map(str, c["n"])), _needed(c)] for c in comparisons])]
   blocks += [Heading("Against the seed report", 3), Paragraph(found["rank_sentence"])]
   tiers = found["tiers"]
   if tiers:

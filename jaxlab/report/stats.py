@@ -63,6 +63,43 @@ def difference(a: Sequence[float], b: Sequence[float]) -> dict[str, Any] | None:
           "p": welch_p_value(a, b)}
 
 
+POWER = 0.8  # The chance of calling a real difference real that a seed count is planned for.
+PRACTICAL_SEEDS = 50  # Beyond this many seeds per experiment: no practical number.
+
+
+def welch_power(difference: float, std_a: float, std_b: float, n: int, level: float) -> float:
+  """The power of a two-sided Welch's t-test at `level` with `n` seeds per experiment, for a
+  true `difference` of means and true standard deviations `std_a`, `std_b`: the chance that
+  the test calls the difference real. From the noncentral t distribution (SciPy's) with the
+  Welch-Satterthwaite degrees of freedom."""
+  va, vb = std_a ** 2 / n, std_b ** 2 / n
+  if va + vb == 0:
+    return 1.0 if difference else level
+  df = (va + vb) ** 2 / (va ** 2 / (n - 1) + vb ** 2 / (n - 1))
+  ncp = abs(difference) / math.sqrt(va + vb)
+  critical = float(scipy_stats.t.ppf(1 - level / 2, df))
+  return float(scipy_stats.nct.sf(critical, df, ncp) + scipy_stats.nct.cdf(-critical, df, ncp))
+
+
+def seeds_needed(a: Sequence[float], b: Sequence[float], tests: int = 1,
+                 power: float = POWER) -> int | None:
+  """The fewest seeds per experiment (2 to PRACTICAL_SEEDS) at which Welch's test, Holm-corrected
+  over `tests` comparisons, would call the observed difference of `a` and `b`'s means real with
+  `power`, if the observed difference and spreads are the true ones; None where no practical
+  number would (no difference observed, or one too small for the spread). The level is
+  ALPHA / tests: what Holm's correction asks of the first comparison it rejects, so the count is
+  enough for any of them."""
+  if len(a) < 2 or len(b) < 2:
+    return None
+  delta = statistics.fmean(a) - statistics.fmean(b)
+  if delta == 0:
+    return None
+  std_a, std_b = statistics.stdev(a), statistics.stdev(b)
+  level = ALPHA / max(tests, 1)
+  return next((n for n in range(2, PRACTICAL_SEEDS + 1)
+               if welch_power(delta, std_a, std_b, n, level) >= power), None)
+
+
 def holm(p_values: Sequence[float | None]) -> list[float | None]:
   """Holm's step-down adjusted p-values of a family of tests (None stays None and does not
   count as a test): reject where the adjusted p is below ALPHA, at a family-wise error rate of
