@@ -20,7 +20,8 @@ from absl import flags, logging
 
 from jaxlab import cli, runtime
 from jaxlab.experiment import load_lab
-from jaxlab.lab.runner import LabRunner, plan_lab
+from jaxlab.lab.runner import LabRunner, plan_lab, settle
+from jaxlab.metrics import read_json
 from jaxlab.lab.workers import run_workers
 from jaxlab.report import results_table
 
@@ -35,6 +36,12 @@ flags.DEFINE_integer("workers", 1, "Start this many worker processes on this mac
                      "device each (a GPU each, or an equal share of the CPU cores), that share "
                      "the lab's runs; several run_lab.py processes started by hand or by SLURM "
                      "on one lab directory share it the same way.", lower_bound=1)
+flags.DEFINE_bool("until_settled", False, "After the seeds of --seeds, add seeds, round by "
+                  "round, to the experiments of the lab's questions that the seeds so far cannot "
+                  "settle (jaxlab.lab.runner.settle), until each is settled or more seeds would "
+                  "not settle it within --max_seeds; lab.json records every round.")
+flags.DEFINE_integer("max_seeds", 8, "With --until_settled: the most seeds an experiment gets.",
+                     lower_bound=2)
 flags.DEFINE_bool("progress", None, "Per-epoch progress bars. Default: when stderr is a "
                   "terminal.")
 cli.define_compilation_cache_flag()
@@ -58,9 +65,21 @@ def main(argv):
   if FLAGS.workers > 1:  # Checked above (lab, experiments, settings); the workers do the rest.
     argv = [a for a in sys.argv[1:] if not a.startswith(("--workers", "-workers"))]
     sys.exit(run_workers(FLAGS.workers, [sys.executable, sys.argv[0], *argv]))
-  runner = LabRunner(lab, FLAGS.workdir, runs, settings, progress=FLAGS.progress, loop=FLAGS.loop)
+  runners = []  # The lab's declared runs, then each round's (--until_settled).
+
+  def make_runner(planned):
+    runners.append(LabRunner(lab, FLAGS.workdir, planned, settings, progress=FLAGS.progress,
+                             loop=FLAGS.loop))
+    return runners[-1]
+
+  runner = make_runner(runs)
   with runtime.stop_on_signals():
     record = runner.run()
+    if FLAGS.until_settled:
+      chosen = list(dict.fromkeys(r.experiment for r in runs))
+      standing = settle(lab, FLAGS.workdir, chosen, FLAGS.max_seeds, overrides, settings,
+                        make_runner, runner.say)
+      record = read_json(f"{FLAGS.workdir}/lab.json")
   failed = [r for r in record["runs"] if r["status"] == "failed"]
   done = sum(r["status"] == "completed" for r in record["runs"])
   if runner.last_out:  # The worker that finished the lab's last group prints its table.
@@ -69,7 +88,13 @@ def main(argv):
         + (f", {len(failed)} failed" if failed else "") + f"; lab directory: {FLAGS.workdir}")
   for r in failed:
     print(f"  failed: {r['path']}: {r['error']}")
-  if runner.trained_failed:  # 1 only for a run this worker trained.
+  if FLAGS.until_settled:
+    rounds = record.get("rounds", [])
+    print(f"{lab.name}: {len(rounds)} round(s) of added seeds; the comparisons:")
+    for entry in standing:
+      print(f"  {entry['comparison']} ({'/'.join(map(str, entry['seeds']))} seeds): "
+            f"{entry['why']}")
+  if any(r.trained_failed for r in runners):  # 1 only for a run this worker trained.
     sys.exit(1)
 
 

@@ -323,3 +323,76 @@ def test_run_lab_bad_input(tmp_path):
     assert result.returncode == 2 and len(errors) == 1 and message in errors[0], (args,
                                                                                    result.stderr)
     assert "Traceback" not in result.stderr
+
+
+SETTLING_LAB = """
+from jaxlab.experiment import Experiment, register
+from jaxlab.models import MLP, Dense
+from jaxlab.report.findings import Compare, Question
+
+# A learning rate that cannot train (1e-7: chance accuracy) against one that can, and a twin of
+# the one that can, one unit wider: no difference seeds could show.
+register(Experiment(name="settle_good", dataset="mnist", epochs=3, batch_size=32,
+                    model=MLP(layers=(Dense(64, "relu", batch_norm=False),))))
+register(Experiment(name="settle_bad", dataset="mnist", epochs=3, batch_size=32,
+                    learning_rate=1e-7, model=MLP(layers=(Dense(64, "relu", batch_norm=False),))))
+register(Experiment(name="settle_twin", dataset="mnist", epochs=3, batch_size=32,
+                    model=MLP(layers=(Dense(65, "relu", batch_norm=False),))))
+QUESTIONS = [Question("Rate", "Does a learning rate of 1e-7 train?", "",
+                      (Compare("settle_bad", "settle_good", "learning rate 1e-7"),)),
+             Question("Width", "Does one more unit matter?", "",
+                      (Compare("settle_twin", "settle_good", "65 units, not 64"),))]
+"""
+
+
+@pytest.mark.slow
+def test_until_settled_adds_seeds_only_where_they_can_settle_and_resumes_a_killed_round(
+    tmp_path):
+  """One seed declared, six at most: every comparison first gets its second seed (a round,
+  recorded before it trains); the one with a real difference is then settled, the one without
+  stays open, its reason said, never past the budget. Killed inside its first round, the lab
+  resumes that round."""
+  from datafiles import synthetic_dataset, write_idx_arrays
+  data = write_idx_arrays(tmp_path / "data", synthetic_dataset(n_train=320, n_test=64))
+  (tmp_path / "settle_lab.py").write_text(SETTLING_LAB)
+  workdir = tmp_path / "lab"
+  args = [f"--lab={tmp_path / 'settle_lab.py'}", f"--workdir={workdir}", f"--data_dir={data}",
+          "--seeds=0", "--until_settled", "--max_seeds=6", "--steps_per_dispatch=5",
+          "--eval_batch_size=64"]
+  killed = kill_when(args, "[settle_lab] round 1: adding seeds")
+  assert "settle_good 1" in killed and "settle_bad 1" in killed and "settle_twin 1" in killed
+  rounds = json.loads((workdir / "lab.json").read_text())["rounds"]
+  assert [(r["round"], r["status"]) for r in rounds] == [(1, "running")]
+  assert rounds[0]["added"] == {"settle_bad": [1], "settle_good": [1], "settle_twin": [1]}
+  assert {w["comparison"] for w in rounds[0]["why"]} == {"settle_bad - settle_good",
+                                                         "settle_twin - settle_good"}
+  resumed = run_main("run_lab.py", *args)  # The same command: the round goes on.
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  record = json.loads((workdir / "lab.json").read_text())
+  rounds = record["rounds"]
+  assert rounds[0]["status"] == "done" and "round 1: adding seeds" in resumed.stderr
+  assert all(r["status"] == "done" for r in rounds)
+  standing = {s["comparison"]: s for s in record["settled"]}
+  bad = standing["settle_bad - settle_good"]
+  assert bad["settled"] and bad["why"] == "settled" and bad["seeds"][0] >= 2
+  twin = standing["settle_twin - settle_good"]
+  assert not twin["settled"] and twin["why"].startswith("open: ")
+  assert max(twin["seeds"]) <= 6
+  # Every added run trained once, an ordinary run directory; nothing past the budget.
+  for name in ("settle_good", "settle_bad", "settle_twin"):
+    seeds = sorted(int(p.name[5:]) for p in (workdir / name).glob("seed_*"))
+    assert seeds == list(range(len(seeds))) and 2 <= len(seeds) <= 6, (name, seeds)
+    for seed in seeds:
+      lines = (workdir / name / f"seed_{seed}" / "metrics.jsonl").read_text().splitlines()
+      assert [json.loads(l)["epoch"] for l in lines] == [1, 2, 3]
+  assert f"{len(rounds)} round(s) of added seeds" in resumed.stdout
+  assert "settle_bad - settle_good" in resumed.stdout and "settled" in resumed.stdout
+  # The report says which comparisons the added seeds settled and which stayed open, and why.
+  document = build_report(workdir, tmp_path / "report")
+  assert document["labs"][0]["rounds"] == rounds
+  markdown = (tmp_path / "report" / "report.md").read_text()
+  assert "### Seeds added until the questions settle" in markdown
+  assert "Round 1 (done): seeds 1 to `settle_bad`" in markdown
+  assert "`settle_bad - settle_good` (" in markdown and "settled by the added seeds" in markdown
+  assert f"`settle_twin - settle_good` ({'/'.join(map(str, twin['seeds']))} seeds): open: " in \
+      markdown

@@ -34,7 +34,7 @@ from jaxlab.config import TrainConfig, changed_settings
 from jaxlab.data import Dataset, load_dataset
 from jaxlab.errors import BadValue, UserError, describe, one_line
 from jaxlab.experiment import Lab, resolve_config
-from jaxlab.metrics import write_json
+from jaxlab.metrics import read_json, write_json
 from jaxlab.run import Run
 from jaxlab.train import train_group
 
@@ -147,11 +147,13 @@ class LabRunner:
       mine = {r.path for r in self.runs}
       others = [r for r in previous.get("runs", []) if r.get("path") not in mine] or self._others
       record = {"lab": self.lab.name, "source": self.lab.path, "settings": self.settings,
-                "experiments": list(dict.fromkeys(r.experiment for r in self.runs)),
-                "seeds": list(dict.fromkeys(r.seed for r in self.runs)),
+                "experiments": list(dict.fromkeys([*previous.get("experiments", []),
+                                                   *(r.experiment for r in self.runs)])),
+                "seeds": sorted({*previous.get("seeds", []), *(r.seed for r in self.runs)}),
                 "questions": [q.to_json() for q in self.lab.questions],
                 "started": previous.get("started", self.started), "updated": _now(),
-                "workers": self._workers(previous.get("workers", [])), "runs": runs + others}
+                "workers": self._workers(previous.get("workers", [])), "runs": runs + others,
+                **{k: previous[k] for k in ("rounds", "settled") if k in previous}}
       write_json(self.root / LAB_FILE, record)
     return record
 
@@ -298,3 +300,126 @@ class LabRunner:
         else ",".join(map(str, numbers))
     return (f"[{self.lab.name}] runs {span}/{n}: {runs[0].experiment} seeds "
             f"{','.join(str(r.seed) for r in runs)}")
+
+
+# ----------------------------------------------------------------------------- until settled
+
+
+def settle(lab: Lab, workdir: str | pathlib.Path, experiments: Sequence[str], max_seeds: int,
+           overrides: dict[str, Any], settings: dict[str, Any],
+           make_runner: Callable[[list[Run]], LabRunner],
+           say: Callable[[str], None]) -> dict[str, Any]:
+  """Adds seeds, round by round, to the experiments of the lab's questions that the seeds so
+  far cannot settle, until every comparison among `experiments` is settled or no more seeds
+  (up to `max_seeds` per experiment) would settle it; returns lab.json's "settled" record.
+
+  A round decides, from every completed run (the report's findings and their `seeds_needed`),
+  which experiments need how many seeds: an unsettled comparison with fewer than two seeds on a
+  side gets two; one whose seed count is within the budget gets that count; one whose spread
+  comes from collapsed runs, or that no practical number would settle, or that needs more than
+  the budget, stays open. The round (its seeds, their reasons) is recorded in lab.json before
+  it trains and its verdicts after: a lab killed inside a round resumes that round, and
+  another worker on the same lab joins it (the runs are claimed as any lab's are)."""
+  root = pathlib.Path(workdir)
+  while True:
+    with lock.waiting(root, "lab"):  # One decision per round, whichever worker gets here.
+      record = read_json(root / LAB_FILE)
+      rounds = record.setdefault("rounds", [])
+      if not rounds or rounds[-1]["status"] == "done":
+        added, why, found = _next_round(root, experiments, max_seeds)
+        record["settled"] = _standing(found, experiments, max_seeds)
+        if added:
+          rounds.append({"round": len(rounds) + 1, "status": "running", "started": _now(),
+                         "added": added, "why": why})
+        write_json(root / LAB_FILE, record)
+      current = rounds[-1] if rounds and rounds[-1]["status"] == "running" else None
+    if current is None:
+      return record["settled"]
+    say(f"[{lab.name}] round {current['round']}: adding seeds " + "; ".join(
+        f"{name} {','.join(map(str, seeds))}" for name, seeds in current["added"].items()))
+    runs = [r for name, seeds in current["added"].items()
+            for r in plan_lab(lab, root, [name], seeds, overrides)]
+    make_runner(runs).run()
+    with lock.waiting(root, "lab"):
+      record = read_json(root / LAB_FILE)
+      this = record["rounds"][current["round"] - 1]
+      if this["status"] != "done":
+        _, _, found = _next_round(root, experiments, max_seeds)
+        this.update(status="done", ended=_now(), verdicts=_verdicts(found, experiments))
+        write_json(root / LAB_FILE, record)
+
+
+def _comparisons(root: pathlib.Path, experiments: Sequence[str]) -> list[dict[str, Any]]:
+  """The lab's comparisons among `experiments`, answered from every completed run under
+  `root` (the report's findings)."""
+  from jaxlab.report.build import experiment_rows, study
+  from jaxlab.report.runs import find_runs
+  collection = find_runs(root)
+  found = study(collection, experiment_rows(collection))
+  return [c for q in found["questions"] for c in q["comparisons"]
+          if c["experiment"] in experiments and c["against"] in experiments]
+
+
+def _next_round(root: pathlib.Path, experiments: Sequence[str], max_seeds: int
+                ) -> tuple[dict[str, list[int]], list[dict[str, Any]], list[dict[str, Any]]]:
+  """The seeds the next round adds ({experiment: seeds}), why, and the comparisons now."""
+  from jaxlab.report.findings import settled
+  found = _comparisons(root, experiments)
+  seeds = _seeds_on_disk(root)
+  wanted: dict[str, int] = {}
+  why = []
+  for c in found:
+    if settled(c) or c["collapsed"]:
+      continue
+    n = 2 if min(c["n"]) < 2 else c["seeds_needed"]
+    if n is None or n > max_seeds or n <= min(c["n"]):
+      continue
+    for name in (c["experiment"], c["against"]):
+      wanted[name] = max(wanted.get(name, 0), n)
+    why.append({"comparison": f"{c['experiment']} - {c['against']}", "had": c["n"],
+                "seeds_needed": n})
+  added = {}
+  for name, n in wanted.items():
+    have = seeds.get(name, [])
+    start = max(have, default=-1) + 1
+    if len(have) < n:
+      added[name] = list(range(start, start + n - len(have)))
+  return added, why, found
+
+
+def _seeds_on_disk(root: pathlib.Path) -> dict[str, list[int]]:
+  """Each experiment's seeds that have a run directory under `root` (run_path's layout)."""
+  found: dict[str, list[int]] = {}
+  for config in root.glob("*/seed_*/config.json"):
+    found.setdefault(config.parent.parent.name, []).append(
+        int(config.parent.name.removeprefix("seed_")))
+  return {k: sorted(v) for k, v in found.items()}
+
+
+def _verdicts(found: list[dict[str, Any]], experiments: Sequence[str]) -> list[dict[str, Any]]:
+  from jaxlab.report.findings import settled
+  return [{"comparison": f"{c['experiment']} - {c['against']}", "seeds": c["n"],
+           "difference": c["difference"], "p_holm": c["p_holm"], "settled": settled(c),
+           "seeds_needed": c["seeds_needed"]} for c in found]
+
+
+def _standing(found: list[dict[str, Any]], experiments: Sequence[str], max_seeds: int
+              ) -> list[dict[str, Any]]:
+  """Where each comparison stands: settled, or open and why (the rules of `_next_round`)."""
+  standing = []
+  for entry, c in zip(_verdicts(found, experiments), found):
+    n = 2 if min(c["n"]) < 2 else c["seeds_needed"]
+    if entry["settled"]:
+      entry["why"] = "settled"
+    elif c["collapsed"]:
+      entry["why"] = "open: its spread comes from collapsed runs"
+    elif n is None:
+      entry["why"] = "open: no practical number of seeds would settle it"
+    elif n > max_seeds:
+      entry["why"] = f"open: needs about {n} seeds each, over the budget of {max_seeds}"
+    elif n <= min(c["n"]):
+      entry["why"] = "open: the seeds the estimate asked for did not settle it"
+    else:
+      entry["why"] = f"open: adding seeds (about {n} each)"
+    standing.append(entry)
+  return standing

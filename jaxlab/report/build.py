@@ -422,6 +422,7 @@ def build_report(runs_dir: str | pathlib.Path, out_dir: str | pathlib.Path) -> d
       "runs_dir": os.path.relpath(pathlib.Path(runs_dir).resolve(), out.resolve()),
       "generated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "labs": [{**{k: lab.get(k) for k in ("lab", "dir", "experiments", "seeds")},
+                **{k: lab[k] for k in ("rounds", "settled") if k in lab},
                 "settings": {k: v for k, v in (lab.get("settings") or {}).items()
                              if k not in WHERE_SETTINGS},
                 "source": _source(lab.get("source"))} for lab in collection.labs],

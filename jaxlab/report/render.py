@@ -148,6 +148,32 @@ def _needed(c: dict[str, Any]) -> str:
   return "—" if c.get("seeds_needed") is None else str(c["seeds_needed"])
 
 
+def _rounds(lab: dict[str, Any]) -> list[Block]:
+  """What `run_lab.py --until_settled` added to a lab, round by round, and where each
+  comparison stands: settled by the added seeds, settled before, or open and why."""
+  if not lab.get("rounds") and not lab.get("settled"):
+    return []
+  rounds = lab.get("rounds", [])
+  asked = {w["comparison"] for r in rounds for w in r.get("why", [])}
+  blocks: list[Block] = [
+      Heading("Seeds added until the questions settle", 3),
+      Paragraph(f"`run_lab.py --until_settled` on lab `{lab['lab']}`: {len(rounds)} round(s), "
+                "each adding seeds only to the experiments of comparisons these seeds could "
+                "not settle but a number within the budget might (the seeds-needed estimate; "
+                "two first where an experiment had one).")]
+  blocks.append(Items([f"Round {r['round']} ({r['status']}): seeds "
+                       + "; ".join(f"{', '.join(map(str, seeds))} to `{name}`"
+                                   for name, seeds in r["added"].items())
+                       + " for " + ", ".join(f"`{w['comparison']}` ({w['had'][0]}/"
+                                             f"{w['had'][1]} seeds, about {w['seeds_needed']} "
+                                             "needed)" for w in r.get("why", []))
+                       for r in rounds]))
+  blocks.append(Items([f"`{s['comparison']}` ({'/'.join(map(str, s['seeds']))} seeds): "
+                       + ("settled by the added seeds" if s["settled"] and s["comparison"] in asked
+                          else s["why"]) for s in lab.get("settled", [])]))
+  return blocks
+
+
 def _findings(document: dict[str, Any]) -> list[Block]:
   found = document["findings"]
   blocks: list[Block] = [Heading("Findings")]
@@ -185,6 +211,8 @@ def _findings(document: dict[str, Any]) -> list[Block]:
                        ("difference" if c["p_holm"] is not None and c["p_holm"] < 0.05
                         else "not settled") + (f" ({c['verdict']})" if c.get("verdict") else ""),
                        "/".join(map(str, c["n"])), _needed(c)] for c in comparisons])]
+  for lab in document["labs"]:
+    blocks += _rounds(lab)
   blocks += [Heading("Against the seed report", 3), Paragraph(found["rank_sentence"])]
   tiers = found["tiers"]
   if tiers:
