@@ -253,7 +253,7 @@ def test_the_committed_lab02_report_rebuilds_from_the_repository(tmp_path):
   build_report(committed / "runs", tmp_path / "report")
   saved = json.loads((committed / "report.json").read_text())
   rebuilt = json.loads((tmp_path / "report" / "report.json").read_text())
-  assert len(rebuilt["runs"]) == len(saved["runs"]) == 42
+  assert len(rebuilt["runs"]) == len(saved["runs"]) == 56
   assert [r["history"] for r in rebuilt["runs"]] == [r["history"] for r in saved["runs"]]
   for key in ("final_val_accuracy", "last3_val_accuracy", "best_val_accuracy",
               "p_value_vs_baseline", "p_holm_vs_baseline"):
