@@ -29,7 +29,8 @@ from typing import Any
 
 from jaxlab.config import PRECISIONS, TrainConfig, validate
 from jaxlab.data import DATASETS, DatasetInfo
-from jaxlab.errors import BadValue, LabFileError, MissingFile, UnknownNameError, one_line
+from jaxlab.errors import (BadValue, LabFileError, MissingFile, UnknownNameError, UserError,
+                           one_line)
 from jaxlab.models import MLP, ConvNet, PlanModel, at_precision
 from jaxlab.registry import Registry
 
@@ -131,9 +132,13 @@ def load_lab(spec: str) -> Lab:
     module_spec.loader.exec_module(module)
   except Exception as e:
     del sys.modules[module_name]
+    line = _failing_line(e, path)
+    # The file's own fault (its syntax, its imports, its code, a value jaxlab refused), not a
+    # bug of jaxlab's that its code happened to call: that one keeps its traceback.
+    if not (isinstance(e, (SyntaxError, ImportError, UserError)) or _raised_in(e, path)):
+      raise
     detail = e.msg if isinstance(e, SyntaxError) else one_line(e)
-    raise LabFileError(f"lab file {spec}, line {_failing_line(e, path)}: "
-                       f"{type(e).__name__}: {detail}") from e
+    raise LabFileError(f"lab file {spec}, line {line}: {type(e).__name__}: {detail}") from e
   except BaseException:
     del sys.modules[module_name]
     raise
@@ -141,6 +146,12 @@ def load_lab(spec: str) -> Lab:
     _LOADING.pop()
   _FILE_LABS[path] = lab = _lab_of_module(path.stem, module_name, str(path))
   return lab
+
+
+def _raised_in(error: Exception, path: pathlib.Path) -> bool:
+  """Whether `error` was raised by the code of file `path` itself (its innermost frame)."""
+  frames = traceback.extract_tb(error.__traceback__)
+  return bool(frames) and pathlib.Path(frames[-1].filename).resolve() == path
 
 
 def _failing_line(error: Exception, path: pathlib.Path) -> int | str:

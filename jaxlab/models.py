@@ -97,11 +97,6 @@ def op_precisions(model: PlanModel) -> dict[str, str]:
           "conv2d": "bf16" if bf16 else "float32"}
 
 
-def precision_of(model: PlanModel) -> str:
-  """The `TrainConfig.precision` `model` computes in."""
-  return "bf16" if model.mixed_dots or model.dtype == jnp.bfloat16 else "float32"
-
-
 def describe_precision(model: PlanModel) -> str:
   """How `model` computes, in words (for config.json's environment and the scripts)."""
   if model.mixed_dots:

@@ -249,6 +249,7 @@ class Run:
     settings = {k: v for k, v in self.settings.items() if k not in RESUMABLE_CHANGES}
     return {"experiment": self.experiment, "config": settings, "config_hash": _digest(settings),
             "architecture": self.architecture, "architecture_hash": _digest(self.architecture),
+            "computes": self.environment.get("computes"),
             "jaxlab": jaxlab.__version__, "jax": _jax_version()}
 
   def check_checkpoint(self, meta: dict[str, Any], path: pathlib.Path) -> None:
@@ -265,6 +266,11 @@ class Run:
           f"checkpoint {path} was written with another configuration of {meta['experiment']!r} "
           f"(config {meta.get('config_hash')} -> {expected['config_hash']}: "
           f"{', '.join(changed)}); {RESTART_HINT}")
+    if meta.get("computes") and expected["computes"] and meta["computes"] != expected["computes"]:
+      raise CheckpointError(  # bf16 computes otherwise on a GPU than on a CPU.
+          f"checkpoint {path} was trained computing in {meta['computes']!r}; here it would go on "
+          f"in {expected['computes']!r} (another backend); resume it where it was trained, or "
+          f"{RESTART_HINT}")
     if meta.get("architecture_hash") != expected["architecture_hash"]:
       raise CheckpointError(
           f"checkpoint {path} was written for another architecture of {meta['experiment']!r} "

@@ -97,7 +97,9 @@ def _started_kernels(flags: Any) -> str | None:
     return None
   from jaxlab.metrics import read_json
   root = pathlib.Path(workdir)
-  for path in [root / "config.json", *sorted(root.glob("*/config.json"))[:1]]:
+  # A run's own, or a group's, a lab's or a grid's first member's (DIR/M/, DIR/EXP/seed_S/).
+  members = sorted(root.glob("*/config.json")) + sorted(root.glob("*/*/config.json"))
+  for path in [root / "config.json", *members[:1]]:
     found = read_json(path).get("environment", {})
     if isinstance(found, dict) and found.get("kernels"):
       return found["kernels"]

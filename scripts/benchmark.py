@@ -11,7 +11,7 @@ import pathlib
 
 from absl import flags
 
-from jaxlab import cli, runtime
+from jaxlab import cli, errors, runtime
 from jaxlab.perf.benchmark import PEERS, markdown, run_benchmark
 from jaxlab.config import PRECISIONS
 from jaxlab.experiment import build_model
@@ -53,8 +53,9 @@ def main(argv):
                      (FLAGS.markdown_out, "# Benchmarks\n\nWritten by `scripts/benchmark.py`.\n\n"
                       + table)):
     if path:
-      pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
-      pathlib.Path(path).write_text(text)
+      with errors.output(path):
+        pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
+        pathlib.Path(path).write_text(text)
 
 
 if __name__ == "__main__":

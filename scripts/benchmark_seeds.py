@@ -21,7 +21,7 @@ import time
 
 from absl import flags
 
-from jaxlab import cli, runtime
+from jaxlab import cli, errors, runtime
 from jaxlab.perf.benchmark import machine, rotation
 
 cli.define_experiment_flag()
@@ -47,6 +47,9 @@ def timed(command: list[str], env: dict[str, str]) -> float:
   start = time.perf_counter()
   result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
   seconds = time.perf_counter() - start
+  errors_said = [l for l in result.stderr.splitlines() if l.startswith("error: ")]
+  if result.returncode == 2 and errors_said:  # The command refused its input: so does this.
+    raise errors.BadValue(f"{pathlib.Path(command[1]).name}: {errors_said[-1][7:]}")
   if result.returncode != 0:
     raise RuntimeError(f"{' '.join(command)} failed ({result.returncode}):\n"
                        f"{result.stderr[-2000:]}")
@@ -101,8 +104,9 @@ def main(argv):
   for path, text in ((FLAGS.json_out, json.dumps(result, indent=2) + "\n"),
                      (FLAGS.markdown_out, table)):
     if path:
-      pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
-      pathlib.Path(path).write_text(text)
+      with errors.output(path):
+        pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
+        pathlib.Path(path).write_text(text)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 from absl import flags
 
-from jaxlab import cli, runtime
+from jaxlab import cli, errors, runtime
 from jaxlab.errors import BadValue
 from jaxlab.checkpoint import load_run
 
@@ -45,8 +45,9 @@ def main(argv):
   out = [np.asarray(predict(state.variables, x[i:i + FLAGS.batch_size].astype(np.float32)))
          for i in range(0, len(x), FLAGS.batch_size)]
   probabilities = np.concatenate(out) if out else np.zeros((0, model.num_classes), np.float32)
-  pathlib.Path(FLAGS.output).parent.mkdir(parents=True, exist_ok=True)
-  np.save(FLAGS.output, probabilities)
+  with errors.output(FLAGS.output, "--output"):
+    pathlib.Path(FLAGS.output).parent.mkdir(parents=True, exist_ok=True)
+    np.save(FLAGS.output, probabilities)
   print(f"wrote {FLAGS.output}: probabilities of shape {probabilities.shape}")
 
 

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from absl import flags
 
-from jaxlab import cli, runtime
+from jaxlab import cli, errors, runtime
 from jaxlab.perf import profiling
 from jaxlab.config import TrainConfig
 from jaxlab.experiment import build_model, load_lab, resolve_config
@@ -163,6 +163,10 @@ def format_table(r: dict) -> str:
 @cli.user_errors_exit
 def main(argv):
   runtime.start(FLAGS)
+  for flag in ("trace_dir", "hlo_dir", "checkpoint_dir"):  # Folders the user named: writable?
+    if FLAGS[flag].value:
+      with errors.output(FLAGS[flag].value, f"--{flag}"):
+        pathlib.Path(FLAGS[flag].value).mkdir(parents=True, exist_ok=True)
   if FLAGS.lab:
     load_lab(FLAGS.lab)
   config = resolve_config(FLAGS.experiment, **cli.config_overrides(OVERRIDES))

@@ -82,7 +82,7 @@ def main(argv):
       record = read_json(f"{FLAGS.workdir}/lab.json")
   failed = [r for r in record["runs"] if r["status"] == "failed"]
   done = sum(r["status"] == "completed" for r in record["runs"])
-  if runner.last_out:  # The worker that finished the lab's last group prints its table.
+  if runners[-1].last_out:  # The worker that finished the lab's last group prints its table.
     print(results_table(FLAGS.workdir))
   print(f"\n{lab.name}: {done} of {len(record['runs'])} runs completed"
         + (f", {len(failed)} failed" if failed else "") + f"; lab directory: {FLAGS.workdir}")

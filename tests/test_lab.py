@@ -95,6 +95,22 @@ def test_a_lab_file_that_fails_is_one_error_line_naming_file_and_line(tmp_path, 
   assert not (tmp_path / "lab").exists() and not (tmp_path / "run").exists()
 
 
+def test_a_bug_of_jaxlabs_under_a_lab_file_keeps_its_traceback(tmp_path, monkeypatch):
+  """A lab file's own fault is one error line naming its line; an exception raised inside
+  jaxlab's code that the file calls is a bug, and is not dressed as the file's."""
+  from jaxlab import experiment
+
+  def broken(name, item):
+    raise KeyError("per_class")  # A bug of the registry's, standing in for any.
+  monkeypatch.setattr(experiment.EXPERIMENTS, "register", broken)
+  path = write_lab(tmp_path / "fine_lab.py", "user_bug_a", "user_bug_b")
+  with pytest.raises(KeyError, match="per_class"):
+    load_lab(str(path))
+  result = run_main("run_lab.py", f"--lab={path}", f"--workdir={tmp_path / 'lab'}")
+  assert result.returncode == 1 and "Traceback (most recent call last)" in result.stderr
+  assert not [l for l in result.stderr.splitlines() if l.startswith("error:")]
+
+
 def test_a_file_without_experiments_is_not_a_lab(tmp_path):
   (tmp_path / "empty_lab.py").write_text("X = 1\n")
   with pytest.raises(ValueError, match="declares no experiments"):

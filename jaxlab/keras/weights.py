@@ -16,7 +16,7 @@ from flax import serialization
 from jaxlab import checkpoint, lock
 from jaxlab.checkpoint import checkpoint_template
 from jaxlab.config import TrainConfig
-from jaxlab.errors import BadValue, MissingDependency, MissingFile
+from jaxlab.errors import BadValue, MissingDependency, MissingFile, output
 from jaxlab.experiment import build_model, describe_experiment
 from jaxlab.hooks import ConfigFile, MetricsLog, SummaryFile
 from jaxlab.keras.model import KerasWeightsError, import_keras, keras_order, to_keras
@@ -151,10 +151,11 @@ def export_keras(model: PlanModel, variables: dict[str, Any], path: str):
     raise BadValue(f"a Keras file name ends in .keras or .weights.h5, got {path!r}")
   net = to_keras(model)
   set_keras_weights(net, model, variables)
-  if path.endswith(".keras"):
-    net.save(path)
-  else:
-    net.save_weights(path)
+  with output(path, "--output"):
+    if path.endswith(".keras"):
+      net.save(path)
+    else:
+      net.save_weights(path)
   return net
 
 

@@ -32,7 +32,7 @@ from absl import logging
 from jaxlab import lock, runtime
 from jaxlab.config import TrainConfig, changed_settings
 from jaxlab.data import Dataset, load_dataset
-from jaxlab.errors import BadValue, UserError, describe, one_line
+from jaxlab.errors import BadValue, NonFiniteError, UserError, describe, one_line, output
 from jaxlab.experiment import Lab, resolve_config
 from jaxlab.metrics import read_json, write_json
 from jaxlab.run import Run
@@ -181,7 +181,8 @@ class LabRunner:
     vmapped group (`train_group`), each seed into its own run directory. A group that another
     worker holds is left to it; once every other group is done, this worker waits for those,
     and takes (resumes) any whose worker has died."""
-    self.root.mkdir(parents=True, exist_ok=True)
+    with output(self.root, "--workdir"):
+      self.root.mkdir(parents=True, exist_ok=True)
     self._active = True
     self.write()
     try:
@@ -279,7 +280,7 @@ class LabRunner:
       self.trained_failed = True
       for run in group:
         run.fail(describe(e))
-      if not isinstance(e, UserError):
+      if not isinstance(e, (UserError, NonFiniteError)):  # A bug: its traceback.
         logging.error("%s failed:\n%s", head, traceback.format_exc())
       self.say(f"{head}: FAILED: {group[0].error}")
     else:

@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 from jaxlab.errors import BadValue
-from jaxlab.models import PlanModel, at_precision, iter_ops, precision_of, walk
+from jaxlab.models import PlanModel, at_precision, iter_ops, op_precisions, walk
 from jaxlab.optim import make_optimizer
 from jaxlab.perf.kernels import cpu
 from jaxlab.runtime import environment
@@ -301,8 +301,9 @@ def run_benchmark(model: PlanModel, num_classes: int, batch_size: int, examples:
     order = rotation(list(runners), i)
     for name in order:
       results[name]["epoch_seconds"].append(runners[name]())
-    if peak_flops is None:
-      peaks.append(profiling.matmul_peak_flops(precision_of(model)))
+    if peak_flops is None:  # The peak of the precisions its dots and convolutions run in.
+      peaks.append(profiling.model_peak_flops(model, {
+          p: profiling.matmul_peak_flops(p) for p in set(op_precisions(model).values())}))
     log(f"round {i + 1}/{epochs} ({', '.join(order)}): " + ", ".join(
         f"{name} {results[name]['epoch_seconds'][-1]:.3f} s" for name in runners))
   for name in runners:

@@ -15,7 +15,7 @@ one), the candidates' repetitions interleaved; it keeps only candidates whose gr
 are as close to the exact (float64) ones as XLA's own, and caches the choice per kind under
 `$JAXLAB_CACHE_DIR/kernels.json`, keyed on the CPU and the jaxlib version: the first choice
 costs seconds, later ones nothing. `apply` sets `XLA_FLAGS` for the kind of model a command
-runs before the backend starts (every script does, through `jaxlab.cli`); `--kernels`
+runs before the backend starts (every script does, through `jaxlab.runtime.start`); `--kernels`
 overrides, and a resumed run keeps the kernels it started with (`config.json`'s environment).
 
 This module imports no JAX: it must run before JAX starts.
@@ -410,13 +410,21 @@ def _bf16_ratios(kinds: dict[str, Any]) -> dict[str, float]:
   return ratios
 
 
+def cached() -> dict[str, Any] | None:
+  """This machine's record of `choose`, if it has been measured (nothing is measured here)."""
+  record = read_json(cache_file()).get(machine_key())
+  return record if _complete(record) else None
+
+
 def bf16_notice(kind: str) -> str:
   """One line on what bf16 does for a `kind` of model ("conv" or "dense") on this CPU, from
-  the measurement (`choose`: measured once, cached): the ratio, and whether it pays."""
-  ratio = choose()["bf16_vs_float32"].get(kind)
+  the kernels' measurement where it has been made (`choose`, once per machine): the ratio, and
+  whether it pays."""
+  ratio = (cached() or {}).get("bf16_vs_float32", {}).get(kind)
   where = f"{cpu()[0]}, jaxlib {importlib.metadata.version('jaxlib')}"
   if ratio is None:
-    return f"bf16 on this CPU ({where}): not measured (the kernels' measurement failed)"
+    return (f"bf16 on this CPU ({where}): not measured yet (--kernels=auto measures it once, "
+            "with the kernels)")
   if ratio < 1 - MARGIN:
     return (f"bf16 on this CPU ({where}): a {kind} step takes {ratio:.2f} of float32's time "
             "(dots in bfloat16, convolutions and the rest in float32)")

@@ -18,7 +18,7 @@ import numpy as np
 
 from jaxlab import data
 from jaxlab.config import WHERE_SETTINGS
-from jaxlab.errors import BadValue, MissingFile
+from jaxlab.errors import BadValue, MissingFile, output
 from jaxlab.metrics import write_json
 from jaxlab.report import figures, findings, render
 from jaxlab.report.runs import Collection, Group, find_runs
@@ -394,7 +394,8 @@ def build_report(runs_dir: str | pathlib.Path, out_dir: str | pathlib.Path) -> d
   out = pathlib.Path(out_dir)
   if out.exists() and not out.is_dir():
     raise BadValue(f"--out {out} is a file, not a directory")
-  (out / "confusion").mkdir(parents=True, exist_ok=True)
+  with output(out, "--out"):
+    (out / "confusion").mkdir(parents=True, exist_ok=True)
   for old in (out / "confusion").glob("*.png"):  # A rebuilt report keeps no stale figure.
     old.unlink()
   rows = experiment_rows(collection)

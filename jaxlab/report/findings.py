@@ -24,6 +24,7 @@ import dataclasses
 import statistics
 from typing import Any, Sequence
 
+from jaxlab.errors import BadValue
 from jaxlab.report.stats import ALPHA, PRACTICAL_SEEDS, difference, holm, seeds_needed, spearman
 
 UNSTABLE_POINTS = 0.05  # A fall from the best epoch, or a spread over seeds, above 5 points.
@@ -52,6 +53,11 @@ class Question:
   compare: tuple[Compare, ...] = ()
   stability: tuple[str, ...] = ()
   metric: str = "final"  # A key of METRICS: the summary its comparisons are made on.
+
+  def __post_init__(self):
+    if self.metric not in METRICS:
+      raise BadValue(f"question {self.topic!r}: unknown metric {self.metric!r}; known: "
+                     f"{', '.join(METRICS)}")
 
   def to_json(self) -> dict[str, Any]:
     return dataclasses.asdict(self)

@@ -71,14 +71,16 @@ def welch_power(difference: float, std_a: float, std_b: float, n: int, level: fl
   """The power of a two-sided Welch's t-test at `level` with `n` seeds per experiment, for a
   true `difference` of means and true standard deviations `std_a`, `std_b`: the chance that
   the test calls the difference real. From the noncentral t distribution (SciPy's) with the
-  Welch-Satterthwaite degrees of freedom."""
+  Welch-Satterthwaite degrees of freedom of the true spreads (at n = 3 or 4 this overstates
+  the power a little: at n = 3, 0.80 here is about 0.70 by simulation)."""
   va, vb = std_a ** 2 / n, std_b ** 2 / n
   if va + vb == 0:
     return 1.0 if difference else level
   df = (va + vb) ** 2 / (va ** 2 / (n - 1) + vb ** 2 / (n - 1))
   ncp = abs(difference) / math.sqrt(va + vb)
   critical = float(scipy_stats.t.ppf(1 - level / 2, df))
-  return float(scipy_stats.nct.sf(critical, df, ncp) + scipy_stats.nct.cdf(-critical, df, ncp))
+  # The lower tail as the upper tail of -ncp: SciPy's cdf deep in the lower tail can be NaN.
+  return float(scipy_stats.nct.sf(critical, df, ncp) + scipy_stats.nct.sf(critical, df, -ncp))
 
 
 def seeds_needed(a: Sequence[float], b: Sequence[float], tests: int = 1,
