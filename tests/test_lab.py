@@ -412,3 +412,22 @@ def test_until_settled_adds_seeds_only_where_they_can_settle_and_resumes_a_kille
   assert "`settle_bad - settle_good` (" in markdown and "settled by the added seeds" in markdown
   assert f"`settle_twin - settle_good` ({'/'.join(map(str, twin['seeds']))} seeds): open: " in \
       markdown
+
+
+def test_until_settled_stops_when_the_seeds_it_adds_fail(tmp_path):
+  """Runs that fail before they write anything (no data here) are still seeds taken: a round
+  whose runs all fail is the last, and the comparisons say why they stay open."""
+  (tmp_path / "empty").mkdir()
+  result = run_main("run_lab.py", "--lab=lab02", f"--workdir={tmp_path / 'lab'}",
+                    "--experiments=mlp_deep,mlp_baseline", "--seeds=0", "--epochs=1",
+                    "--dataset=cifar10", f"--data_dir={tmp_path / 'empty'}", "--until_settled",
+                    "--max_seeds=6")
+  assert result.returncode == 1, result.stderr[-2000:]
+  record = json.loads((tmp_path / "lab" / "lab.json").read_text())
+  assert [(r["round"], r["added"], r["completed"]) for r in record["rounds"]] == [
+      (1, {"mlp_deep": [1], "mlp_baseline": [1]}, 0)]
+  (standing,) = record["settled"]
+  assert standing["comparison"] == "mlp_deep - mlp_baseline" and not standing["settled"]
+  assert standing["why"].startswith("open: the runs of the seeds it asked for failed")
+  assert {(r["experiment"], r["seed"], r["status"]) for r in record["runs"]} == {
+      (e, s, "failed") for e in ("mlp_deep", "mlp_baseline") for s in (0, 1)}

@@ -327,8 +327,13 @@ def settle(lab: Lab, workdir: str | pathlib.Path, experiments: Sequence[str], ma
       record = read_json(root / LAB_FILE)
       rounds = record.setdefault("rounds", [])
       if not rounds or rounds[-1]["status"] == "done":
-        added, why, found = _next_round(root, experiments, max_seeds)
-        record["settled"] = _standing(found, experiments, max_seeds)
+        added, why, found = _next_round(root, experiments, max_seeds, record)
+        record["settled"] = _standing(found, max_seeds, added)
+        if rounds and rounds[-1].get("completed") == 0:  # Its runs all failed: not again.
+          added = {}
+          for entry in record["settled"]:
+            if entry["why"].startswith("open: adding"):
+              entry["why"] = FAILED
         if added:
           rounds.append({"round": len(rounds) + 1, "status": "running", "started": _now(),
                          "added": added, "why": why})
@@ -345,8 +350,11 @@ def settle(lab: Lab, workdir: str | pathlib.Path, experiments: Sequence[str], ma
       record = read_json(root / LAB_FILE)
       this = record["rounds"][current["round"] - 1]
       if this["status"] != "done":
-        _, _, found = _next_round(root, experiments, max_seeds)
-        this.update(status="done", ended=_now(), verdicts=_verdicts(found, experiments))
+        found = _comparisons(root, experiments)
+        completed = sum(Run.read(r.root) is not None and Run.read(r.root).status == "completed"
+                        for r in runs)
+        this.update(status="done", ended=_now(), completed=completed,
+                    verdicts=[_verdict(c) for c in found])
         write_json(root / LAB_FILE, record)
 
 
@@ -361,12 +369,15 @@ def _comparisons(root: pathlib.Path, experiments: Sequence[str]) -> list[dict[st
           if c["experiment"] in experiments and c["against"] in experiments]
 
 
-def _next_round(root: pathlib.Path, experiments: Sequence[str], max_seeds: int
+def _next_round(root: pathlib.Path, experiments: Sequence[str], max_seeds: int,
+                record: dict[str, Any]
                 ) -> tuple[dict[str, list[int]], list[dict[str, Any]], list[dict[str, Any]]]:
-  """The seeds the next round adds ({experiment: seeds}), why, and the comparisons now."""
+  """The seeds the next round adds ({experiment: seeds}), why, and the comparisons now. An
+  experiment's seeds so far are every seed it has a run of, completed or not (a failed seed is
+  never added again); the comparisons count the completed ones."""
   from jaxlab.report.findings import settled
   found = _comparisons(root, experiments)
-  seeds = _seeds_on_disk(root)
+  seeds = _seeds_taken(root, record)
   wanted: dict[str, int] = {}
   why = []
   for c in found:
@@ -388,27 +399,35 @@ def _next_round(root: pathlib.Path, experiments: Sequence[str], max_seeds: int
   return added, why, found
 
 
-def _seeds_on_disk(root: pathlib.Path) -> dict[str, list[int]]:
-  """Each experiment's seeds that have a run directory under `root` (run_path's layout)."""
-  found: dict[str, list[int]] = {}
+def _seeds_taken(root: pathlib.Path, record: dict[str, Any]) -> dict[str, list[int]]:
+  """Each experiment's seeds that have a run, in any state: a run directory under `root`
+  (run_path's layout), or an entry of lab.json's runs (a run that failed before writing one)."""
+  found: dict[str, set[int]] = {}
   for config in root.glob("*/seed_*/config.json"):
-    found.setdefault(config.parent.parent.name, []).append(
+    found.setdefault(config.parent.parent.name, set()).add(
         int(config.parent.name.removeprefix("seed_")))
+  for run in record.get("runs", []):
+    if isinstance(run.get("seed"), int):
+      found.setdefault(run.get("experiment"), set()).add(run["seed"])
   return {k: sorted(v) for k, v in found.items()}
 
 
-def _verdicts(found: list[dict[str, Any]], experiments: Sequence[str]) -> list[dict[str, Any]]:
+def _verdict(c: dict[str, Any]) -> dict[str, Any]:
   from jaxlab.report.findings import settled
-  return [{"comparison": f"{c['experiment']} - {c['against']}", "seeds": c["n"],
-           "difference": c["difference"], "p_holm": c["p_holm"], "settled": settled(c),
-           "seeds_needed": c["seeds_needed"]} for c in found]
+  return {"comparison": f"{c['experiment']} - {c['against']}", "seeds": c["n"],
+          "difference": c["difference"], "p_holm": c["p_holm"], "settled": settled(c),
+          "seeds_needed": c["seeds_needed"]}
 
 
-def _standing(found: list[dict[str, Any]], experiments: Sequence[str], max_seeds: int
+FAILED = "open: the runs of the seeds it asked for failed (see the runs' errors)"
+
+
+def _standing(found: list[dict[str, Any]], max_seeds: int, added: dict[str, list[int]]
               ) -> list[dict[str, Any]]:
   """Where each comparison stands: settled, or open and why (the rules of `_next_round`)."""
   standing = []
-  for entry, c in zip(_verdicts(found, experiments), found):
+  for c in found:
+    entry = _verdict(c)
     n = 2 if min(c["n"]) < 2 else c["seeds_needed"]
     if entry["settled"]:
       entry["why"] = "settled"
@@ -420,7 +439,9 @@ def _standing(found: list[dict[str, Any]], experiments: Sequence[str], max_seeds
       entry["why"] = f"open: needs about {n} seeds each, over the budget of {max_seeds}"
     elif n <= min(c["n"]):
       entry["why"] = "open: the seeds the estimate asked for did not settle it"
-    else:
+    elif c["experiment"] in added or c["against"] in added:
       entry["why"] = f"open: adding seeds (about {n} each)"
+    else:
+      entry["why"] = FAILED
     standing.append(entry)
   return standing
