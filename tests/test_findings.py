@@ -5,6 +5,7 @@ reads files only)."""
 import json
 import math
 import statistics
+import warnings
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from jaxlab.report.build import copy_small_files
 from jaxlab.report import findings
 from jaxlab.report.findings import Compare, Question
 from jaxlab.report.stats import (difference, holm, indistinguishable_tiers, spread,
-                                 t_interval)
+                                 t_interval, welch_p_value)
 from datafiles import write_idx_dataset
 
 TOLERANCE = 1e-12  # Float64 formulas against SciPy's: equal up to rounding.
@@ -39,6 +40,21 @@ def test_difference_interval_and_p_are_welchs():
   assert found["ci95"] == pytest.approx([interval.low, interval.high], abs=1e-9)
   assert found["p"] == pytest.approx(reference.pvalue, abs=TOLERANCE)
   assert difference([0.9], b) is None
+
+
+def test_seeds_that_end_at_one_accuracy_have_no_variance_not_a_rounding_residue():
+  # Accuracies are counts over examples: two seeds often end at exactly the same one.
+  same, constant, varied = [1 / 48, 1 / 48], [0.5, 0.5, 0.5], [0.25, 0.75, 0.3]
+  # One sample constant, the other not: Welch's test still applies (SciPy warns of the constant
+  # sample, whose variance it computes with cancellation, but its p is right).
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", RuntimeWarning)
+    reference = scipy_stats.ttest_ind(varied, constant, equal_var=False).pvalue
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    assert difference(same, same)["p"] is None
+    assert welch_p_value(same, same) is None
+    assert welch_p_value(varied, constant) == pytest.approx(reference, rel=1e-9)
 
 
 def test_holm_steps_down_and_keeps_untested_entries():

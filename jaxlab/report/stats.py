@@ -39,13 +39,27 @@ def spread(values: Sequence[float], seeds: Sequence[Any]) -> dict[str, Any]:
           "per_seed": {str(s): v for s, v in zip(seeds, values)}}
 
 
+def _welch(a: Sequence[float], b: Sequence[float]) -> tuple[float, float, float | None]:
+  """mean(a) - mean(b), the variance of that difference, and its Welch-Satterthwaite degrees of
+  freedom (None when neither sample varies). Variances are exact (`statistics`), so seeds that
+  ended at the same accuracy give zero, not a rounding residue."""
+  va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
+  delta = statistics.fmean(a) - statistics.fmean(b)
+  if va + vb == 0:
+    return delta, 0.0, None
+  df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+  return delta, va + vb, df
+
+
 def welch_p_value(a: Sequence[float], b: Sequence[float]) -> float | None:
   """Two-sided p-value of Welch's t-test (unequal variances) between two samples of seeds;
   None when either has fewer than two values or both have no variance."""
   if len(a) < 2 or len(b) < 2:
     return None
-  p = float(scipy_stats.ttest_ind(list(a), list(b), equal_var=False).pvalue)
-  return None if math.isnan(p) else p
+  delta, variance, df = _welch(a, b)
+  if df is None:
+    return None
+  return float(2 * scipy_stats.t.sf(abs(delta) / math.sqrt(variance), df))
 
 
 def difference(a: Sequence[float], b: Sequence[float]) -> dict[str, Any] | None:
@@ -53,12 +67,10 @@ def difference(a: Sequence[float], b: Sequence[float]) -> dict[str, Any] | None:
   Welch's two-sided p; None unless both have two values or more."""
   if len(a) < 2 or len(b) < 2:
     return None
-  va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
-  delta = statistics.fmean(a) - statistics.fmean(b)
-  if va + vb == 0:
+  delta, variance, df = _welch(a, b)
+  if df is None:
     return {"difference": delta, "ci95": [delta, delta], "p": None}
-  df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
-  half = float(scipy_stats.t.ppf(1 - ALPHA / 2, df)) * math.sqrt(va + vb)
+  half = float(scipy_stats.t.ppf(1 - ALPHA / 2, df)) * math.sqrt(variance)
   return {"difference": delta, "ci95": [delta - half, delta + half],
           "p": welch_p_value(a, b)}
 
