@@ -41,7 +41,3 @@ def with_learning_rate(opt_state: Any, learning_rate: Any) -> Any:
   hyperparams = {**opt_state.hyperparams,
                  "learning_rate": jnp.asarray(learning_rate, jnp.float32)}
   return opt_state._replace(hyperparams=hyperparams)
-
-
-def learning_rate_of(opt_state: Any) -> Any:
-  return opt_state.hyperparams["learning_rate"]

@@ -31,7 +31,6 @@ from jaxlab.errors import BadValue, CheckpointError, MissingFile
 from jaxlab.metrics import read_json, read_jsonl
 
 CHECKPOINTS = ("last", "best")
-STATUSES = ("pending", "running", "completed", "failed", "missing", "imported")
 RESTART_HINT = "pass --restart to discard this run's checkpoints and train from scratch"
 _STEP_FILE = re.compile(r"step_(\d+)\.msgpack")
 
