@@ -54,8 +54,7 @@ def start(flags: Any) -> None:
   if "kernels" in flags:  # Before JAX starts its backend: XLA reads its flags once.
     kernels.apply(flags.kernels, _started_kernels(flags), kind=lambda: _model_kind(flags))
     if _precision(flags) == "bf16" and not kernels.gpu_possible():
-      notice = kernels.bf16_notice(_model_kind(flags, precision=False))
-      print(("warning: " if "will not pay" in notice else "") + notice, file=sys.stderr)
+      print(kernels.bf16_notice(_model_kind(flags, precision=False)), file=sys.stderr)
   if "coordinator_address" in flags:
     given = [flags[n].value for n in ("coordinator_address", "num_processes", "process_id")]
     if under_launcher() or any(v is not None for v in given):

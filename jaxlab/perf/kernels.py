@@ -419,7 +419,7 @@ def cached() -> dict[str, Any] | None:
 def bf16_notice(kind: str) -> str:
   """One line on what bf16 does for a `kind` of model ("conv" or "dense") on this CPU, from
   the kernels' measurement where it has been made (`choose`, once per machine): the ratio, and
-  whether it pays."""
+  whether it pays (a `warning:` where it will not)."""
   ratio = (cached() or {}).get("bf16_vs_float32", {}).get(kind)
   where = f"{cpu()[0]}, jaxlib {importlib.metadata.version('jaxlib')}"
   if ratio is None:
@@ -428,7 +428,7 @@ def bf16_notice(kind: str) -> str:
   if ratio < 1 - MARGIN:
     return (f"bf16 on this CPU ({where}): a {kind} step takes {ratio:.2f} of float32's time "
             "(dots in bfloat16, convolutions and the rest in float32)")
-  return (f"bf16 will not pay on this CPU ({where}): a {kind} step takes {ratio:.2f} of "
+  return (f"warning: bf16 will not pay on this CPU ({where}): a {kind} step takes {ratio:.2f} of "
           "float32's time (measured once by jaxlab.perf.kernels); training in bf16 as asked")
 
 
