@@ -28,7 +28,7 @@ class Registry(Generic[T]):
     except KeyError:
       known = ", ".join(self._items) or "(none)"
       raise UnknownNameError(
-                             f"unknown {self.kind} {name!r}; known {self.kind}s: {known}") from None
+          f"unknown {self.kind} {name!r}; known {self.kind}s: {known}") from None
 
   def names(self) -> list[str]:
     return list(self._items)

@@ -75,20 +75,25 @@ def summarize(model: PlanModel) -> dict[str, Any]:
   }
 
 
-def forward_flops(model: PlanModel, kind: str | None = None) -> int:
-  """Multiply-add FLOPs (2 per MAC) of one example's forward pass through the Dense and Conv2D
-  layers (or those of one `kind`, "dense" or "conv2d"), the layers that dominate the cost;
-  training costs about 3 times this."""
+def forward_flops_by_kind(model: PlanModel) -> dict[str, int]:
+  """Multiply-add FLOPs (2 per MAC) of one example's forward pass through the Dense and the
+  Conv2D layers: {"dense": ..., "conv2d": ...}."""
   variables = abstract_variables(model)
   shapes = layer_output_shapes(model, variables)
   params = variables["params"]
-  total = 0
+  totals = {"dense": 0, "conv2d": 0}
   for op in iter_ops(model.plan()):
-    if op.kind in ((kind,) if kind else ("dense", "conv2d")):
+    if op.kind in totals:
       kernel = params[op.name]["kernel"].shape
       positions = int(np.prod(shapes[op.name][:-1]))  # 1 for Dense, H*W for Conv2D.
-      total += 2 * int(np.prod(kernel)) * positions
-  return total
+      totals[op.kind] += 2 * int(np.prod(kernel)) * positions
+  return totals
+
+
+def forward_flops(model: PlanModel) -> int:
+  """Multiply-add FLOPs (2 per MAC) of one example's forward pass through the Dense and Conv2D
+  layers, the layers that dominate the cost; training costs about 3 times this."""
+  return sum(forward_flops_by_kind(model).values())
 
 
 def format_summary(summary: dict[str, Any], title: str = "") -> str:

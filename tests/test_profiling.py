@@ -295,3 +295,20 @@ def test_probe_kernels_script_names_a_bad_dtype():
   done = run_main("probe_kernels.py", "--dtypes=float32,float16")
   assert done.returncode == 2
   assert "error: unknown dtype 'float16'; known: float32, bfloat16" in done.stderr
+
+
+def test_the_model_peak_weighs_each_kind_of_layer_by_the_peak_of_its_precision():
+  """A 3x3 convolution (4 filters, 26x26 positions), pooled to 13x13x4, a Dense of 8 and the
+  output Dense of 10, counted by hand; under bf16 on the CPU the dots run at the bf16 peak and
+  the convolution at float32's: the time is the sum of each kind's FLOPs over its peak."""
+  from jaxlab.models import Conv, ConvBlock, ConvNet, Dense, MaxPool, at_precision
+  from jaxlab.summary import forward_flops, forward_flops_by_kind
+  model = ConvNet(blocks=(ConvBlock((Conv(4, 3),), MaxPool(2), False),), head=(Dense(8),))
+  conv, dense = 2 * 3 * 3 * 1 * 4 * 26 * 26, 2 * 13 * 13 * 4 * 8 + 2 * 8 * 10
+  assert forward_flops_by_kind(model) == {"conv2d": conv, "dense": dense}
+  assert forward_flops(model) == conv + dense
+  peaks = {"float32": 1e9, "bf16": 4e9}
+  mixed = at_precision(model, "bf16", backend="cpu")
+  assert profiling.model_peak_flops(mixed, peaks) == pytest.approx(
+      (conv + dense) / (conv / 1e9 + dense / 4e9), rel=1e-12)
+  assert profiling.model_peak_flops(model, peaks) == pytest.approx(1e9, rel=1e-12)

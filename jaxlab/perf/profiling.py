@@ -90,11 +90,9 @@ def model_peak_flops(model: Any, peaks: dict[str, float]) -> float:
   measured matmul peak of the precision it computes in (`peaks`: "float32", "bf16"): under bf16
   on a CPU, dots in bfloat16 and convolutions in float32 (jaxlab.models.PRECISIONS)."""
   from jaxlab.models import op_precisions
-  from jaxlab.summary import forward_flops
-  kinds = op_precisions(model)
-  flops = {kind: forward_flops(model, kind) for kind in kinds}
-  kinds = {kind: p for kind, p in kinds.items() if flops[kind]}
-  seconds = sum(flops[kind] / peaks[kinds[kind]] for kind in kinds)
+  from jaxlab.summary import forward_flops_by_kind
+  flops, precisions = forward_flops_by_kind(model), op_precisions(model)
+  seconds = sum(n / peaks[precisions[kind]] for kind, n in flops.items() if n)
   return sum(flops.values()) / seconds if seconds else max(peaks.values())
 
 
