@@ -100,18 +100,15 @@ def writing(path: str | os.PathLike) -> Iterator[None]:
 @contextlib.contextmanager
 def output(path: str | os.PathLike, flag: str = "") -> Iterator[None]:
   """Within the block, an OSError while creating or writing `path`, a file or directory the
-  user named (with the flag `flag`), is theirs to fix: `DiskFull` where it ran out of space,
-  else a `BadValue` naming the path. Keep the block to the writes themselves."""
+  user named (with the flag `flag`), is theirs to fix: `DiskFull` where it ran out of space
+  (`writing`), else a `BadValue` naming the path. Keep the block to the writes themselves."""
   named = f"{flag} {path}" if flag else str(path)
   try:
-    yield
+    with writing(named):
+      yield
   except UserError:
     raise
   except OSError as e:
-    if e.errno in NO_SPACE:
-      full = DiskFull(f"could not write {named}: {e.strerror or e}")
-      full.errno = e.errno
-      raise full from e
     raise BadValue(f"{named} cannot be written: {e.strerror or e}") from e
 
 
