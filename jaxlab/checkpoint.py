@@ -222,7 +222,7 @@ def restore_latest(run: Run, template: Any,
     return restore_state_dict(state_dict, template, f"checkpoint {path}"), meta, path
   if damaged:
     raise CheckpointError(f"no intact checkpoint in {run.checkpoints}: "
-                                     f"{'; '.join(damaged)}; {RESTART_HINT}")
+                          f"{'; '.join(damaged)}; {RESTART_HINT}")
   return None
 
 
@@ -255,8 +255,7 @@ def restore_state(run: Run, path: pathlib.Path, template: TrainState) -> tuple[T
   """The train state of one checkpoint file of `run`, its identity checked, and its epoch."""
   meta, state_dict = read(path)
   run.check_checkpoint(meta, path)
-  restored = restore_state_dict(state_dict, checkpoint_template(template),
-                                           f"checkpoint {path}")
+  restored = restore_state_dict(state_dict, checkpoint_template(template), f"checkpoint {path}")
   return restored["state"], int(meta.get("epoch", 0))
 
 

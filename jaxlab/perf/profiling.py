@@ -229,10 +229,9 @@ def checkpoint_cost(state: Any, directory: str | pathlib.Path, repeats: int = 3)
   host copy and the hand-over only; the write's own time is measured too. Medians of
   `repeats` saves of the same state to `directory`."""
   from jaxlab import checkpoint
-  from jaxlab.steps import train_sums_zeros
 
   directory = pathlib.Path(directory)
-  target = {"state": state, "sums": train_sums_zeros()}
+  target = checkpoint.checkpoint_template(state)
   sync_writer, async_writer = checkpoint.AsyncWriter(background=False), checkpoint.AsyncWriter()
   sync, blocked, background = [], [], []
   try:
