@@ -267,7 +267,7 @@ class StopOnSignal(Hook):
 
   def _stop(self, where: str, step: int) -> None:
     raise runtime.Preempted(f"stopped {where} (global step {step}); its checkpoint is "
-                               f"{self.run.step_checkpoint(step)}")
+                            f"{self.run.step_checkpoint(step)}")
 
 
 class SummaryFile(Hook):

@@ -277,8 +277,6 @@ class Run:
           f"{_architecture_change(meta.get('architecture', {}), expected['architecture'])}); "
           f"{RESTART_HINT}")
 
-  # --------------------------------------------------------------------------- what it wrote
-
   # --------------------------------------------------------------------------- changes
 
   def describe(self, *, about: dict[str, Any] | None = None,

@@ -27,6 +27,7 @@ import numpy as np
 from absl import logging
 
 from jaxlab import checkpoint, evaluation, lock, parallel, runtime
+from jaxlab.checkpoint import restore_group, restore_state
 from jaxlab.config import GROUP_SETTINGS, TrainConfig, changed_settings
 from jaxlab.data import Dataset, load_dataset
 from jaxlab.errors import BadValue, OutOfMemory
@@ -35,13 +36,10 @@ from jaxlab.hooks import (Checkpoints, ConfigFile, Hook, Hooks, MetricsLog, NonF
                           ProgressBar, StopOnSignal, SummaryFile, TensorBoard)
 from jaxlab.models import PlanModel, describe, describe_precision
 from jaxlab.optim import make_optimizer
-from jaxlab.checkpoint import restore_group, restore_state
 from jaxlab.run import Run
 from jaxlab.state import TrainState, create_group_state, member, seed_keys
-from jaxlab.steps import (Steps, evaluate, evaluate_group, make_steps,
-                          train_epoch)
+from jaxlab.steps import Steps, evaluate, evaluate_group, make_steps, train_epoch
 from jaxlab.summary import param_counts, summarize
-
 
 
 def default_hooks(progress: bool, writer: bool = True) -> list[Hook]:
@@ -325,6 +323,6 @@ def _out_of_memory(error: Exception, members: int, model: PlanModel) -> Exceptio
     return error
   params = summarize(model)["total_params"]
   return OutOfMemory(
-                     f"{members} members of {params:,} parameters each do not fit in the memory of "
-                     f"{jax.devices()[0].device_kind}: train fewer seeds or learning rates at once (see "
-                     f"'Many runs at once' in the README); the allocator said: {text.splitlines()[0][:200]}")
+      f"{members} members of {params:,} parameters each do not fit in the memory of "
+      f"{jax.devices()[0].device_kind}: train fewer seeds or learning rates at once (see "
+      f"'Many runs at once' in the README); the allocator said: {text.splitlines()[0][:200]}")
