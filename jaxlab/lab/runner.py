@@ -137,10 +137,7 @@ class LabRunner:
     """lab.json, merged under its lock: this worker's claimed runs as it sees them, every
     other run as the file has it (another worker's), or as planned if the file has none."""
     with lock.waiting(self.root, "lab"):
-      try:
-        previous = json.loads((self.root / LAB_FILE).read_text())
-      except (OSError, ValueError):
-        previous = {}
+      previous = read_json(self.root / LAB_FILE)
       found = {r.get("path"): r for r in previous.get("runs", [])}
       runs = [r.lab_record() if self._ours(r, found.get(r.path)) else found[r.path]
               for r in self.runs]
@@ -262,7 +259,7 @@ class LabRunner:
     head = self._head(numbers, group)
     if runtime.requested():
       raise runtime.Preempted(f"[{self.lab.name}] stopped before run {numbers[0]}/"
-                                 f"{len(self.runs)}")
+                              f"{len(self.runs)}")
     for run in group:
       run.claim({"host": socket.gethostname(), "pid": os.getpid()})
       self._mine.add(run.path)
@@ -351,8 +348,7 @@ def settle(lab: Lab, workdir: str | pathlib.Path, experiments: Sequence[str], ma
       this = record["rounds"][current["round"] - 1]
       if this["status"] != "done":
         found = _comparisons(root, experiments)
-        completed = sum(Run.read(r.root) is not None and Run.read(r.root).status == "completed"
-                        for r in runs)
+        completed = sum(getattr(Run.read(r.root), "status", None) == "completed" for r in runs)
         this.update(status="done", ended=_now(), completed=completed,
                     verdicts=[_verdict(c) for c in found])
         write_json(root / LAB_FILE, record)
@@ -375,16 +371,13 @@ def _next_round(root: pathlib.Path, experiments: Sequence[str], max_seeds: int,
   """The seeds the next round adds ({experiment: seeds}), why, and the comparisons now. An
   experiment's seeds so far are every seed it has a run of, completed or not (a failed seed is
   never added again); the comparisons count the completed ones."""
-  from jaxlab.report.findings import settled
   found = _comparisons(root, experiments)
   seeds = _seeds_taken(root, record)
   wanted: dict[str, int] = {}
   why = []
   for c in found:
-    if settled(c) or c["collapsed"]:
-      continue
-    n = 2 if min(c["n"]) < 2 else c["seeds_needed"]
-    if n is None or n > max_seeds or n <= min(c["n"]):
+    n, _ = _asks(c, max_seeds)
+    if n is None:
       continue
     for name in (c["experiment"], c["against"]):
       wanted[name] = max(wanted.get(name, 0), n)
@@ -422,26 +415,34 @@ def _verdict(c: dict[str, Any]) -> dict[str, Any]:
 FAILED = "open: the runs of the seeds it asked for failed (see the runs' errors)"
 
 
+def _asks(c: dict[str, Any], max_seeds: int) -> tuple[int | None, str]:
+  """The seeds per experiment comparison `c` asks for (None where it asks none: settled, or
+  open for a reason more seeds within `max_seeds` cannot mend), and where it stands: an
+  unsettled comparison with fewer than two seeds on a side asks two, one whose count is within
+  the budget and above what it has asks that count."""
+  from jaxlab.report.findings import settled
+  if settled(c):
+    return None, "settled"
+  if c["collapsed"]:
+    return None, "open: its spread comes from collapsed runs"
+  n = 2 if min(c["n"]) < 2 else c["seeds_needed"]
+  if n is None:
+    return None, "open: no practical number of seeds would settle it"
+  if n > max_seeds:
+    return None, f"open: needs about {n} seeds each, over the budget of {max_seeds}"
+  if n <= min(c["n"]):
+    return None, "open: the seeds the estimate asked for did not settle it"
+  return n, f"open: adding seeds (about {n} each)"
+
+
 def _standing(found: list[dict[str, Any]], max_seeds: int, added: dict[str, list[int]]
               ) -> list[dict[str, Any]]:
-  """Where each comparison stands: settled, or open and why (the rules of `_next_round`)."""
+  """Where each comparison stands (`_asks`); one that asks for seeds that were not added had
+  them already, and they failed."""
   standing = []
   for c in found:
-    entry = _verdict(c)
-    n = 2 if min(c["n"]) < 2 else c["seeds_needed"]
-    if entry["settled"]:
-      entry["why"] = "settled"
-    elif c["collapsed"]:
-      entry["why"] = "open: its spread comes from collapsed runs"
-    elif n is None:
-      entry["why"] = "open: no practical number of seeds would settle it"
-    elif n > max_seeds:
-      entry["why"] = f"open: needs about {n} seeds each, over the budget of {max_seeds}"
-    elif n <= min(c["n"]):
-      entry["why"] = "open: the seeds the estimate asked for did not settle it"
-    elif c["experiment"] in added or c["against"] in added:
-      entry["why"] = f"open: adding seeds (about {n} each)"
-    else:
-      entry["why"] = FAILED
-    standing.append(entry)
+    n, why = _asks(c, max_seeds)
+    if n is not None and c["experiment"] not in added and c["against"] not in added:
+      why = FAILED
+    standing.append({**_verdict(c), "why": why})
   return standing
