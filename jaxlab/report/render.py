@@ -10,6 +10,9 @@ import html as html_lib
 import pathlib
 from typing import Any, Sequence, Union
 
+from jaxlab.report.findings import settled
+from jaxlab.report.stats import POWER, PRACTICAL_SEEDS
+
 
 @dataclasses.dataclass
 class Heading:
@@ -141,7 +144,7 @@ def _interval(ci: list[float] | None) -> str:
 
 
 def _needed(c: dict[str, Any]) -> str:
-  if c.get("p_holm") is not None and c["p_holm"] < 0.05:
+  if settled(c):
     return "settled"
   if c.get("collapsed"):
     return "— (collapses)"
@@ -199,17 +202,16 @@ def _findings(document: dict[str, Any]) -> list[Block]:
   if comparisons:
     blocks += [Heading("Every comparison", 3),
                Paragraph("Seeds needed: per experiment, for Welch's test, Holm-corrected, to "
-                         "call the observed difference real with 80% power if it is the true "
-                         "one (noncentral t; the level of the correction's first step), or — "
-                         "where no practical number (up to 50) would, or where collapsed runs "
-                         "make the spread."),
+                         f"call the observed difference real with {POWER:.0%} power if it is "
+                         "the true one (noncentral t; the level of the correction's first "
+                         "step), or — where no practical number (up to "
+                         f"{PRACTICAL_SEEDS}) would, or where collapsed runs make the spread."),
                Table(["comparison", "on", "Δ points", "95% CI", "Holm p", "verdict",
                       "seeds", "seeds needed"],
                      [[f"{c['experiment']} − {c['against']}", c.get("metric", "final"),
                        _signed(c["difference"]), _interval(c["ci95"]),
                        "—" if c["p_holm"] is None else f"{c['p_holm']:.2g}",
-                       ("difference" if c["p_holm"] is not None and c["p_holm"] < 0.05
-                        else "not settled") + (f" ({c['verdict']})" if c.get("verdict") else ""),
+                       ("difference" if settled(c) else "not settled") + (f" ({c['verdict']})" if c.get("verdict") else ""),
                        "/".join(map(str, c["n"])), _needed(c)] for c in comparisons])]
   for lab in document["labs"]:
     blocks += _rounds(lab)
