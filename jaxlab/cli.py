@@ -22,7 +22,8 @@ from typing import Any, Callable, Iterable
 from absl import app, flags
 
 from jaxlab.config import TrainConfig
-from jaxlab.errors import BadValue, NonFiniteError, UserError, one_line, show_traceback
+from jaxlab.errors import BadValue, NonFiniteError, UserError, one_line, output, show_traceback
+from jaxlab.metrics import write_atomic
 from jaxlab.runtime import EXIT_PREEMPTED, Preempted
 
 # JAX logs at INFO that it found no TPU library on every start; that is not news to a user.
@@ -118,6 +119,15 @@ def parse_list(values: list[str] | None, kind: type, name: str) -> list:
     words = {int: "integers", float: "numbers"}.get(kind, kind.__name__)
     raise BadValue(f"--{name} must be {words} separated by commas, got "
                    f"{','.join(values)!r}") from None
+
+
+def write_outputs(*files: tuple[str | None, str]) -> None:
+  """Writes each (path, text) whose path was given (a flag's value: a file the user named,
+  its folders made), atomically; one that cannot be written is the user's error."""
+  for path, text in files:
+    if path:
+      with output(path):
+        write_atomic(path, text.encode())
 
 
 def run(main: Callable[[list[str]], None]) -> None:

@@ -7,11 +7,10 @@ Writes the results as JSON (--json_out) and as a Markdown table (--markdown_out)
 """
 
 import json
-import pathlib
 
 from absl import flags
 
-from jaxlab import cli, errors, runtime
+from jaxlab import cli, runtime
 from jaxlab.perf.benchmark import PEERS, markdown, run_benchmark
 from jaxlab.config import PRECISIONS
 from jaxlab.experiment import build_model
@@ -49,13 +48,9 @@ def main(argv):
       f", {FLAGS.seeds} seeds" if FLAGS.seeds > 1 else "")
   table = markdown(result, title)
   print(table)
-  for path, text in ((FLAGS.json_out, json.dumps(result, indent=2) + "\n"),
-                     (FLAGS.markdown_out, "# Benchmarks\n\nWritten by `scripts/benchmark.py`.\n\n"
-                      + table)):
-    if path:
-      with errors.output(path):
-        pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
-        pathlib.Path(path).write_text(text)
+  cli.write_outputs((FLAGS.json_out, json.dumps(result, indent=2) + "\n"),
+                    (FLAGS.markdown_out, "# Benchmarks\n\nWritten by `scripts/benchmark.py`.\n\n"
+                     + table))
 
 
 if __name__ == "__main__":

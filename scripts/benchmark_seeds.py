@@ -101,12 +101,8 @@ def main(argv):
                  f"{ratio} | {', '.join(f'{v:.1f}' for v in values)} |")
   table = "\n".join(lines) + "\n"
   print(table)
-  for path, text in ((FLAGS.json_out, json.dumps(result, indent=2) + "\n"),
-                     (FLAGS.markdown_out, table)):
-    if path:
-      with errors.output(path):
-        pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
-        pathlib.Path(path).write_text(text)
+  cli.write_outputs((FLAGS.json_out, json.dumps(result, indent=2) + "\n"),
+                    (FLAGS.markdown_out, table))
 
 
 if __name__ == "__main__":

@@ -20,9 +20,9 @@ from absl import flags, logging
 
 from jaxlab import cli, runtime
 from jaxlab.experiment import load_lab
-from jaxlab.lab.runner import LabRunner, plan_lab, settle
-from jaxlab.metrics import read_json
+from jaxlab.lab.runner import LAB_FILE, LabRunner, plan_lab, settle
 from jaxlab.lab.workers import run_workers
+from jaxlab.metrics import read_json
 from jaxlab.report import results_table
 
 cli.define_kernels_flag()
@@ -79,7 +79,7 @@ def main(argv):
       chosen = list(dict.fromkeys(r.experiment for r in runs))
       standing = settle(lab, FLAGS.workdir, chosen, FLAGS.max_seeds, overrides, settings,
                         make_runner, runner.say)
-      record = read_json(f"{FLAGS.workdir}/lab.json")
+      record = read_json(f"{FLAGS.workdir}/{LAB_FILE}")
   failed = [r for r in record["runs"] if r["status"] == "failed"]
   done = sum(r["status"] == "completed" for r in record["runs"])
   if runners[-1].last_out:  # The worker that finished the lab's last group prints its table.
