@@ -35,7 +35,7 @@ from flax import serialization
 from jaxlab.config import TrainConfig, validate
 from jaxlab.errors import CheckpointError, CorruptCheckpoint  # noqa: F401 (part of this API)
 from jaxlab.experiment import build_model, get_experiment
-from jaxlab.metrics import write_atomic
+from jaxlab.files import write_atomic
 from jaxlab.models import PlanModel, describe
 from jaxlab.optim import make_optimizer
 from jaxlab.run import RESTART_HINT, Run, step_of

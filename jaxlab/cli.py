@@ -23,7 +23,7 @@ from absl import app, flags
 
 from jaxlab.config import TrainConfig
 from jaxlab.errors import BadValue, NonFiniteError, UserError, one_line, output, show_traceback
-from jaxlab.metrics import write_atomic
+from jaxlab.files import write_atomic
 from jaxlab.runtime import EXIT_PREEMPTED, Preempted
 
 # JAX logs at INFO that it found no TPU library on every start; that is not news to a user.

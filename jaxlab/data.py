@@ -31,7 +31,7 @@ from absl import logging
 
 from jaxlab import caches
 from jaxlab.errors import DataError
-from jaxlab.metrics import write_atomic, write_json
+from jaxlab.files import write_atomic, write_json
 from jaxlab.registry import Registry
 
 DEBIAN_FASHION_MNIST_DIR = pathlib.Path("/usr/share/datasets/fashion-mnist")

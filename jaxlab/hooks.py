@@ -55,7 +55,7 @@ from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
 from jaxlab import checkpoint, parallel, runtime
 from jaxlab.errors import NonFiniteError
-from jaxlab.metrics import append_jsonl, write_json, write_jsonl
+from jaxlab.files import append_jsonl, write_json, write_jsonl
 from jaxlab.run import Run
 from jaxlab.state import TrainState, member, train_sums_zeros
 

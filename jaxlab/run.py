@@ -28,7 +28,7 @@ from typing import Any
 import jaxlab
 from jaxlab.config import RESUMABLE_CHANGES, TrainConfig, changed_settings
 from jaxlab.errors import BadValue, CheckpointError, MissingFile
-from jaxlab.metrics import read_json, read_jsonl
+from jaxlab.files import read_json, read_jsonl
 
 CHECKPOINTS = ("last", "best")
 RESTART_HINT = "pass --restart to discard this run's checkpoints and train from scratch"

@@ -94,7 +94,7 @@ def _started_kernels(flags: Any) -> str | None:
   workdir = flags["workdir"].value if "workdir" in flags else None
   if not workdir:
     return None
-  from jaxlab.metrics import read_json
+  from jaxlab.files import read_json
   root = pathlib.Path(workdir)
   # A run's own, or a group's, a lab's or a grid's first member's (DIR/M/, DIR/EXP/seed_S/).
   members = sorted(root.glob("*/config.json")) + sorted(root.glob("*/*/config.json"))

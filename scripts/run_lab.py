@@ -22,7 +22,7 @@ from jaxlab import cli, runtime
 from jaxlab.experiment import load_lab
 from jaxlab.lab.runner import LAB_FILE, LabRunner, plan_lab, settle
 from jaxlab.lab.workers import run_workers
-from jaxlab.metrics import read_json
+from jaxlab.files import read_json
 from jaxlab.report import results_table
 
 cli.define_kernels_flag()

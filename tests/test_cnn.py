@@ -10,7 +10,7 @@ import pytest
 
 from jaxlab.experiment import (EXPERIMENTS, Experiment, build_model, experiment_names, register,
                                resolve_config)
-from jaxlab.metrics import read_jsonl
+from jaxlab.files import read_jsonl
 from jaxlab.models import (Conv, ConvBlock, ConvNet, Dense, MaxPool, at_precision,
                            l2_coefficients, mixed_matmul, op_precisions)
 from jaxlab.optim import make_optimizer

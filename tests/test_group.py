@@ -10,7 +10,7 @@ import pytest
 from jaxlab import checkpoint
 from jaxlab.experiment import EXPERIMENTS, Experiment, build_model, register, resolve_config
 from jaxlab.hooks import OnEpochEnd
-from jaxlab.metrics import read_jsonl
+from jaxlab.files import read_jsonl
 from jaxlab.models import Conv, ConvBlock, ConvNet, Dense, MaxPool
 from jaxlab.optim import make_optimizer
 from jaxlab.state import create_group_state, member, seed_keys, stack

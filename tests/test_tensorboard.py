@@ -9,7 +9,7 @@ from tensorboard.plugins.hparams import metadata as hparams_metadata
 
 from jaxlab.experiment import resolve_config
 from jaxlab.hooks import OnEpochEnd
-from jaxlab.metrics import read_jsonl
+from jaxlab.files import read_jsonl
 from jaxlab.train import train_and_evaluate
 from datafiles import synthetic_dataset
 from conftest import SMALL

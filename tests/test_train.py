@@ -8,7 +8,7 @@ import pytest
 
 from jaxlab import checkpoint
 from jaxlab.experiment import build_model, resolve_config
-from jaxlab.metrics import read_jsonl
+from jaxlab.files import read_jsonl
 from jaxlab.optim import make_optimizer
 from jaxlab.hooks import OnEpochEnd
 from jaxlab.state import create_train_state

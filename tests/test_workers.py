@@ -12,7 +12,7 @@ import time
 import pytest
 
 from jaxlab import lock
-from jaxlab.metrics import read_jsonl
+from jaxlab.files import read_jsonl
 from datafiles import write_idx_dataset
 from conftest import ROOT, run_main, script, script_environment, start_script
 

@@ -34,7 +34,7 @@ from jaxlab.config import TrainConfig, changed_settings
 from jaxlab.data import Dataset, load_dataset
 from jaxlab.errors import BadValue, NonFiniteError, UserError, describe, one_line, output
 from jaxlab.experiment import Lab, resolve_config
-from jaxlab.metrics import read_json, write_json
+from jaxlab.files import read_json, write_json
 from jaxlab.run import Run
 from jaxlab.train import train_group
 

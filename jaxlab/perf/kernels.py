@@ -39,7 +39,7 @@ from typing import Any, Callable
 
 from jaxlab.caches import cache_dir
 from jaxlab.errors import BadValue
-from jaxlab.metrics import read_json, write_json
+from jaxlab.files import read_json, write_json
 
 # Name -> the XLA flags that select it for a process. "xla" is XLA:CPU as it comes.
 KERNELS: dict[str, str] = {

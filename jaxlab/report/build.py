@@ -19,7 +19,7 @@ import numpy as np
 from jaxlab import data
 from jaxlab.config import WHERE_SETTINGS
 from jaxlab.errors import BadValue, MissingFile, output
-from jaxlab.metrics import write_json
+from jaxlab.files import write_json
 from jaxlab.report import figures, findings, render
 from jaxlab.report.runs import Collection, Group, find_runs
 from jaxlab.report.stats import (holm, indistinguishable_tiers, seed_figure, seeds_needed,

@@ -15,7 +15,7 @@ from typing import Any
 
 from jaxlab.config import NO_RESULT_CHANGE
 from jaxlab.errors import MissingFile
-from jaxlab.metrics import read_json
+from jaxlab.files import read_json
 from jaxlab.run import Run
 
 # Runs that differ only in these settings (they change no result, `jaxlab.config.ROLES`) or in
