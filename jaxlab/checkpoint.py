@@ -15,7 +15,9 @@ boundary, and serializing and writing go on while training does, one save in fli
 Read back into runs (beside `jaxlab.state`, which makes the states these rebuild): the newest
 intact checkpoint of a run, the newest step every member of a group has saved, and a run's
 model and state for evaluation. A checkpoint holds the train state and the metric sums of the
-unfinished epoch (`checkpoint_template`); its position is the state's step number.
+unfinished epoch (`checkpoint_template`; none at an epoch's end); its position is the state's
+step number. The state must fit the model exactly; the sums are read as they are, so a
+checkpoint written before a metric was added still resumes (`jaxlab.metrics.restore_sums`).
 """
 
 from __future__ import annotations
@@ -34,12 +36,12 @@ from flax import serialization
 
 from jaxlab.config import TrainConfig, validate
 from jaxlab.errors import CheckpointError, CorruptCheckpoint  # noqa: F401 (part of this API)
-from jaxlab.experiment import build_model, get_experiment
+from jaxlab import metrics as metrics_lib
+from jaxlab.experiment import get_experiment, setup
 from jaxlab.files import write_atomic
-from jaxlab.models import PlanModel, describe
-from jaxlab.optim import make_optimizer
+from jaxlab.models import describe
 from jaxlab.run import RESTART_HINT, Run, step_of
-from jaxlab.state import TrainState, create_train_state, member, stack, train_sums_zeros
+from jaxlab.state import Setup, TrainState, create_train_state, member, stack
 
 T = TypeVar("T")
 FORMAT = "jaxlab-checkpoint/2"
@@ -193,15 +195,25 @@ class AsyncWriter:
 # ----------------------------------------------------------------------------- runs
 
 
-def checkpoint_template(state: Any) -> dict[str, Any]:
-  """The structure a checkpoint holds: the train state, and the metric sums of the steps of an
-  unfinished epoch (all zero at an epoch's end)."""
-  return {"state": state, "sums": train_sums_zeros()}
+def checkpoint_template(state: Any, sums: dict[str, Any] | None = None) -> dict[str, Any]:
+  """What a checkpoint holds: the train state, and the metric sums of the steps of an
+  unfinished epoch (none at an epoch's end)."""
+  return {"state": state, "sums": dict(sums or {})}
 
 
-def restore_latest(run: Run, template: Any,
-                   max_step: int | None = None) -> tuple[Any, dict, pathlib.Path] | None:
-  """(restored target, meta, path) of the run's newest intact checkpoint (at `max_step` or
+def _restore(state_dict: dict[str, Any], template: TrainState, origin: str
+             ) -> tuple[TrainState, dict[str, Any]]:
+  """(state, saved sums) of a checkpoint's contents: the state checked against `template`,
+  name by name and shape by shape; the sums as they were saved."""
+  if not isinstance(state_dict, dict) or "state" not in state_dict:
+    raise CheckpointError(f"{origin} does not fit: it has no 'state'")
+  state = restore_state_dict({"state": state_dict["state"]}, {"state": template}, origin)
+  return state["state"], dict(state_dict.get("sums") or {})
+
+
+def restore_latest(run: Run, template: TrainState, max_step: int | None = None
+                   ) -> tuple[TrainState, dict[str, Any], dict, pathlib.Path] | None:
+  """(state, saved sums, meta, path) of the run's newest intact checkpoint (at `max_step` or
   before, if given), or None if there is none.
 
   A damaged checkpoint (truncated, bit-flipped) is reported and the one before it is used; one
@@ -219,24 +231,25 @@ def restore_latest(run: Run, template: Any,
     run.check_checkpoint(meta, path)
     if damaged:
       logging.warning("Resuming from %s, the newest intact checkpoint", path)
-    return restore_state_dict(state_dict, template, f"checkpoint {path}"), meta, path
+    return (*_restore(state_dict, template, f"checkpoint {path}"), meta, path)
   if damaged:
     raise CheckpointError(f"no intact checkpoint in {run.checkpoints}: "
                           f"{'; '.join(damaged)}; {RESTART_HINT}")
   return None
 
 
-def restore_group(runs: Sequence[Run], fresh: TrainState, sharding: Any = None
-                  ) -> tuple[TrainState, list[dict[str, Any]] | None]:
+def restore_group(runs: Sequence[Run], fresh: TrainState, metrics: metrics_lib.Table,
+                  sharding: Any = None) -> tuple[TrainState, list[dict[str, Any]] | None]:
   """The members' newest intact checkpoints at one common step, stacked and placed by
-  `sharding`, and the sums of that step's unfinished epoch (None at an epoch's end or for a
-  fresh group, which gets `fresh`). A group resumes as a group: a member ahead of the others
-  falls back to its checkpoint at their step; a member with no checkpoint starts fresh."""
-  template = checkpoint_template(member(fresh, 0))
+  `sharding`, and the sums (of `metrics`) of that step's unfinished epoch (None at an epoch's
+  end or for a fresh group, which gets `fresh`). A group resumes as a group: a member ahead of
+  the others falls back to its checkpoint at their step; a member with no checkpoint starts
+  fresh."""
+  template = member(fresh, 0)
   target = None
   while True:
     found = [restore_latest(run, template, max_step=target) for run in runs]
-    steps = [int(f[0]["state"].step) if f else 0 for f in found]
+    steps = [int(f[0].step) if f else 0 for f in found]
     if len(set(steps)) == 1:
       break
     target = min(steps)
@@ -244,10 +257,15 @@ def restore_group(runs: Sequence[Run], fresh: TrainState, sharding: Any = None
     return fresh, None
   for run, f in zip(runs, found):
     if f:
-      logging.info("Resuming %s from step %d (%s)", run.root, steps[0], f[2])
-  states = [f[0]["state"] if f else member(fresh, k) for k, f in enumerate(found)]
-  sums = [{key: v.item() if hasattr(v, "item") else v for key, v in f[0]["sums"].items()}
-          if f else None for f in found]
+      logging.info("Resuming %s from step %d (%s)", run.root, steps[0], f[3])
+  states = [f[0] if f else member(fresh, k) for k, f in enumerate(found)]
+  sums = []
+  for run, f in zip(runs, found):
+    restored, missing = metrics_lib.restore_sums(metrics, f[1]) if f else (None, [])
+    if missing:
+      logging.warning("%s: the checkpoint %s was written before the metric(s) %s: the epoch it "
+                      "resumes records none of them", run.root, f[3], ", ".join(missing))
+    sums.append(restored)
   return stack(states, sharding), sums if all(s is not None for s in sums) else None
 
 
@@ -255,28 +273,28 @@ def restore_state(run: Run, path: pathlib.Path, template: TrainState) -> tuple[T
   """The train state of one checkpoint file of `run`, its identity checked, and its epoch."""
   meta, state_dict = read(path)
   run.check_checkpoint(meta, path)
-  restored = restore_state_dict(state_dict, checkpoint_template(template), f"checkpoint {path}")
-  return restored["state"], int(meta.get("epoch", 0))
+  state, _ = _restore(state_dict, template, f"checkpoint {path}")
+  return state, int(meta.get("epoch", 0))
 
 
 def load_run(workdir: str | pathlib.Path,
-             which: str = "best") -> tuple[TrainConfig, PlanModel, TrainState, int]:
-  """(config, model, train state, epoch) of a run directory's `which` checkpoint ("best", or
+             which: str = "best") -> tuple[TrainConfig, Setup, TrainState, int]:
+  """(config, setup, train state, epoch) of a run directory's `which` checkpoint ("best", or
   "last": the newest intact one), checked against the experiment as it is declared now."""
   run = Run.open(workdir)
   config = run.config
-  validate(config)
-  # An experiment of a user's lab file: load that file, so the name means what it meant.
+  # An experiment of a user's lab file: load that file, so the name means what it meant (and
+  # its data sets and optimizers are registered) before the settings are checked.
   get_experiment(config.experiment, run.about.get("declared_in"))
-  model = build_model(config.experiment, config.dataset, config.precision)
-  run.describe(architecture=describe(model))
-  template = create_train_state(model, make_optimizer(config.optimizer), config.seed,
-                                config.learning_rate)
+  validate(config)
+  built = setup(config)
+  run.describe(architecture=describe(built.model, built.example_shape))
+  template = create_train_state(built, config.seed, config.learning_rate)
   if which == "last":
-    found = restore_latest(run, checkpoint_template(template))
+    found = restore_latest(run, template)
     if found is None:
       raise CheckpointError(f"no checkpoint in {run.checkpoints}")
-    restored, meta, _ = found
-    return config, model, restored["state"], int(meta.get("epoch", 0))
+    state, _, meta, _ = found
+    return config, built, state, int(meta.get("epoch", 0))
   state, epoch = restore_state(run, run.checkpoint(which), template)
-  return config, model, state, epoch
+  return config, built, state, epoch

@@ -166,6 +166,26 @@ def config_overrides(names: Iterable[str]) -> dict[str, Any]:
   return {name: flags.FLAGS[name].value for name in names}
 
 
+LAB_HELP = ("A built-in lab (lab02, lab04_alexnet, lab04_vgg) or the path of a lab file "
+            "(path/to/my_lab.py), loaded first: the experiments, data sets and optimizers it "
+            "declares are then known by name.")
+
+
+def define_lab_flag(required: bool = False) -> None:
+  """--lab, one definition for every script that takes one (`load_lab`)."""
+  flags.DEFINE_string("lab", None, LAB_HELP)
+  if required:
+    flags.mark_flag_as_required("lab")
+
+
+def load_lab() -> Any:
+  """The lab --lab names (`jaxlab.experiment.load_lab`), or None where it names none."""
+  if not flags.FLAGS.lab:
+    return None
+  from jaxlab.experiment import load_lab as load  # JAX: only once the flags are checked.
+  return load(flags.FLAGS.lab)
+
+
 def define_experiment_flag() -> None:
   """--experiment, required."""
   help_text = next(f for f in dataclasses.fields(TrainConfig) if f.name == "experiment")
@@ -174,6 +194,7 @@ def define_experiment_flag() -> None:
 
 
 def define_experiment_flags() -> None:
-  """--experiment and --dataset, shared by every script that builds a model."""
+  """--experiment, --lab and --dataset, shared by every script that builds a model."""
   define_experiment_flag()
+  define_lab_flag()
   define_config_flags(["dataset"])

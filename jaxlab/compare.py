@@ -1,9 +1,10 @@
 """Layer outputs by name, and their comparison: for tests that compare models layer by layer.
 
-`capture` runs a model and returns every layer's output under the name `scripts/summary.py`
-prints, in model order. `compare` lines two captures (or a capture and a dict of reference
-arrays) up layer by layer; `assert_layers_close` fails with the table, naming the first layer
-that diverges.
+`capture` runs a model and returns every submodule's output by its path, as
+`scripts/summary.py` names it, in model order (for the plan families, each Keras layer by its
+Keras name; for any model, every submodule, inside an NNX module seen through the bridge too).
+`compare` lines two captures (or a capture and a dict of reference arrays) up layer by layer;
+`assert_layers_close` fails with the table, naming the first layer that diverges.
 
 Errors are per layer: `max_abs` is max |a - b|; `max_rel` is max |a - b| / max |b|, the error
 relative to the reference layer's scale (element-wise ratios explode where a ReLU output is 0).
@@ -15,42 +16,42 @@ import dataclasses
 import functools
 from typing import Any, Mapping
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlab.models import PlanModel, iter_ops
+from jaxlab import models
 
 
-def capture(model: PlanModel, variables: Mapping[str, Any], x: Any, train: bool = False,
+def capture(model: nn.Module, variables: Mapping[str, Any], x: Any, train: bool = False,
             rng: jax.Array | None = None, softmax_output: bool = False) -> dict[str, np.ndarray]:
-  """Every layer's output on batch `x`, by layer name, in model order.
+  """Every submodule's output on batch `x`, by path, in model order (`jaxlab.models.
+  module_outputs`, as one compiled program).
 
   `train=True` runs BatchNorm on batch statistics and Dropout with `rng` (the statistics
-  updates are discarded). `softmax_output=True` reports the output layer as probabilities, as a
+  updates are discarded). `softmax_output=True` reports the last output as probabilities, as a
   Keras model (whose last Dense has a softmax) computes it; jaxlab's output layer gives logits.
   """
   if train and rng is None:
     rng = jax.random.PRNGKey(0)
-  found = _intermediates(model, dict(variables), jnp.asarray(x, jnp.float32), train, rng)
-  names = [op.name for op in iter_ops(model.plan())]
-  # A layer's entry holds every call made inside it (KerasDense calls nn.Dense); the last is
-  # the layer's own output.
-  out = {name: np.asarray(found[name]["__call__"][-1]) for name in names}
+  x = jnp.asarray(x, jnp.float32)
+  with models.capturing(model, x.shape[1:]):
+    found = _intermediates(model, dict(variables), x, train, rng)
+  out = {name: np.asarray(value)
+         for name, value in models.in_order(found, model, x.shape[1:]).items()}
   if softmax_output:
-    out[names[-1]] = np.asarray(jax.nn.softmax(out[names[-1]].astype(np.float32), axis=-1))
+    last = list(out)[-1]
+    out[last] = np.asarray(jax.nn.softmax(out[last].astype(np.float32), axis=-1))
   return out
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
-def _intermediates(model: PlanModel, variables: dict[str, Any], x: jax.Array, train: bool,
+def _intermediates(model: nn.Module, variables: dict[str, Any], x: jax.Array, train: bool,
                    rng: jax.Array | None) -> dict[str, Any]:
-  """Every layer's calls' outputs, as one compiled program (op by op, a deep model compiles
-  each operation of each shape on its own)."""
-  _, state = model.apply(variables, x, train=train, rngs={"dropout": rng} if train else {},
-                         capture_intermediates=True,
-                         mutable=["intermediates", "batch_stats"] if train else ["intermediates"])
-  return state["intermediates"]
+  """Every submodule's output, as one compiled program (op by op, a deep model compiles each
+  operation of each shape on its own)."""
+  return models.calls_of(model, variables, x, train, {"dropout": rng} if train else {})
 
 
 @dataclasses.dataclass(frozen=True)

@@ -47,13 +47,15 @@ class TrainConfig:
   from this class (`jaxlab.cli.define_config_flags`), with the help text given here."""
 
   experiment: str = _setting("Experiment name from the catalog (see README).")
-  dataset: str = _setting("Data set: mnist, fashion_mnist or cifar10. Default: the "
-                          "experiment's own.")
+  dataset: str = _setting(f"Data set: {', '.join(DATASETS.names())}, or one a lab file "
+                          "registers (jaxlab.data.register_dataset). Default: the experiment's "
+                          "own.")
   epochs: int = _setting("Epochs to train; a larger value extends a finished run. Default: "
                          "the experiment's.", role="length")
   batch_size: int = _setting("Training batch size. Default: the experiment's.")
-  optimizer: str = _setting("adam, sgd, momentum, nadam or rmsprop. Default: the "
-                            "experiment's (adam).")
+  optimizer: str = _setting("adam, sgd, momentum, nadam or rmsprop (Keras's defaults), or the "
+                            "name of an optimizer function a lab file declares "
+                            "(jaxlab.optim). Default: the experiment's (adam).")
   learning_rate: float = _setting("Learning rate. Default: the experiment's (1e-3).",
                                   role="member")
   seed: int = _setting("Seed of initialization, shuffling and dropout. Default: 0.",

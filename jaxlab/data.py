@@ -1,14 +1,26 @@
-"""Data sets as in-memory uint8 arrays with the official train/test split.
+"""Data sets as in-memory uint8 arrays with their train/test split: a registry of entries.
 
-`load_dataset(name)` looks for the data in this order and takes the first source that has it:
+Each data set is an entry of `DATASETS` (a `DatasetInfo`): its image shape, its classes, and
+its sources, each of which can find a copy of it and read it. `load_dataset(name)` takes the
+first source that has the data. The built-in entries look in this order:
 
-1. the user's raw files in `data_dir` (IDX files, gzipped or not, for MNIST and
-   Fashion-MNIST; the CIFAR-10 python or binary tarball, or its extracted folder);
-2. the Debian package `dataset-fashion-mnist` (/usr/share/datasets/fashion-mnist);
-3. a TFDS-prepared copy, read with `tfds.data_source` (no TensorFlow needed);
-4. a TFDS download and preparation, only when `download=True` (needs TensorFlow).
+  mnist          the user's IDX files in `data_dir` (gzipped or not); a TFDS-prepared copy
+  fashion_mnist  the user's IDX files; the Debian package `dataset-fashion-mnist`
+                 (/usr/share/datasets/fashion-mnist); a TFDS-prepared copy
+  cifar10        the user's CIFAR-10 python or binary tarball, or its extracted folder; a
+                 TFDS-prepared copy
 
-Decoded arrays are cached as .npy files, keyed by where they came from, so the second
+A TFDS-prepared copy is read with `tfds.data_source` (no TensorFlow needed); with
+`download=True` TFDS may fetch and prepare one (needs TensorFlow). A data set of a user's own is
+one call in a lab file:
+
+  register_dataset("my_data", image_shape=(14, 14, 1), class_names=("a", "b"), load=load)
+
+where `load()` returns (train_images, train_labels, test_images, test_labels) as NumPy arrays:
+uint8 images (N, H, W, C) (or (N, H, W) for one channel) and integer labels in
+[0, classes). `--dataset=my_data` then works wherever a built-in name does.
+
+Arrays read from files are cached as .npy files, keyed by where they came from, so the second
 load is a memory map away. Images are (N, H, W, C) uint8 and labels (N,) uint8; scaling to
 float32 in [0, 1] happens on the device, inside the compiled steps.
 """
@@ -24,13 +36,13 @@ import pathlib
 import pickle
 import tarfile
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from absl import logging
 
 from jaxlab import caches
-from jaxlab.errors import DataError
+from jaxlab.errors import BadValue, DataError
 from jaxlab.files import write_atomic, write_json
 from jaxlab.registry import Registry
 
@@ -40,39 +52,46 @@ IDX_LABELS_MAGIC = 2049
 
 
 @dataclasses.dataclass(frozen=True)
+class Where:
+  """Where a source may look: the user's `--data_dir`, whether TFDS may download, and the
+  folder of the Debian package (a test points it elsewhere)."""
+
+  data_dir: str | None = None
+  download: bool = False
+  debian_dir: pathlib.Path = DEBIAN_FASHION_MNIST_DIR
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """One place a data set may be: `find(info, where)` returns a `Found` copy, or None; `hint`
+  says what a user does to provide one (for the error when no source has the data)."""
+
+  find: Callable[[Any, Where], Any]
+  hint: Callable[[Any, Where], str | None]
+
+
+@dataclasses.dataclass(frozen=True)
 class DatasetInfo:
-  """What a data set is: its image shape, classes and official split sizes."""
+  """What a data set is (its image shape and classes; its official split sizes, where it has
+  them) and where to find it (its sources, in order)."""
 
   name: str
   image_shape: tuple[int, int, int]
   class_names: tuple[str, ...]
-  train_size: int
-  test_size: int
-  tfds_name: str
-  raw_files: str  # What a user puts in --data_dir, for error messages and the README.
+  sources: tuple[Source, ...] = ()
+  train_size: int | None = None
+  test_size: int | None = None
 
   @property
   def num_classes(self) -> int:
     return len(self.class_names)
 
+  def describe(self) -> dict[str, Any]:
+    """For config.json: what a report needs to know of the data set without loading it."""
+    return {"image_shape": list(self.image_shape), "class_names": list(self.class_names)}
+
 
 DATASETS: Registry[DatasetInfo] = Registry("dataset")
-for _info in (
-    DatasetInfo("mnist", (28, 28, 1), tuple(str(d) for d in range(10)), 60000, 10000, "mnist",
-                "train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
-                "t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz (gzipped or not)"),
-    DatasetInfo("fashion_mnist", (28, 28, 1),
-                ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
-                 "Sneaker", "Bag", "Ankle boot"), 60000, 10000, "fashion_mnist",
-                "train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
-                "t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz (gzipped or not)"),
-    DatasetInfo("cifar10", (32, 32, 3),
-                ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
-                 "truck"), 50000, 10000, "cifar10",
-                "cifar-10-python.tar.gz or cifar-10-binary.tar.gz (or their extracted folders "
-                "cifar-10-batches-py / cifar-10-batches-bin)"),
-):
-  DATASETS.register(_info.name, _info)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -245,28 +264,65 @@ def _file_key(paths: list[pathlib.Path]) -> str:
   return "|".join(parts)
 
 
-def _find_raw(info: DatasetInfo, directory: pathlib.Path) -> Found | None:
-  for d in (directory, directory / info.name):
-    if not d.is_dir():
-      continue
-    if info.name == "cifar10":
-      for tarball, folder, kind in CIFAR_SOURCES:
-        for candidate in (d / tarball, d / folder):
-          if candidate.exists():
-            return Found(f"{candidate} ({kind} format)", _file_key([candidate]),
-                         lambda c=candidate, k=kind: read_cifar10(c, k))
-    else:
-      files = _find_idx(d)
-      if files:
-        return Found(f"IDX files in {d}", _file_key(list(files.values())),
-                     lambda f=files: read_idx_dataset(f, info))
+def _raw_dirs(info: DatasetInfo, where: Where) -> list[pathlib.Path]:
+  """`data_dir` and its folder named after the data set, where they exist."""
+  if not where.data_dir:
+    return []
+  root = pathlib.Path(where.data_dir)
+  return [d for d in (root, root / info.name) if d.is_dir()]
+
+
+IDX_FILES = ("train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, "
+             "t10k-labels-idx1-ubyte.gz (gzipped or not)")
+CIFAR_FILES = ("cifar-10-python.tar.gz or cifar-10-binary.tar.gz (or their extracted folders "
+               "cifar-10-batches-py / cifar-10-batches-bin)")
+
+
+def _data_dir_hint(files: str) -> Callable[[DatasetInfo, Where], str]:
+  def hint(info: DatasetInfo, where: Where) -> str:
+    return (f"put {files} in a directory and pass "
+            f"--data_dir={where.data_dir if where.data_dir else 'DIR'}")
+  return hint
+
+
+def _idx_found(info: DatasetInfo, directory: pathlib.Path, description: str) -> Found | None:
+  files = _find_idx(directory)
+  if not files:
+    return None
+  return Found(description, _file_key(list(files.values())),
+               lambda: read_idx_dataset(files, info))
+
+
+# The user's IDX files in --data_dir (or its folder named after the data set).
+IDX_IN_DATA_DIR = Source(
+    lambda info, where: next((found for d in _raw_dirs(info, where)
+                              if (found := _idx_found(info, d, f"IDX files in {d}"))), None),
+    _data_dir_hint(IDX_FILES))
+
+
+def _find_cifar(info: DatasetInfo, where: Where) -> Found | None:
+  for d in _raw_dirs(info, where):
+    for tarball, folder, kind in CIFAR_SOURCES:
+      for candidate in (d / tarball, d / folder):
+        if candidate.exists():
+          return Found(f"{candidate} ({kind} format)", _file_key([candidate]),
+                       lambda c=candidate, k=kind: read_cifar10(c, k))
   return None
 
 
-def _tfds_source(info: DatasetInfo, data_dir: str | None, download: bool) -> dict:
+# The user's CIFAR-10 tarball (or its extracted folder) in --data_dir.
+CIFAR_IN_DATA_DIR = Source(_find_cifar, _data_dir_hint(CIFAR_FILES))
+# The IDX files of the Debian package dataset-fashion-mnist.
+DEBIAN_FASHION_MNIST = Source(
+    lambda info, where: _idx_found(info, where.debian_dir,
+                                   f"Debian dataset-fashion-mnist ({where.debian_dir})"),
+    lambda info, where: "or run `apt-get install -y dataset-fashion-mnist`")
+
+
+def _tfds_source(tfds_name: str, data_dir: str | None, download: bool) -> dict:
   import tensorflow_datasets as tfds  # Imported here: the raw-file routes do not need it.
 
-  return {split: tfds.data_source(info.tfds_name, split=split, data_dir=data_dir,
+  return {split: tfds.data_source(tfds_name, split=split, data_dir=data_dir,
                                   download=download) for split in ("train", "test")}
 
 
@@ -292,16 +348,16 @@ def tfds_roots(data_dir: str | None) -> list[pathlib.Path]:
   return roots
 
 
-def _find_tfds(info: DatasetInfo, data_dir: str | None) -> Found | None:
+def _find_tfds(info: DatasetInfo, tfds_name: str, data_dir: str | None) -> Found | None:
   """A TFDS-prepared copy (array_record format) in `data_dir` or TFDS's own data folder.
 
   TFDS is asked only when a folder of that name exists there (so a machine without any copy
   never imports TFDS), and with `download=False`, which keeps it off the network.
   """
-  if not any((root / info.tfds_name).is_dir() for root in tfds_roots(data_dir)):
+  if not any((root / tfds_name).is_dir() for root in tfds_roots(data_dir)):
     return None
   try:
-    sources = _tfds_source(info, data_dir, download=False)
+    sources = _tfds_source(tfds_name, data_dir, download=False)
     if any(len(s) == 0 for s in sources.values()):
       return None
   except Exception as e:  # TFDS raises many types for "not prepared here".
@@ -311,38 +367,98 @@ def _find_tfds(info: DatasetInfo, data_dir: str | None) -> Found | None:
   path = getattr(getattr(first, "dataset_info", None), "data_dir", None)
   # Only a copy on disk is cached; TFDS's test mocks have no files and are read each time.
   key = f"tfds:{path}" if path and pathlib.Path(str(path)).is_dir() else ""
-  return Found(f"TFDS-prepared copy of {info.tfds_name!r}" + (f" in {path}" if path else ""),
+  return Found(f"TFDS-prepared copy of {tfds_name!r}" + (f" in {path}" if path else ""),
                key, lambda: _tfds_read(sources, info))
+
+
+def tfds(tfds_name: str) -> Source:
+  """TFDS's copy of `tfds_name`: a prepared one, or with `download` one TFDS fetches."""
+
+  def find(info: DatasetInfo, where: Where) -> Found | None:
+    found = _find_tfds(info, tfds_name, where.data_dir)
+    if found is None and where.download:
+      return Found(f"TFDS download of {tfds_name!r}", "", lambda: _tfds_read(
+          _tfds_source(tfds_name, where.data_dir, download=True), info))
+    return found
+
+  def hint(info: DatasetInfo, where: Where) -> str:
+    return (f"or prepare it with TFDS (`tfds build {tfds_name} --file_format=array_record`, "
+            "which needs TensorFlow) into --data_dir or ~/tensorflow_datasets; or pass "
+            "--download to let TFDS fetch it (needs network and TensorFlow)")
+
+  return Source(find, hint)
 
 
 def find_source(info: DatasetInfo, data_dir: str | None = None, download: bool = False,
                 debian_dir: pathlib.Path = DEBIAN_FASHION_MNIST_DIR) -> Found:
-  """The first source that has the data set, in the order the module docstring gives."""
-  if data_dir:
-    if not pathlib.Path(data_dir).is_dir():
-      raise DataError(f"--data_dir {data_dir!r} is not a directory")
-    found = _find_raw(info, pathlib.Path(data_dir))
+  """The first of the data set's sources that has it."""
+  if data_dir and not pathlib.Path(data_dir).is_dir():
+    raise DataError(f"--data_dir {data_dir!r} is not a directory")
+  where = Where(data_dir, download, debian_dir)
+  for source in info.sources:
+    found = source.find(info, where)
     if found:
       return found
-  if info.name == "fashion_mnist":
-    files = _find_idx(debian_dir)
-    if files:
-      return Found(f"Debian dataset-fashion-mnist ({debian_dir})", _file_key(list(files.values())),
-                   lambda: read_idx_dataset(files, info))
-  found = _find_tfds(info, data_dir)
-  if found:
-    return found
-  if download:
-    return Found(f"TFDS download of {info.tfds_name!r}", "",
-                 lambda: _tfds_read(_tfds_source(info, data_dir, download=True), info))
-  where = f"--data_dir={data_dir}" if data_dir else "--data_dir=DIR"
-  hints = [f"put {info.raw_files} in a directory and pass {where}"]
-  if info.name == "fashion_mnist":
-    hints.append("or run `apt-get install -y dataset-fashion-mnist`")
-  hints.append(f"or prepare it with TFDS (`tfds build {info.tfds_name} --file_format=array_record`, "
-               "which needs TensorFlow) into --data_dir or ~/tensorflow_datasets")
-  hints.append("or pass --download to let TFDS fetch it (needs network and TensorFlow)")
+  hints = [h for h in (source.hint(info, where) for source in info.sources) if h]
   raise DataError(f"data set {info.name!r} was not found: " + "; ".join(hints))
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+def register_dataset(name: str, *, image_shape: Sequence[int], class_names: Sequence[str],
+                     load: Callable[[], Sequence[np.ndarray]]) -> DatasetInfo:
+  """A data set of the user's own, from `load()` -> (train_images, train_labels, test_images,
+  test_labels): uint8 images (N, H, W, C), or (N, H, W) for one channel, and integer labels in
+  [0, len(class_names)). Registered as `name` for `--dataset` (a lab file calls this)."""
+  shape = tuple(int(d) for d in image_shape)
+  if len(shape) != 3 or min(shape) < 1:
+    raise BadValue(f"data set {name!r}: image_shape must be (height, width, channels), got "
+                   f"{tuple(image_shape)}")
+  if len(class_names) < 2:
+    raise BadValue(f"data set {name!r}: give at least two class_names, got {list(class_names)}")
+  if not callable(load):
+    raise BadValue(f"data set {name!r}: load must be a function, got {load!r}")
+  if name in DATASETS:
+    raise BadValue(f"data set name {name!r} is already taken; choose another name")
+  where = f"{getattr(load, '__module__', '?')}.{getattr(load, '__qualname__', 'load')}"
+  source = Source(lambda info, _: Found(f"{where}()", "", lambda: _loaded(info, load())),
+                  lambda info, _: None)
+  return DATASETS.register(name, DatasetInfo(name, shape, tuple(map(str, class_names)),
+                                             (source,)))
+
+
+def _loaded(info: DatasetInfo, arrays: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+  """A load function's four arrays, named, with the channel axis of one-channel images added
+  and integer labels as uint8 (`_validate` checks the rest)."""
+  if not isinstance(arrays, (tuple, list)) or len(arrays) != len(ARRAY_NAMES):
+    raise DataError(f"data set {info.name!r}: its load function returned "
+                    f"{type(arrays).__name__}, not ({', '.join(ARRAY_NAMES)})")
+  named = dict(zip(ARRAY_NAMES, (np.asarray(a) for a in arrays)))
+  for key in ("train_images", "test_images"):
+    if named[key].ndim == 3 and info.image_shape[-1] == 1:
+      named[key] = named[key][..., None]
+  for key in ("train_labels", "test_labels"):
+    labels = named[key]
+    if not np.issubdtype(labels.dtype, np.integer) or (labels.size and labels.min() < 0):
+      raise DataError(f"data set {info.name!r}: {key} must be integers in [0, "
+                      f"{info.num_classes}), got {labels.dtype}")
+    named[key] = labels.astype(np.uint8) if labels.size and labels.max() < 256 else labels
+  return named
+
+
+for _info in (
+    DatasetInfo("mnist", (28, 28, 1), tuple(str(d) for d in range(10)),
+                (IDX_IN_DATA_DIR, tfds("mnist")), 60000, 10000),
+    DatasetInfo("fashion_mnist", (28, 28, 1),
+                ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                 "Sneaker", "Bag", "Ankle boot"),
+                (IDX_IN_DATA_DIR, DEBIAN_FASHION_MNIST, tfds("fashion_mnist")), 60000, 10000),
+    DatasetInfo("cifar10", (32, 32, 3),
+                ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+                 "truck"), (CIFAR_IN_DATA_DIR, tfds("cifar10")), 50000, 10000),
+):
+  DATASETS.register(_info.name, _info)
 
 
 # ----------------------------------------------------------------------------- cache
@@ -363,7 +479,7 @@ def _validate(arrays: dict[str, np.ndarray], info: DatasetInfo, origin: str) -> 
       raise DataError(f"{origin}: {split} label {int(labels.max())} is out of range "
                       f"[0, {info.num_classes})")
     expected = info.train_size if split == "train" else info.test_size
-    if len(labels) != expected:
+    if expected is not None and len(labels) != expected:
       logging.warning("%s: %s split has %d examples; the official split has %d", origin, split,
                       len(labels), expected)
 

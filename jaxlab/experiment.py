@@ -10,44 +10,74 @@ experiment: the built-in ones are `experiments/lab02.py`, `experiments/lab04_ale
 a lab's module by name (as big_vision looks models up by module name), so declarations only
 look down at the library.
 
+An experiment's model is any Flax module that meets the contract of `jaxlab.models`; its
+optimizer a name or a function of its own (`jaxlab.optim`); its metrics, besides loss and
+accuracy, its own (`jaxlab.metrics`); its data set a name of `jaxlab.data`'s registry, which a
+lab file may add to (`jaxlab.data.register_dataset`).
+
 `resolve_config(name, **overrides)` is an experiment's settings with a user's overrides;
-`build_model(name, dataset, precision)` its model, fitted to a data set.
+`build_model(name, dataset, precision)` its model, fitted to a data set; `setup(config)` all
+that a run's state and compiled steps are made from (`jaxlab.state.Setup`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import importlib
 import importlib.util
-import math
 import pathlib
 import sys
 import traceback
-from typing import Any
+from typing import Any, Callable, Mapping, Sequence
 
-from jaxlab.config import PRECISIONS, TrainConfig, validate
+import flax.linen as nn
+
+from jaxlab import metrics as metrics_lib
+from jaxlab import models
+from jaxlab.config import TrainConfig, validate
 from jaxlab.data import DATASETS, DatasetInfo
-from jaxlab.errors import (BadValue, LabFileError, MissingFile, UnknownNameError, UserError,
-                           one_line)
-from jaxlab.models import MLP, ConvNet, PlanModel, at_precision
+from jaxlab.errors import BadValue, LabFileError, MissingFile, UnknownNameError, UserError, one_line
+from jaxlab.optim import register_optimizer
 from jaxlab.registry import Registry
+from jaxlab.state import Setup, make_setup
 
 
 @dataclasses.dataclass(frozen=True)
 class Experiment:
-  """One catalog experiment: what to build, on which data, and how the report trained it."""
+  """One experiment: what to build, on which data, and how to train it (and, for the seed
+  architectures, how the report trained it).
+
+  `model`: any Flax module of `jaxlab.models`'s contract. `optimizer`: a name of
+  `jaxlab.optim.OPTIMIZERS`, or a function `fn(learning_rate) -> optax.GradientTransformation`
+  (registered under its name). `metrics`: the experiment's own, `{name: fn(logits, labels)}`,
+  recorded beside loss and accuracy (`jaxlab.metrics`)."""
 
   name: str
-  model: PlanModel
+  model: nn.Module
   dataset: str
   epochs: int
   batch_size: int = 128
-  optimizer: str = "adam"
+  optimizer: str | Callable[[float], Any] = "adam"
   learning_rate: float = 1e-3
+  metrics: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   report: str = ""  # Which report and section it comes from.
   seed_accuracy: str = ""  # The validation accuracy the report gives (final / best).
+
+  def __post_init__(self):
+    if not isinstance(self.model, nn.Module):
+      raise BadValue(f"experiment {self.name!r}: model must be a flax.linen.Module (an NNX "
+                     f"module through flax.nnx.bridge.to_linen), got {type(self.model).__name__}")
+    metrics_lib.table(self.metrics)  # Checked where it is declared.
+
+  @property
+  def optimizer_name(self) -> str:
+    return self.optimizer if isinstance(self.optimizer, str) else self.optimizer.__name__
+
+  def metric_table(self) -> metrics_lib.Table:
+    return metrics_lib.table(self.metrics)
+
+  __hash__ = object.__hash__  # Its metrics are a dict: one experiment, one object.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +113,8 @@ def register(experiment: Experiment) -> Experiment:
     _, other = _DECLARED_IN.get(experiment.name, ("", "?"))
     raise BadValue(f"experiment name {experiment.name!r} declared in {path or module} is "
                    f"already taken (declared in {other or '?'}); choose another name")
+  if not isinstance(experiment.optimizer, str):
+    register_optimizer(experiment.optimizer)
   _DECLARED_IN[experiment.name] = (module, path)
   return EXPERIMENTS.register(experiment.name, experiment)
 
@@ -199,7 +231,7 @@ def resolve_config(experiment: str, **overrides: Any) -> TrainConfig:
   """The experiment's defaults, with every override that is not None applied and checked."""
   exp = get_experiment(experiment)
   values = dict(experiment=exp.name, dataset=exp.dataset, epochs=exp.epochs,
-                batch_size=exp.batch_size, optimizer=exp.optimizer,
+                batch_size=exp.batch_size, optimizer=exp.optimizer_name,
                 learning_rate=exp.learning_rate)
   fields = {f.name for f in dataclasses.fields(TrainConfig)}
   for key, value in overrides.items():
@@ -213,23 +245,24 @@ def resolve_config(experiment: str, **overrides: Any) -> TrainConfig:
 
 
 def build_model(experiment: Experiment | str, dataset: DatasetInfo | str | None = None,
-                precision: str = "float32") -> PlanModel:
-  """The experiment's model, fitted to the data set's input shape and classes, in `precision`."""
+                precision: str = "float32") -> nn.Module:
+  """The experiment's model, fitted to the data set's images and classes (the model's own
+  business: `jaxlab.models.fit`), in `precision`, and checked to give one logit per class."""
   exp = get_experiment(experiment) if isinstance(experiment, str) else experiment
   info = DATASETS.get(dataset or exp.dataset) if not isinstance(dataset, DatasetInfo) else dataset
-  if precision not in PRECISIONS:
-    raise BadValue(f"unknown precision {precision!r}; known: {', '.join(PRECISIONS)}")
-  return _fitted_model(exp, info, precision)
+  model = models.fit(exp.model, info.image_shape, info.num_classes)
+  models.check_outputs(model, info.image_shape, info.num_classes, exp.name)
+  return models.at_precision(model, precision)
 
 
-@functools.lru_cache(maxsize=128)
-def _fitted_model(exp: Experiment, info: DatasetInfo, precision: str) -> PlanModel:
-  # One object per (experiment, data set, precision): the train state holds `model.apply`,
-  # and bound methods compare by identity, so the same object keeps jit's caches warm.
-  model = exp.model
-  changes: dict[str, Any] = {"num_classes": info.num_classes}
-  if isinstance(model, MLP):
-    changes["num_inputs"] = math.prod(info.image_shape)
-  elif isinstance(model, ConvNet):
-    changes["image_shape"] = info.image_shape
-  return at_precision(model.clone(**changes), precision)
+def setup(config: TrainConfig, dataset: DatasetInfo | None = None,
+          learning_rates: Sequence[float] = ()) -> Setup:
+  """What the state and the compiled steps of `config`'s runs are made from: its model (on
+  `dataset`, default the config's), optimizer and metrics. Runs of several `learning_rates`
+  share one optimizer, whose learning rate must then live in its state
+  (`jaxlab.optim.make_optimizer`)."""
+  exp = get_experiment(config.experiment)
+  info = dataset or DATASETS.get(config.dataset)
+  shared = len(set(learning_rates)) > 1
+  return make_setup(build_model(exp, info, config.precision), info.image_shape,
+                    config.optimizer, None if shared else config.learning_rate, exp.metrics)

@@ -27,15 +27,16 @@ TensorBoard event files are written with TensorBoard's own package (no TensorFlo
 layout of Keras's TensorBoard callback, so `tensorboard --logdir DIR` overlays train and
 validation curves and compares every run under DIR:
 
-  RUN/tensorboard/train/       epoch_loss, epoch_accuracy, epoch_learning_rate, epoch_seconds
-  RUN/tensorboard/validation/  epoch_loss, epoch_accuracy
+  RUN/tensorboard/train/       epoch_loss, epoch_accuracy, epoch_<metric> for each metric of
+                               the experiment's own, epoch_learning_rate, epoch_seconds
+  RUN/tensorboard/validation/  epoch_loss, epoch_accuracy, epoch_<metric>
 
 One point per epoch, at step = the epoch number (1, 2, ...) as in metrics.jsonl, with the
 epoch's end as its wall time. The values are metrics.jsonl's: `epoch_loss` under train is
 `train_loss` (data loss plus L2), under validation `val_loss`.
 
   RUN/tensorboard/             HParams: the run's settings (config.json's), and at its end
-                               final/val_accuracy, final/best_val_accuracy, final/val_loss
+                               final/val_<metric> of each metric, final/best_val_accuracy
 
 so that `tensorboard --logdir LAB` lists every run of a lab in its HParams tab, one row per run
 with its settings and final metrics (summaries written by TensorBoard's own hparams plugin).
@@ -56,8 +57,8 @@ from tensorboard.summary.writer.event_file_writer import EventFileWriter
 from jaxlab import checkpoint, parallel, runtime
 from jaxlab.errors import NonFiniteError
 from jaxlab.files import append_jsonl, write_json, write_jsonl
-from jaxlab.run import Run
-from jaxlab.state import TrainState, member, train_sums_zeros
+from jaxlab.run import BEST_ON, Run, best_record
+from jaxlab.state import TrainState, member
 
 
 class Hook:
@@ -120,8 +121,8 @@ class ProgressBar(Hook):
   def on_chunk_end(self, steps: int, totals: dict[str, float]) -> None:
     if self._bar is not None:
       n = max(totals["count"], 1)
-      self._bar.set_postfix(loss=f"{totals['data_loss'] / n:.4f}",
-                            accuracy=f"{totals['correct'] / n:.4f}", refresh=False)
+      self._bar.set_postfix(loss=f"{totals['loss'] / n:.4f}",
+                            accuracy=f"{totals['accuracy'] / n:.4f}", refresh=False)
       self._bar.update(steps)
 
   def on_epoch_end(self, epoch: int, record: dict[str, Any], state: TrainState) -> None:
@@ -161,14 +162,15 @@ class MetricsLog(Hook):
 
 
 class Checkpoints(Hook):
-  """Saves the train state at every epoch's end, and inside epochs every
-  `checkpoint_every_steps` steps or `checkpoint_every_secs` seconds, whichever comes first, and
-  at the next step boundary after a stop was requested (`jaxlab.runtime.stop_on_signals`).
+  """Saves the train state at every epoch's end (with no sums: the epoch is done), and inside
+  epochs (with the sums so far) every `checkpoint_every_steps` steps or `checkpoint_every_secs`
+  seconds, whichever comes first, and at the next step boundary after a stop was requested
+  (`jaxlab.runtime.stop_on_signals`).
 
   Each save copies the state to the host at the boundary; serializing and writing happen in a
   background thread (`checkpoint.AsyncWriter`, one save in flight) while training goes on. The
   newest `keep_checkpoints` step checkpoints are kept, and checkpoints/best.msgpack is rewritten
-  when validation accuracy strictly improves (the first maximum)."""
+  when validation accuracy strictly improves (the first maximum: `jaxlab.run.best_record`)."""
 
   def __init__(self, background: bool = True):
     self.background = background
@@ -179,8 +181,8 @@ class Checkpoints(Hook):
     for stale in run.checkpoints.glob("*.tmp*"):  # Left by a process killed mid-write.
       stale.unlink(missing_ok=True)
     self.writer = checkpoint.AsyncWriter(self.background)
-    self.best = max((r["val_accuracy"] for r in run.history
-                     if r.get("val_accuracy") is not None), default=-1.0)
+    best = best_record(run.history)
+    self.best = best[BEST_ON] if best else None
     self.saved_step, self.saved_time = run.start_step, time.monotonic()
 
   def wants_state(self, step: int) -> bool:
@@ -195,10 +197,11 @@ class Checkpoints(Hook):
     self.save(state, sums, epoch - 1, best=False)
 
   def on_epoch_end(self, epoch: int, record: dict[str, Any], state: TrainState) -> None:
-    improved = record["val_accuracy"] is not None and record["val_accuracy"] > self.best
+    value = record.get(BEST_ON)
+    improved = value is not None and (self.best is None or value > self.best)
     if improved:
-      self.best = record["val_accuracy"]
-    self.save(state, train_sums_zeros(), epoch, best=improved)
+      self.best = value
+    self.save(state, {}, epoch, best=improved)
 
   def save(self, state: TrainState, sums: dict[str, Any], epochs_done: int, best: bool) -> None:
     host = checkpoint.to_host({"state": state, "sums": dict(sums)})
@@ -351,17 +354,18 @@ class Hooks:
 # ----------------------------------------------------------------------------- TensorBoard
 
 
-# TensorBoard tag -> metrics.jsonl field, for each of the two event directories.
-TAGS = {
-    "train": {"epoch_loss": "train_loss", "epoch_accuracy": "train_accuracy",
-              "epoch_learning_rate": "learning_rate", "epoch_seconds": "epoch_seconds"},
-    "validation": {"epoch_loss": "val_loss", "epoch_accuracy": "val_accuracy"},
-}
+def tags(metrics: Sequence[str]) -> dict[str, dict[str, str]]:
+  """TensorBoard tag -> metrics.jsonl field, for each of the two event directories: every
+  metric of the run (`jaxlab.metrics`) as Keras names them, `epoch_<name>`."""
+  return {"train": {**{f"epoch_{m}": f"train_{m}" for m in metrics},
+                    "epoch_learning_rate": "learning_rate", "epoch_seconds": "epoch_seconds"},
+          "validation": {f"epoch_{m}": f"val_{m}" for m in metrics}}
 
 
-# HParams metrics, written at the run's end: TensorBoard tag -> metrics.json field.
-FINAL = {"final/val_accuracy": "final_val_accuracy",
-         "final/best_val_accuracy": "best_val_accuracy", "final/val_loss": "final_val_loss"}
+def final_tags(metrics: Sequence[str]) -> dict[str, str]:
+  """HParams metrics, written at the run's end: TensorBoard tag -> metrics.json field."""
+  return {**{f"final/val_{m}": f"final_val_{m}" for m in metrics},
+          "final/best_val_accuracy": "best_val_accuracy"}
 
 
 def hparams(settings: dict[str, Any]) -> dict[str, Any]:
@@ -389,7 +393,8 @@ class TensorBoard(Hook):
   def on_run_start(self, run: Run) -> None:
     super().on_run_start(run)
     self.close()
-    for split in ("", *TAGS):
+    self._tags = tags(run.metrics)
+    for split in ("", *self._tags):
       directory = run.tensorboard / split
       directory.mkdir(parents=True, exist_ok=True)
       for old in directory.glob("events.out.tfevents.*"):
@@ -403,7 +408,7 @@ class TensorBoard(Hook):
     self._flush()
 
   def on_run_end(self, summary: dict[str, Any]) -> None:
-    for tag, key in FINAL.items():
+    for tag, key in final_tags(self.run.metrics).items():
       if summary.get(key) is not None:
         self._writers[""].add_event(scalar_event(tag, summary[key],
                                                  summary.get("epochs_completed", 0), time.time()))
@@ -411,8 +416,8 @@ class TensorBoard(Hook):
 
   def _write(self, record: dict[str, Any]) -> None:
     wall_time = record.get("time", time.time())
-    for split, tags in TAGS.items():
-      for tag, key in tags.items():
+    for split, names in self._tags.items():
+      for tag, key in names.items():
         if record.get(key) is not None:
           self._writers[split].add_event(scalar_event(tag, record[key], record["epoch"],
                                                       wall_time))

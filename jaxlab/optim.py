@@ -1,9 +1,22 @@
-"""Optimizers by name, with Keras's default hyperparameters and the learning rate in the state.
+"""Optimizers by name: Keras's defaults built in, a user's own optax function beside them.
 
-Each optimizer is wrapped in `optax.inject_hyperparams`, so the learning rate lives in the
+An optimizer is a function `fn(learning_rate) -> optax.GradientTransformation`: any optax
+chain, schedule, weight decay or clipping. The built-in ones (adam, sgd, momentum, nadam,
+rmsprop) have Keras's hyperparameters; an experiment's own (`Experiment(optimizer=fn)`) is
+registered under its function's name when the experiment is, so `--optimizer=NAME` selects
+either kind and config.json records a name.
+
+jaxlab wraps the function in `optax.inject_hyperparams`, so the learning rate lives in the
 optimizer state (`opt_state.hyperparams["learning_rate"]`), not in the compiled program: runs
 that differ only in learning rate share one compiled step, and the members of a vmapped group
-(`train.py --learning_rates=...`) each carry their own.
+(`train.py --learning_rates=...`) each carry their own. A function that cannot take its
+learning rate as a traced value (it calls `float` on it, say) still trains a single run, with
+the rate fixed in the program; a group over learning rates then says so in one line.
+
+The learning rate a run records each epoch (`learning_rate` in metrics.jsonl) is the one its
+optimizer used last: the value an inner `optax.inject_hyperparams` holds where the function
+injects its own schedule (`inject_hyperparams(optax.adamw)(learning_rate=schedule)`), else the
+run's setting.
 """
 
 from __future__ import annotations
@@ -11,13 +24,17 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable
 
+import jax
 import jax.numpy as jnp
 import optax
 
+from jaxlab.errors import BadValue
 from jaxlab.registry import Registry
 
+Factory = Callable[..., optax.GradientTransformation]
+
 # name -> optax factory taking the learning rate. Epsilons are Keras's (1e-7), not optax's.
-OPTIMIZERS: Registry[Callable[..., optax.GradientTransformation]] = Registry("optimizer")
+OPTIMIZERS: Registry[Factory] = Registry("optimizer")
 OPTIMIZERS.register("adam", lambda learning_rate: optax.adam(learning_rate, b1=0.9, b2=0.999,
                                                              eps=1e-7))
 OPTIMIZERS.register("sgd", lambda learning_rate: optax.sgd(learning_rate))
@@ -28,16 +45,70 @@ OPTIMIZERS.register("rmsprop", lambda learning_rate: optax.rmsprop(learning_rate
                                                                    eps=1e-7))
 
 
-@functools.lru_cache(maxsize=None)
-def make_optimizer(name: str) -> optax.GradientTransformation:
-  """The optimizer, made once per name: the train state carries it as static data, so the same
+def register_optimizer(fn: Factory) -> str:
+  """Registers a user's `fn(learning_rate)` under its function's name (again for the same
+  function: a no-op) and returns the name."""
+  name = getattr(fn, "__name__", "")
+  if not callable(fn) or not name.isidentifier():
+    raise BadValue(f"an optimizer is a named function fn(learning_rate) -> "
+                   f"optax.GradientTransformation (a def, not a lambda), got {fn!r}")
+  if name in OPTIMIZERS:
+    if OPTIMIZERS.get(name) is not fn:
+      raise BadValue(f"optimizer name {name!r} ({fn.__module__}) is already taken by another "
+                     "function; give the function another name")
+    return name
+  OPTIMIZERS.register(name, fn)
+  return name
+
+
+def make_optimizer(name: str, learning_rate: float | None = None
+                   ) -> tuple[optax.GradientTransformation, bool]:
+  """(the optimizer, whether its learning rate is injected), made once per name: the same
   object lets every run of an architecture (any seed, any learning rate) reuse the compiled
-  steps. Its learning rate is set in the state (`with_learning_rate`)."""
-  return optax.inject_hyperparams(OPTIMIZERS.get(name))(learning_rate=1e-3)
+  steps, its learning rate set in the state (`with_learning_rate`). An optimizer whose
+  function cannot be injected is made once per `learning_rate` (the rate fixed in it)."""
+  injected = _injected(name)
+  if injected is not None:
+    return injected, True
+  if learning_rate is None:
+    raise BadValue(f"optimizer {name!r} cannot take its learning rate as a traced value "
+                   "(optax.inject_hyperparams), so runs of several learning rates cannot share "
+                   "it: give one learning rate, or make the function use its argument as an "
+                   "array (no float(), no `if` on it)")
+  return _fixed(name, learning_rate), False
+
+
+@functools.lru_cache(maxsize=None)
+def _injected(name: str) -> optax.GradientTransformation | None:
+  injected = optax.inject_hyperparams(OPTIMIZERS.get(name))(learning_rate=1e-3)
+  try:  # Traced, as every step will call it.
+    jax.eval_shape(injected.init, {"w": jax.ShapeDtypeStruct((1,), jnp.float32)})
+  except jax.errors.JAXTypeError:
+    return None
+  return injected
+
+
+@functools.lru_cache(maxsize=None)
+def _fixed(name: str, learning_rate: float) -> optax.GradientTransformation:
+  return OPTIMIZERS.get(name)(learning_rate)
 
 
 def with_learning_rate(opt_state: Any, learning_rate: Any) -> Any:
-  """`opt_state` of `make_optimizer` with its learning rate replaced (works under jit/vmap)."""
+  """`opt_state` of an injected optimizer with its learning rate replaced (works under jit and
+  vmap); any other state as it is (its rate is fixed in the optimizer)."""
+  if not hasattr(opt_state, "hyperparams"):
+    return opt_state
   hyperparams = {**opt_state.hyperparams,
                  "learning_rate": jnp.asarray(learning_rate, jnp.float32)}
   return opt_state._replace(hyperparams=hyperparams)
+
+
+def scheduled_learning_rate(opt_state: Any) -> Any | None:
+  """The learning rate an optimizer's own `inject_hyperparams` holds inside jaxlab's (the
+  innermost, where there are several; a schedule's value at the last step), or None where it
+  has none."""
+  inner = getattr(opt_state, "inner_state", None)
+  if inner is None:
+    return None
+  found = optax.tree_utils.tree_get_all_with_path(inner, "learning_rate")
+  return max(found, key=lambda pair: len(pair[0]))[1] if found else None

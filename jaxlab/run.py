@@ -31,6 +31,18 @@ from jaxlab.errors import BadValue, CheckpointError, MissingFile
 from jaxlab.files import read_json, read_jsonl
 
 CHECKPOINTS = ("last", "best")
+# The record the best checkpoint is chosen on: the highest validation accuracy (the first
+# epoch that reaches it).
+BEST_ON = "val_accuracy"
+# The metrics of a run whose config.json does not list them (`jaxlab.metrics.BUILTIN`).
+BUILTIN_METRICS = {"loss": {"higher_is_better": False}, "accuracy": {"higher_is_better": True}}
+
+
+def best_record(history: list[dict[str, Any]]) -> dict[str, Any] | None:
+  """The epoch record of the best checkpoint: the first with the highest `BEST_ON` (records
+  where it is missing, an epoch whose steps were all skipped, never are)."""
+  scored = [r for r in history if r.get(BEST_ON) is not None]
+  return max(scored, key=lambda r: r[BEST_ON]) if scored else None
 RESTART_HINT = "pass --restart to discard this run's checkpoints and train from scratch"
 _STEP_FILE = re.compile(r"step_(\d+)\.msgpack")
 
@@ -98,6 +110,8 @@ class Run:
     self.start_step = 0
     self.steps_per_epoch = 0
     self.counts: dict[str, int] = {}
+    # Each metric it records (train_<name>, val_<name>) and its direction (`jaxlab.metrics`).
+    self.metrics: dict[str, dict[str, Any]] = dict(BUILTIN_METRICS)
 
   def __repr__(self) -> str:
     return f"Run({str(self.root)!r}, {self.experiment!r}, seed={self.seed}, {self.status})"
@@ -208,6 +222,7 @@ class Run:
     run.architecture = saved.get("model", {})
     run.data = saved.get("data", {})
     run.environment = saved.get("environment", {})
+    run.metrics = saved.get("metrics") or dict(BUILTIN_METRICS)
     run.summary = read_json(root / "metrics.json")
     run.history = read_jsonl(root / "metrics.jsonl")
     state = run.summary.get("status")
@@ -282,11 +297,13 @@ class Run:
   def describe(self, *, about: dict[str, Any] | None = None,
                architecture: dict[str, Any] | None = None, data: dict[str, Any] | None = None,
                environment: dict[str, Any] | None = None,
-               counts: dict[str, int] | None = None) -> None:
-    """What config.json says of the run (where its experiment comes from, its layer plan, its
-    data, the environment it trains in) and its parameter counts: those given."""
+               counts: dict[str, int] | None = None,
+               metrics: dict[str, dict[str, Any]] | None = None) -> None:
+    """What config.json says of the run (where its experiment comes from, its architecture, its
+    data, the environment it trains in, its metrics) and its parameter counts: those given."""
     for name, value in (("about", about), ("architecture", architecture), ("data", data),
-                        ("environment", environment), ("counts", counts)):
+                        ("environment", environment), ("counts", counts),
+                        ("metrics", metrics)):
       if value is not None:
         setattr(self, name, dict(value))
 
@@ -324,10 +341,10 @@ class Run:
     return self.start_step // self.steps_per_epoch if self.steps_per_epoch else 0
 
   def description(self) -> dict[str, Any]:
-    """config.json's contents: the settings, where the experiment comes from, the layer plan,
-    the data and the environment it trained in."""
+    """config.json's contents: the settings, where the experiment comes from, the architecture,
+    the data, the environment it trained in and its metrics."""
     return {"config": self.settings, "experiment": self.about, "model": self.architecture,
-            "data": self.data, "environment": self.environment}
+            "data": self.data, "environment": self.environment, "metrics": self.metrics}
 
   def summarize(self, status: str, evaluations: dict[str, Any] | None = None,
                 last: pathlib.Path | None = None,
@@ -337,12 +354,12 @@ class Run:
     being written), `extra` fields and the final `evaluations`."""
     history, last = self.history, last or self.last
     final = history[-1] if history else {}
-    best = max(history, key=lambda r: r["val_accuracy"]) if history else {}
+    best = best_record(history) or {}
     out = {
         "experiment": self.experiment, "dataset": self.dataset, "status": status,
         "epochs_completed": len(history), "epochs": self.epochs,
-        "final_val_accuracy": final.get("val_accuracy"), "final_val_loss": final.get("val_loss"),
-        "best_val_accuracy": best.get("val_accuracy"), "best_epoch": best.get("epoch"),
+        **{f"final_val_{name}": final.get(f"val_{name}") for name in self.metrics},
+        "best_val_accuracy": best.get(BEST_ON), "best_epoch": best.get("epoch"),
         **self.counts,  # total_params, trainable_params, non_trainable_params
         "total_seconds": sum(r["epoch_seconds"] + r["eval_seconds"] for r in history),
         "median_epoch_seconds": (statistics.median(r["epoch_seconds"] for r in history)

@@ -70,23 +70,30 @@ def _precision(flags: Any) -> str:
 
 def _model_kind(flags: Any, precision: bool = True) -> str:
   """The kind of model a command runs, for jaxlab.perf.kernels: "conv" where one of the
-  experiments it names (--experiment, else --lab's --experiments or all of its experiments) has
-  convolutions, "dense" where none has, "conv" where it names none; "_bf16" added under
-  --precision=bf16 (unless `precision` is False). Imports the experiments, which imports JAX
-  but does not start its backend."""
+  experiments it names (--experiment, else --lab's --experiments or all of its experiments)
+  convolves (`jaxlab.models.convolves`: read from its jaxpr, on --dataset or its own data set),
+  "dense" where none does, "conv" where it names none; "_bf16" added under --precision=bf16
+  (unless `precision` is False). Imports the experiments and traces their models, which imports
+  JAX but does not start its backend."""
   suffix = "_bf16" if precision and _precision(flags) == "bf16" else ""
   names = [flags.experiment] if "experiment" in flags and flags.experiment else []
   lab = flags.lab if "lab" in flags else None
   if not names and not lab:
     return "conv" + suffix
   from jaxlab import experiment
-  from jaxlab.models import has_convolutions
+  from jaxlab.data import DATASETS
+  from jaxlab.models import convolves
   if lab:
     declared = experiment.load_lab(lab).experiments
     names = names or (flags.experiments if "experiments" in flags and flags.experiments
                       else declared)
-  return ("conv" if any(has_convolutions(experiment.get_experiment(n).model) for n in names)
-          else "dense") + suffix
+  dataset = flags.dataset if "dataset" in flags and flags.dataset else None
+
+  def convolving(name: str) -> bool:
+    info = DATASETS.get(dataset or experiment.get_experiment(name).dataset)
+    return convolves(experiment.build_model(name, info), info.image_shape)
+
+  return ("conv" if any(convolving(n) for n in names) else "dense") + suffix
 
 
 def _started_kernels(flags: Any) -> str | None:

@@ -1,7 +1,11 @@
 """The train state: one pytree of params, BatchNorm statistics, optimizer state, step and RNG.
 
-Made for one run or stacked for a group (restoring one from a run directory: `jaxlab.checkpoint`).
+The state is arrays only; what computes on it (the model, its optimizer, its metrics) is a
+`Setup`, which the compiled steps (`jaxlab.steps`) and the state's initialization close over.
+A Setup is hashable by value, so a second run of an equal setup (another seed, another
+learning rate, an equal model object made anew) reuses the programs compiled for the first.
 
+Made for one run or stacked for a group (restoring one from a run directory: `jaxlab.checkpoint`).
 A state is made by one compiled program (`init_program`): initialization, the optimizer's
 init and the keys, instead of dozens of small ones run op by op. A group of K members (seeds
 and learning rates of one architecture, trained as one vmapped state) is the same program under
@@ -10,22 +14,74 @@ and learning rates of one architecture, trained as one vmapped state) is the sam
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax.training import train_state
+from flax import struct
 
-from jaxlab.models import PlanModel
-from jaxlab.optim import with_learning_rate
+from jaxlab import metrics as metrics_lib
+from jaxlab.models import init_rngs
+from jaxlab.optim import make_optimizer, with_learning_rate
 
 
-class TrainState(train_state.TrainState):
-  """Params, optimizer state and step (from Flax), plus BatchNorm statistics and the RNG."""
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """What a run's state and compiled steps are made from: the model (fitted to the data set,
+  in its precision), its optimizer, its metrics (`jaxlab.metrics.table`) and the shape of one
+  example (H, W, C). `injected`: whether the optimizer's learning rate lives in its state
+  (`jaxlab.optim.make_optimizer`); where it does not, the rate is fixed in the optimizer."""
 
+  model: nn.Module
+  optimizer: optax.GradientTransformation
+  metrics: metrics_lib.Table
+  example_shape: tuple[int, ...]
+  injected: bool = True
+
+  @property
+  def metric_names(self) -> tuple[str, ...]:
+    return metrics_lib.names(self.metrics)
+
+
+def make_setup(model: nn.Module, example_shape: Sequence[int], optimizer: str = "adam",
+               learning_rate: float | None = None,
+               metrics: dict[str, Any] | None = None) -> Setup:
+  """A Setup of `model` (fitted already, in its precision) on examples of `example_shape`, with
+  the optimizer of that name (`jaxlab.optim`; `learning_rate` for one that cannot be injected)
+  and `metrics` besides loss and accuracy. (`jaxlab.experiment.setup` makes an experiment's.)"""
+  tx, injected = make_optimizer(optimizer, learning_rate)
+  return Setup(model, tx, metrics_lib.table(metrics), tuple(example_shape), injected)
+
+
+def cached(fn: Callable) -> Callable:
+  """`functools.lru_cache(maxsize=64)`, keyed by value; a call whose arguments cannot be
+  hashed (a model with a list field) runs uncached."""
+  memo = functools.lru_cache(maxsize=64)(fn)
+
+  @functools.wraps(fn)
+  def call(*args: Any, **kwargs: Any) -> Any:
+    try:
+      hash((args, tuple(kwargs.items())))
+    except TypeError:
+      return fn(*args, **kwargs)
+    return memo(*args, **kwargs)
+
+  call.cache_clear = memo.cache_clear
+  return call
+
+
+@struct.dataclass
+class TrainState:
+  """Params, optimizer state, step, BatchNorm statistics and the dropout RNG: arrays only."""
+
+  step: jax.Array
+  params: Any
+  opt_state: Any
   batch_stats: Any = None
   rng: jax.Array | None = None  # Dropout key; each step folds in its step number.
 
@@ -40,56 +96,44 @@ class TrainState(train_state.TrainState):
 # save milliseconds of a program that runs once. The values they compute are the same.
 RUN_ONCE = {"xla_backend_optimization_level": 0}
 
-NO_STEP = np.iinfo(np.int32).max  # `first_nonfinite` of steps that were all finite.
-
-
-def train_sums_zeros() -> dict[str, float | int]:
-  """The host-side metric sums of no train step (a Python number per metric): the running sums
-  of an epoch start here, and a checkpoint holds them beside the state (`jaxlab.checkpoint`)."""
-  return {"data_loss": 0.0, "l2_loss": 0.0, "correct": 0, "count": 0, "nonfinite": 0,
-          "first_nonfinite": int(NO_STEP)}
-
-
 def seed_keys(seed: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(init, dropout, shuffle) keys: three independent streams from one seed."""
   init, dropout, shuffle = jax.random.split(jax.random.PRNGKey(seed), 3)
   return init, dropout, shuffle
 
 
-def _init(model: PlanModel, tx: optax.GradientTransformation, seed: jax.Array,
-          learning_rate: jax.Array) -> TrainState:
+def _init(setup: Setup, seed: jax.Array, learning_rate: jax.Array) -> TrainState:
   init_key, dropout_key, _ = seed_keys(seed)
-  variables = model.init(init_key, jnp.zeros((1,) + model.input_shape(), jnp.float32))
+  variables = setup.model.init(init_rngs(init_key, dropout_key),
+                               jnp.zeros((1, *setup.example_shape), jnp.float32))
   params = variables["params"]
   # A typed step (not Python's weakly typed 0) matches what a checkpoint restores, so a resumed
   # run reuses the programs a fresh one compiled.
-  return TrainState(step=jnp.zeros((), jnp.int32), apply_fn=model.apply, params=params, tx=tx,
-                    opt_state=with_learning_rate(tx.init(params), learning_rate),
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    opt_state=with_learning_rate(setup.optimizer.init(params), learning_rate),
                     batch_stats=variables.get("batch_stats", {}), rng=dropout_key)
 
 
-@functools.lru_cache(maxsize=64)
-def init_program(model: PlanModel, tx: optax.GradientTransformation, members: bool = False,
-                 sharding: Any = None) -> Callable:
-  """The compiled (seed, learning rate) -> state of `model`; with `members`, vmapped over
+@cached
+def init_program(setup: Setup, members: bool = False, sharding: Any = None) -> Callable:
+  """The compiled (seed, learning rate) -> state of `setup`; with `members`, vmapped over
   arrays of seeds and rates; with `sharding`, its output placed so (replicated on a mesh)."""
-  init = functools.partial(_init, model, tx)
+  init = functools.partial(_init, setup)
   return jax.jit(jax.vmap(init) if members else init, out_shardings=sharding,
                  compiler_options=RUN_ONCE)
 
 
-def create_train_state(model: PlanModel, tx: optax.GradientTransformation, seed: int,
-                       learning_rate: float) -> TrainState:
-  return init_program(model, tx)(jnp.asarray(seed, jnp.int32),
-                                 jnp.asarray(learning_rate, jnp.float32))
+def create_train_state(setup: Setup, seed: int, learning_rate: float) -> TrainState:
+  return init_program(setup)(jnp.asarray(seed, jnp.int32),
+                             jnp.asarray(learning_rate, jnp.float32))
 
 
-def create_group_state(model: PlanModel, tx: optax.GradientTransformation, seeds: Sequence[int],
-                       learning_rates: Sequence[float], sharding: Any = None) -> TrainState:
+def create_group_state(setup: Setup, seeds: Sequence[int], learning_rates: Sequence[float],
+                       sharding: Any = None) -> TrainState:
   """K members' states stacked along a leading axis, made by one compiled program (and placed
   by `sharding`, e.g. replicated on a mesh)."""
-  return init_program(model, tx, True, sharding)(np.asarray(seeds, np.int32),
-                                                 np.asarray(learning_rates, np.float32))
+  return init_program(setup, True, sharding)(np.asarray(seeds, np.int32),
+                                             np.asarray(learning_rates, np.float32))
 
 
 def stack(states: Sequence[Any], sharding: Any = None) -> Any:

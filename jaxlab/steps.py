@@ -23,10 +23,12 @@ import optax
 
 from jax.sharding import Mesh
 
+from jaxlab import metrics as metrics_lib
 from jaxlab import parallel
 from jaxlab.config import NAN_POLICIES
-from jaxlab.models import PlanModel, has_convolutions, l2_coefficients
-from jaxlab.state import NO_STEP, RUN_ONCE, TrainState, train_sums_zeros
+from jaxlab.metrics import FIRST_NONFINITE, NO_STEP, NONFINITE
+from jaxlab.models import convolves, regularizer
+from jaxlab.state import RUN_ONCE, Setup, TrainState, cached
 
 Metrics = dict[str, jax.Array]
 
@@ -36,41 +38,28 @@ def to_inputs(images: jax.Array) -> jax.Array:
   return images.astype(jnp.float32) / 255.0
 
 
-def l2_penalty(params: Any, coefficients: dict[str, float]) -> jax.Array:
-  """sum over regularized layers of c * sum(kernel ** 2): Keras's `kernel_regularizer=l2(c)`."""
-  total = jnp.zeros((), jnp.float32)
-  for name, c in coefficients.items():
-    total = total + c * jnp.sum(jnp.square(params[name]["kernel"].astype(jnp.float32)))
-  return total
-
-
-def _sum_metrics(logits: jax.Array, labels: jax.Array) -> Metrics:
-  loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-  return {"data_loss": jnp.sum(loss),
-          "correct": jnp.sum(jnp.argmax(logits, -1) == labels).astype(jnp.int32),
-          "count": jnp.asarray(labels.shape[0], jnp.int32)}
-
-
 def all_finite(tree: Any) -> jax.Array:
   """Whether every element of every array of `tree` is finite (one boolean)."""
   leaves = jax.tree_util.tree_leaves(tree)
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
-
-
-def make_train_step(model: PlanModel, nan_policy: str = "stop") -> Callable[
+def make_train_step(setup: Setup, nan_policy: str = "stop") -> Callable[
     [TrainState, jax.Array, jax.Array], tuple[TrainState, Metrics]]:
-  """One optimizer step on a batch of uint8 images and integer labels (not jitted).
+  """One optimizer step on a batch of uint8 images and integer labels (not jitted): the mean
+  cross-entropy plus the model's own regularization (`jaxlab.models.regularizer`), minimized
+  by the setup's optimizer; the metric sums of the batch (`jaxlab.metrics.sums`).
 
   A step is non-finite when its loss, its gradient, or the parameters or BatchNorm statistics
   it produces hold a NaN or an infinity (a moving variance can overflow while the loss is still
-  finite, and would poison every later evaluation). Its metrics are left out of the sums and counted in `nonfinite`, with the step number in `first_nonfinite`;
-  under `nan_policy="skip"` its update is dropped too (the step number still advances), under
+  finite, and would poison every later evaluation). Its metrics are left out of the sums and
+  counted in `nonfinite`, with the step number in `first_nonfinite`; under
+  `nan_policy="skip"` its update is dropped too (the step number still advances), under
   "stop" the caller stops the run (`jaxlab.hooks.NonFiniteGuard`)."""
   if nan_policy not in NAN_POLICIES:
     raise ValueError(f"unknown nan_policy {nan_policy!r}; known: {', '.join(NAN_POLICIES)}")
-  coefficients = l2_coefficients(model)
+  model, tx = setup.model, setup.optimizer
+  regularization = regularizer(model) or (lambda params: jnp.zeros((), jnp.float32))
 
   def train_step(state: TrainState, images: jax.Array, labels: jax.Array):
     labels = labels.astype(jnp.int32)
@@ -80,41 +69,41 @@ def make_train_step(model: PlanModel, nan_policy: str = "stop") -> Callable[
       logits, updates = model.apply({"params": params, "batch_stats": state.batch_stats},
                                     to_inputs(images), train=True, rngs={"dropout": dropout_key},
                                     mutable=["batch_stats"])
-      data_loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-      reg = l2_penalty(params, coefficients)
+      data_loss = metrics_lib.cross_entropy(logits, labels).mean()
+      reg = jnp.asarray(regularization(params), jnp.float32)
       return data_loss + reg, (logits, reg, updates.get("batch_stats", {}))
 
     (loss, (logits, reg, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params)
-    new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params,
+                                                                              updates),
+                              opt_state=opt_state, batch_stats=batch_stats)
     finite = jnp.isfinite(loss) & all_finite((grads, new_state.params, new_state.batch_stats))
     if nan_policy == "skip":
       kept = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), new_state, state)
       new_state = kept.replace(step=new_state.step)
-    metrics = _sum_metrics(logits, labels)
-    metrics["l2_loss"] = reg * labels.shape[0]
+    metrics = metrics_lib.sums(setup.metrics, logits, labels)
+    metrics[metrics_lib.L2] = reg * labels.shape[0]
     metrics = {k: jnp.where(finite, v, jnp.zeros_like(v)) for k, v in metrics.items()}
-    metrics["nonfinite"] = (~finite).astype(jnp.int32)
-    metrics["first_nonfinite"] = jnp.where(finite, NO_STEP, state.step).astype(jnp.int32)
+    metrics[NONFINITE] = (~finite).astype(jnp.int32)
+    metrics[FIRST_NONFINITE] = jnp.where(finite, NO_STEP, state.step).astype(jnp.int32)
     return new_state, metrics
 
   return train_step
 
 
-def make_eval_step(model: PlanModel) -> Callable[[dict, jax.Array, jax.Array],
-                                                 tuple[Metrics, jax.Array]]:
+def make_eval_step(setup: Setup) -> Callable[[dict, jax.Array, jax.Array],
+                                             tuple[Metrics, jax.Array]]:
   """Eval-mode forward pass on a batch: metric sums and the predicted classes."""
+  model = setup.model
 
   def eval_step(variables, images, labels):
     logits = model.apply(variables, to_inputs(images), train=False)
-    return _sum_metrics(logits, labels.astype(jnp.int32)), jnp.argmax(logits, -1)
+    labels = labels.astype(jnp.int32)
+    return metrics_lib.sums(setup.metrics, logits, labels), jnp.argmax(logits, -1)
 
   return eval_step
-
-
-def _add(a: Metrics, b: Metrics) -> Metrics:
-  """Metric sums of two spans of steps: counts and sums add, the first bad step is the least."""
-  return {k: (jnp.minimum if k == "first_nonfinite" else jnp.add)(a[k], b[k]) for k in a}
 
 
 LOOPS = ("auto", "scan", "steps")
@@ -139,6 +128,12 @@ class Steps:
   group_train_step: Callable  # jitted, K members, donated: one batch each (K, B, ...)
   group_eval_step: Callable  # jitted, K members: the same batch for every member
   loop: str = "scan"
+  metrics: metrics_lib.Table = ()  # What the sums are of (`jaxlab.metrics`).
+
+  @property
+  def train_zeros(self) -> dict[str, float | int]:
+    """The sums of no train step, on the host (an epoch's running sums start here)."""
+    return metrics_lib.train_zeros(self.metrics)
 
 
 def over_members(fn: Callable) -> Callable:
@@ -163,10 +158,7 @@ def _zeros(sums: dict[str, float | int], members: int | None = None) -> Metrics:
           for k, v in sums.items()}
 
 
-EVAL_SUMS = {"data_loss": 0.0, "correct": 0, "count": 0}
-
-
-def choose_loop(model: PlanModel, loop: str | None = None, backend: str | None = None) -> str:
+def choose_loop(setup: Setup, loop: str | None = None, backend: str | None = None) -> str:
   """The loop `make_steps` builds: `loop` (the scripts' --loop; default "auto") unless "auto";
   "auto" is "steps" for a model with convolutions on the CPU (measured: AlexNet's step 0.26 s
   alone, 4.7 s inside a scan of one step, on XLA:CPU) and "scan" otherwise (a scan of an MLP's
@@ -177,25 +169,33 @@ def choose_loop(model: PlanModel, loop: str | None = None, backend: str | None =
   if loop != "auto":
     return loop
   backend = backend or jax.default_backend()
-  return "steps" if backend == "cpu" and has_convolutions(model) else "scan"
+  return "steps" if backend == "cpu" and _convolves(setup.model, setup.example_shape) else "scan"
 
 
-def make_steps(model: PlanModel, nan_policy: str = "stop", mesh: Mesh | None = None,
+@cached
+def _convolves(model: Any, example_shape: tuple[int, ...]) -> bool:
+  return convolves(model, example_shape)
+
+
+def make_steps(setup: Setup, nan_policy: str = "stop", mesh: Mesh | None = None,
                loop: str | None = None) -> Steps:
-  """The compiled steps of `model`, made once per model (per process), so that a second run of
-  the same architecture reuses the compiled code instead of compiling it again.
+  """The compiled steps of `setup`, made once per setup (per process, `jaxlab.state.cached`),
+  so that a second run of the same architecture reuses the compiled code instead of compiling
+  it again.
 
   With a `mesh`, the chunks and evaluation are data parallel (`jaxlab.parallel`): each batch
   gathered from the replicated data set is split across the mesh, the state stays replicated,
   and XLA adds the all-reduces. The step itself is the same `train_step`. `loop`: see `Steps`
   and `choose_loop`."""
-  return _make_steps(model, nan_policy, mesh, choose_loop(model, loop))
+  return _make_steps(setup, nan_policy, mesh, choose_loop(setup, loop))
 
 
-@functools.lru_cache(maxsize=64)
-def _make_steps(model: PlanModel, nan_policy: str, mesh: Mesh | None, loop: str) -> Steps:
-  train_step = make_train_step(model, nan_policy)
-  eval_step = make_eval_step(model)
+@cached
+def _make_steps(setup: Setup, nan_policy: str, mesh: Mesh | None, loop: str) -> Steps:
+  train_step = make_train_step(setup, nan_policy)
+  eval_step = make_eval_step(setup)
+  train_zeros, eval_zeros = (metrics_lib.train_zeros(setup.metrics),
+                             metrics_lib.eval_zeros(setup.metrics))
 
   def step_on(images, labels):
     """One member's step on the examples `idx`, its metrics added to the running sums."""
@@ -203,14 +203,14 @@ def _make_steps(model: PlanModel, nan_policy: str, mesh: Mesh | None, loop: str)
       state, sums = carry
       state, metrics = train_step(state, parallel.shard_batch(images[idx], mesh),
                                   parallel.shard_batch(labels[idx], mesh))
-      return state, _add(sums, metrics)
+      return state, metrics_lib.add(sums, metrics)
     return step
 
   def eval_on(variables, images, labels):
     def step(sums, idx):
       metrics, preds = eval_step(variables, parallel.shard_batch(images[idx], mesh),
                                  parallel.shard_batch(labels[idx], mesh))
-      return _add(sums, metrics), preds
+      return metrics_lib.add(sums, metrics), preds
     return step
 
   @functools.partial(jax.jit, donate_argnums=0, static_argnames="length")
@@ -222,7 +222,7 @@ def _make_steps(model: PlanModel, nan_policy: str, mesh: Mesh | None, loop: str)
       step = step_on(images, labels)
       chunk = jax.lax.dynamic_slice_in_dim(batches, start, length)
       return jax.lax.scan(lambda carry, idx: (step(carry, idx), None),
-                          (state, _zeros(train_sums_zeros())), chunk)[0]
+                          (state, _zeros(train_zeros)), chunk)[0]
 
     return parallel.replicate(over_members(member)(state, batches), mesh)
 
@@ -234,7 +234,7 @@ def _make_steps(model: PlanModel, nan_policy: str, mesh: Mesh | None, loop: str)
         over_members(lambda s, t, b: step((s, t), b[index]))(state, sums, batches), mesh)
 
   def step_chunk(state, images, labels, batches, start, *, length):
-    sums = _zeros(train_sums_zeros(), batches.shape[0])
+    sums = _zeros(train_zeros, batches.shape[0])
     for i in range(length):
       state, sums = one_step(state, sums, images, labels, batches, start + i)
     return state, sums
@@ -242,7 +242,7 @@ def _make_steps(model: PlanModel, nan_policy: str, mesh: Mesh | None, loop: str)
   @jax.jit
   def scan_eval(variables, images, labels, batches):
     """Every member's metric sums and predictions over the same batches."""
-    member = lambda v: jax.lax.scan(eval_on(v, images, labels), _zeros(EVAL_SUMS), batches)
+    member = lambda v: jax.lax.scan(eval_on(v, images, labels), _zeros(eval_zeros), batches)
     return parallel.replicate(over_members(member)(variables), mesh)
 
   @jax.jit
@@ -251,7 +251,7 @@ def _make_steps(model: PlanModel, nan_policy: str, mesh: Mesh | None, loop: str)
     return parallel.replicate(over_members(step)(variables, sums), mesh)
 
   def step_eval(variables, images, labels, batches):
-    sums = _zeros(EVAL_SUMS, jax.tree_util.tree_leaves(variables)[0].shape[0])
+    sums = _zeros(eval_zeros, jax.tree_util.tree_leaves(variables)[0].shape[0])
     preds = []
     for i in range(batches.shape[0]):
       sums, p = one_eval(variables, sums, images, labels, batches, i)
@@ -261,7 +261,7 @@ def _make_steps(model: PlanModel, nan_policy: str, mesh: Mesh | None, loop: str)
   chunk, evaluation = (scan_chunk, scan_eval) if loop == "scan" else (step_chunk, step_eval)
   return Steps(jax.jit(train_step, donate_argnums=0), jax.jit(eval_step), chunk, evaluation,
                jax.jit(jax.vmap(train_step), donate_argnums=0),
-               jax.jit(jax.vmap(eval_step, in_axes=(0, None, None))), loop)
+               jax.jit(jax.vmap(eval_step, in_axes=(0, None, None))), loop, setup.metrics)
 
 
 def split_batches(order: jax.Array, batch_size: int) -> list[jax.Array]:
@@ -294,26 +294,23 @@ def chunk_lengths(num_steps: int, max_length: int) -> list[tuple[int, int]]:
 
 def evaluate_group(steps: Steps, variables: dict, images: jax.Array, labels: jax.Array,
                    batch_size: int) -> tuple[list[dict[str, float]], np.ndarray]:
-  """Each member's loss and accuracy over a whole split in eval mode, and its predictions
-  (K, N); `variables` are stacked along a leading member axis."""
+  """Each member's metrics (`loss`, `accuracy` and the setup's own) over a whole split in eval
+  mode, and its predictions (K, N); `variables` are stacked along a leading member axis."""
   order = jnp.arange(images.shape[0])
   totals, preds = None, []
   for batches in split_batches(order, batch_size):
     sums, p = steps.eval_batches(variables, images, labels, batches)
-    totals = sums if totals is None else _add(totals, sums)
+    totals = sums if totals is None else metrics_lib.add(totals, sums)
     preds.append(p.reshape(p.shape[0], -1))
   totals = jax.device_get(totals)
-  members = []
-  for k in range(len(totals["count"])):
-    count = int(totals["count"][k])
-    members.append({"loss": float(totals["data_loss"][k]) / count,
-                    "accuracy": int(totals["correct"][k]) / count})
+  members = [metrics_lib.means({key: values[k].item() for key, values in totals.items()})
+             for k in range(len(totals[metrics_lib.COUNT]))]
   return members, np.asarray(jnp.concatenate(preds, axis=1))
 
 
 def evaluate(steps: Steps, variables: dict, images: jax.Array, labels: jax.Array,
              batch_size: int) -> tuple[dict[str, float], np.ndarray]:
-  """Loss, accuracy and per-example predictions of one model's variables over a whole split."""
+  """The metrics and per-example predictions of one model's variables over a whole split."""
   stacked = jax.tree_util.tree_map(lambda x: jnp.asarray(x)[None], variables)
   members, preds = evaluate_group(steps, stacked, images, labels, batch_size)
   return members[0], preds[0]
@@ -368,7 +365,7 @@ def train_epoch(steps: Steps, state: TrainState, images: jax.Array, labels: jax.
     raise ValueError(f"step {start} of the epoch is not a chunk boundary ({boundaries[:6]}...): "
                      "a position saved with other --steps_per_dispatch or --batch_size")
   pending: list[tuple[int, Metrics]] = []
-  totals = [dict(t) for t in totals] if totals else [train_sums_zeros() for _ in range(members)]
+  totals = [dict(t) for t in totals] if totals else [dict(steps.train_zeros) for _ in range(members)]
 
   def drain(keep: int) -> None:
     # Read back all but the newest `keep` chunks: those are still queued on the device.
@@ -376,10 +373,8 @@ def train_epoch(steps: Steps, state: TrainState, images: jax.Array, labels: jax.
       n, sums = pending.pop(0)
       sums = jax.device_get(sums)
       for k, member_totals in enumerate(totals):
-        for key, values in sums.items():
-          value = values[k].item()
-          member_totals[key] = (min(member_totals[key], value) if key == "first_nonfinite"
-                                else member_totals[key] + value)
+        metrics_lib.add_host(member_totals, {key: values[k].item()
+                                             for key, values in sums.items()})
       if on_chunk:
         on_chunk(n, totals)
 
@@ -397,14 +392,4 @@ def train_epoch(steps: Steps, state: TrainState, images: jax.Array, labels: jax.
     else:
       drain(keep=1)
   drain(keep=0)
-  return state, [epoch_metrics(t) for t in totals]
-
-
-def epoch_metrics(totals: dict[str, Any]) -> dict[str, Any]:
-  """The epoch's means from its sums (None where every step was skipped): a metric's sum and
-  its mean have one name (`loss` is the data loss plus the L2 term, as Keras's)."""
-  count = totals["count"]
-  mean = (lambda x: x / count) if count else (lambda x: None)
-  return {"loss": mean(totals["data_loss"] + totals["l2_loss"]),
-          "data_loss": mean(totals["data_loss"]), "l2_loss": mean(totals["l2_loss"]),
-          "accuracy": mean(totals["correct"]), "skipped_steps": totals["nonfinite"]}
+  return state, [metrics_lib.epoch_means(t) for t in totals]

@@ -26,20 +26,21 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from jaxlab import checkpoint, evaluation, lock, parallel, runtime
+from jaxlab import checkpoint, lock, parallel, runtime
+from jaxlab import metrics as metrics_lib
 from jaxlab.checkpoint import restore_group, restore_state
 from jaxlab.config import GROUP_SETTINGS, TrainConfig, changed_settings
 from jaxlab.data import Dataset, load_dataset
 from jaxlab.errors import BadValue, OutOfMemory
-from jaxlab.experiment import build_model, describe_experiment
+from jaxlab.experiment import describe_experiment, setup
 from jaxlab.hooks import (Checkpoints, ConfigFile, Hook, Hooks, MetricsLog, NonFiniteGuard,
                           ProgressBar, StopOnSignal, SummaryFile, TensorBoard)
-from jaxlab.models import PlanModel, describe, describe_precision
-from jaxlab.optim import make_optimizer
-from jaxlab.run import Run
-from jaxlab.state import TrainState, create_group_state, member, seed_keys
+from jaxlab.models import describe, describe_precision
+from jaxlab.optim import scheduled_learning_rate
+from jaxlab.run import Run, best_record
+from jaxlab.state import Setup, TrainState, create_group_state, member, seed_keys
 from jaxlab.steps import Steps, evaluate, evaluate_group, make_steps, train_epoch
-from jaxlab.summary import param_counts, summarize
+from jaxlab.summary import param_counts
 
 
 def default_hooks(progress: bool, writer: bool = True) -> list[Hook]:
@@ -109,7 +110,7 @@ class _Group:
 
   runs: list[Run]
   hooks: Hooks
-  model: PlanModel
+  setup: Setup
   steps: Steps
   state: TrainState
   sums: list[dict[str, Any]] | None  # The unfinished epoch's sums, where it resumed inside one.
@@ -162,14 +163,15 @@ def _set_up(configs: Sequence[TrainConfig], workdirs: Sequence[str | pathlib.Pat
   elif dataset.info.name != base.dataset:
     raise ValueError(f"dataset {dataset.info.name!r} given for a config of {base.dataset!r}")
   dataset = dataset.limit_train(base.train_limit)
-  model = build_model(base.experiment, dataset.info, base.precision)
-  steps = make_steps(model, base.nan_policy, mesh, _loop(runs, loop))
-  _describe(runs, model, dataset, {**runtime.environment(), "mesh": parallel.describe(mesh),
-                                   "loop": steps.loop, "computes": describe_precision(model)})
-  fresh = create_group_state(model, make_optimizer(base.optimizer), [c.seed for c in configs],
-                             [c.learning_rate for c in configs], parallel.replicated(mesh))
+  rates = [c.learning_rate for c in configs]
+  built = setup(base, dataset.info, rates)
+  steps = make_steps(built, base.nan_policy, mesh, _loop(runs, loop))
+  _describe(runs, built, dataset, {**runtime.environment(), "mesh": parallel.describe(mesh),
+                                   "loop": steps.loop,
+                                   "computes": describe_precision(built.model)})
+  fresh = create_group_state(built, [c.seed for c in configs], rates, parallel.replicated(mesh))
   template = member(fresh, 0)  # Its own buffers: `fresh` may be trained (and donated).
-  state, sums = restore_group(runs, fresh, parallel.replicated(mesh))
+  state, sums = restore_group(runs, fresh, built.metrics, parallel.replicated(mesh))
   for run in runs:  # The step number is the position: epochs done, and steps into the next.
     run.resume_at(int(state.step[0]), math.ceil(len(dataset.train_labels) / base.batch_size))
   show = sys.stderr.isatty() if progress is None else progress
@@ -180,7 +182,7 @@ def _set_up(configs: Sequence[TrainConfig], workdirs: Sequence[str | pathlib.Pat
   arrays = parallel.put_replicated((dataset.train_images, dataset.train_labels,
                                     dataset.test_images, dataset.test_labels), mesh)
   shuffle_keys = jnp.stack([seed_keys(c.seed)[2] for c in configs])
-  return _Group(runs, hooks, model, steps, state, sums,
+  return _Group(runs, hooks, built, steps, state, sums,
                 template, dataset, arrays, shuffle_keys, started)
 
 
@@ -211,15 +213,18 @@ def _check_group(configs: Sequence[TrainConfig], workdirs: Sequence[Any]) -> Non
     raise ValueError(f"a group holds each (seed, learning rate) once, got {pairs}")
 
 
-def _describe(runs: Sequence[Run], model: PlanModel, dataset: Dataset,
+def _describe(runs: Sequence[Run], built: Setup, dataset: Dataset,
               environment: dict[str, Any]) -> None:
   """What config.json says of each run, and its parameter counts."""
-  counts = param_counts(model)
+  counts = param_counts(built.model, built.example_shape)
+  architecture = describe(built.model, built.example_shape)
   for run in runs:
-    run.describe(about=describe_experiment(run.experiment), architecture=describe(model),
+    run.describe(about=describe_experiment(run.experiment), architecture=architecture,
                  data={"source": dataset.source, "train_examples": int(len(dataset.train_labels)),
-                       "validation_examples": int(len(dataset.test_labels))},
-                 environment=environment, counts=counts)
+                       "validation_examples": int(len(dataset.test_labels)),
+                       **dataset.info.describe()},
+                 environment=environment, counts=counts,
+                 metrics=metrics_lib.describe(built.metrics))
 
 
 def _epoch(group: _Group, epoch: int) -> None:
@@ -242,7 +247,7 @@ def _epoch(group: _Group, epoch: int) -> None:
     group.validation = evaluate_group(group.steps, group.state.variables, test_images,
                                       test_labels, config.eval_batch_size)
   except Exception as e:  # K members that do not fit: say so in words.
-    full = _out_of_memory(e, len(runs), group.model)
+    full = _out_of_memory(e, config, len(runs), group.setup)
     if full is e:
       raise
     raise full from e
@@ -256,7 +261,7 @@ def _epoch(group: _Group, epoch: int) -> None:
                     **{f"train_{name}": value for name, value in train.items()},
                     **{f"val_{name}": value for name, value in val.items()},
                     "skipped_steps": skipped,
-                    "learning_rate": run.config.learning_rate,
+                    "learning_rate": _learning_rate(member(host, k), run.config),
                     "epoch_seconds": t1 - t0, "eval_seconds": t2 - t1, "time": time.time()})
     run.record_epoch(records[k])
   hooks.epoch_end(epoch, records, host)
@@ -298,13 +303,13 @@ def _final_evaluations(group: _Group, run: Run, final: dict[str, float],
   def report(metrics: dict, predictions: np.ndarray, epoch: int,
              path: pathlib.Path) -> dict[str, Any]:
     return {"epoch": epoch, "split": "test", "checkpoint": str(path.relative_to(run.root)),
-            **evaluation.report(group.dataset.test_labels, predictions, info.class_names,
+            **metrics_lib.report(group.dataset.test_labels, predictions, info.class_names,
                                 metrics["loss"])}
 
   final_epoch = run.history[-1]["epoch"]
-  best_epoch = max(run.history, key=lambda r: r["val_accuracy"])["epoch"]
+  best = best_record(run.history)
   evaluations = {"final": report(final, predictions, final_epoch, last)}
-  if best_epoch == final_epoch:
+  if best is None or best["epoch"] == final_epoch:
     evaluations["best"] = {**evaluations["final"],
                            "checkpoint": str(run.best.relative_to(run.root))}
   else:
@@ -316,13 +321,27 @@ def _final_evaluations(group: _Group, run: Run, final: dict[str, float],
   return evaluations
 
 
-def _out_of_memory(error: Exception, members: int, model: PlanModel) -> Exception:
-  """A clear error for K members that do not fit, instead of the allocator's trace."""
+def _learning_rate(state: TrainState, config: TrainConfig) -> float:
+  """The learning rate of a member's last step: its optimizer's own schedule where it injects
+  one (`jaxlab.optim.scheduled_learning_rate`), else its setting."""
+  scheduled = scheduled_learning_rate(state.opt_state)
+  return config.learning_rate if scheduled is None else float(scheduled)
+
+
+def _out_of_memory(error: Exception, config: TrainConfig, members: int,
+                   built: Setup) -> Exception:
+  """A clear error for what does not fit, instead of the allocator's trace: fewer members for a
+  group, a smaller batch (or a smaller model) for a single run."""
   text = str(error)
   if "RESOURCE_EXHAUSTED" not in text and "out of memory" not in text.lower():
     return error
-  params = summarize(model)["total_params"]
+  params = param_counts(built.model, built.example_shape)["total_params"]
+  what = (f"{members} members of {params:,} parameters each" if members > 1 else
+          f"a run of {params:,} parameters at batch size {config.batch_size}")
+  advice = ("train fewer seeds or learning rates at once (see 'Many runs at once' in the "
+            "README)" if members > 1 else
+            f"lower --batch_size (and --eval_batch_size, now {config.eval_batch_size})")
   return OutOfMemory(
-      f"{members} members of {params:,} parameters each do not fit in the memory of "
-      f"{jax.devices()[0].device_kind}: train fewer seeds or learning rates at once (see "
-      f"'Many runs at once' in the README); the allocator said: {text.splitlines()[0][:200]}")
+      f"{what} do{'es' if members == 1 else ''} not fit in the memory of "
+      f"{jax.devices()[0].device_kind}: {advice}; the allocator said: "
+      f"{text.splitlines()[0][:200]}")

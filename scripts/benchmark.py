@@ -13,11 +13,12 @@ from absl import flags
 from jaxlab import cli, runtime
 from jaxlab.perf.benchmark import PEERS, markdown, run_benchmark
 from jaxlab.config import PRECISIONS
-from jaxlab.experiment import build_model
 from jaxlab.data import DATASETS
-from jaxlab.experiment import get_experiment
+from jaxlab.errors import BadValue
+from jaxlab.experiment import resolve_config, setup
 
 cli.define_kernels_flag()
+cli.define_lab_flag()
 flags.DEFINE_string("experiment", "mlp_big_small_big", "Experiment whose architecture to train.")
 flags.DEFINE_string("dataset", None, "Data set whose shape the random data takes. Default: the "
                     "experiment's.")
@@ -37,14 +38,17 @@ FLAGS = flags.FLAGS
 @cli.user_errors_exit
 def main(argv):
   runtime.start(FLAGS)
-  exp = get_experiment(FLAGS.experiment)
-  info = DATASETS.get(FLAGS.dataset or exp.dataset)
-  model = build_model(exp, info, FLAGS.precision)
+  cli.load_lab()
+  config = resolve_config(FLAGS.experiment, dataset=FLAGS.dataset, precision=FLAGS.precision,
+                          optimizer="adam", learning_rate=1e-3)  # The peers' optimizer.
+  info = DATASETS.get(config.dataset)
   examples = FLAGS.examples or info.train_size
-  result = run_benchmark(model, info.num_classes, FLAGS.batch_size, examples, FLAGS.epochs,
-                         FLAGS.peers, members=FLAGS.seeds)
-  result.update(experiment=exp.name, dataset=info.name, precision=FLAGS.precision)
-  title = f"{exp.name}, batch {FLAGS.batch_size}, {FLAGS.precision}" + (
+  if examples is None:
+    raise BadValue(f"data set {info.name!r} has no official train size: give --examples")
+  result = run_benchmark(setup(config, info), info.num_classes, FLAGS.batch_size, examples,
+                         FLAGS.epochs, FLAGS.peers, members=FLAGS.seeds)
+  result.update(experiment=config.experiment, dataset=info.name, precision=FLAGS.precision)
+  title = f"{config.experiment}, batch {FLAGS.batch_size}, {FLAGS.precision}" + (
       f", {FLAGS.seeds} seeds" if FLAGS.seeds > 1 else "")
   table = markdown(result, title)
   print(table)

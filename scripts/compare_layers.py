@@ -18,6 +18,7 @@ from jaxlab.experiment import build_model
 from jaxlab.experiment import get_experiment
 from jaxlab.keras.model import import_keras, keras_capture, to_keras
 from jaxlab.keras.weights import import_keras_weights
+from jaxlab.models import plan_of
 
 cli.define_kernels_flag()
 cli.define_experiment_flags()
@@ -32,8 +33,10 @@ FLAGS = flags.FLAGS
 @cli.user_errors_exit
 def main(argv):
   runtime.start(FLAGS)
+  cli.load_lab()
   exp = get_experiment(FLAGS.experiment)
   model = build_model(exp, FLAGS.dataset)
+  plan_of(model, "compare_layers.py (Keras parity)")
   variables = import_keras_weights(model, FLAGS.keras_weights)
   keras = import_keras()
   if FLAGS.keras_weights.endswith(".keras"):

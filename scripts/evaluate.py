@@ -8,7 +8,8 @@ import json
 import jax
 from absl import flags
 
-from jaxlab import cli, evaluation, runtime
+from jaxlab import cli, runtime
+from jaxlab import metrics as metrics_lib
 from jaxlab.data import load_dataset
 from jaxlab.checkpoint import load_run
 from jaxlab.steps import evaluate, make_steps
@@ -25,21 +26,22 @@ FLAGS = flags.FLAGS
 @cli.user_errors_exit
 def main(argv):
   runtime.start(FLAGS)
-  config, model, state, epoch = load_run(FLAGS.workdir, FLAGS.checkpoint)
+  config, built, state, epoch = load_run(FLAGS.workdir, FLAGS.checkpoint)
   dataset = load_dataset(config.dataset, data_dir=FLAGS.data_dir or config.data_dir)
-  metrics, predictions = evaluate(make_steps(model), state.variables,
+  metrics, predictions = evaluate(make_steps(built), state.variables,
                                   jax.device_put(dataset.test_images),
                                   jax.device_put(dataset.test_labels), config.eval_batch_size)
   result = {"experiment": config.experiment, "dataset": config.dataset,
             "checkpoint": FLAGS.checkpoint, "epoch": epoch,
-            **evaluation.report(dataset.test_labels, predictions, dataset.info.class_names,
-                                metrics["loss"])}
+            **metrics_lib.report(dataset.test_labels, predictions, dataset.info.class_names,
+                                metrics["loss"]),
+            "metrics": metrics}
   if FLAGS.json:
     print(json.dumps(result, indent=2))
   else:
     print(f"{config.experiment} on {config.dataset}, {FLAGS.checkpoint} checkpoint (epoch {epoch}), "
           "test split:")
-    print(evaluation.format_confusion(result, dataset.info.class_names))
+    print(metrics_lib.format_confusion(result, dataset.info.class_names))
 
 
 if __name__ == "__main__":

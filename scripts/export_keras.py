@@ -19,8 +19,8 @@ FLAGS = flags.FLAGS
 @cli.user_errors_exit
 def main(argv):
   runtime.start(FLAGS)
-  config, model, state, epoch = load_run(FLAGS.workdir, FLAGS.checkpoint)
-  export_keras(model, state.variables, FLAGS.output)
+  config, built, state, epoch = load_run(FLAGS.workdir, FLAGS.checkpoint)
+  export_keras(built.model, state.variables, FLAGS.output)
   print(f"wrote {FLAGS.output} ({config.experiment}, {FLAGS.checkpoint} checkpoint, epoch {epoch})")
 
 

@@ -24,6 +24,7 @@ FLAGS = flags.FLAGS
 @cli.user_errors_exit
 def main(argv):
   runtime.start(FLAGS)
+  cli.load_lab()
   config = resolve_config(FLAGS.experiment, dataset=FLAGS.dataset)
   model = build_model(config.experiment, config.dataset)
   variables = import_keras_weights(model, FLAGS.keras_weights)

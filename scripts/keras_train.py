@@ -11,7 +11,7 @@ from absl import flags
 
 from jaxlab import cli, runtime
 from jaxlab.perf.benchmark import keras_train
-from jaxlab.experiment import build_model, resolve_config
+from jaxlab.experiment import resolve_config, setup
 from jaxlab.data import load_dataset
 
 cli.define_experiment_flag()
@@ -25,10 +25,10 @@ def main(argv):
   runtime.start(FLAGS)
   config = resolve_config(FLAGS.experiment, **cli.config_overrides(OVERRIDES))
   dataset = load_dataset(config.dataset, data_dir=config.data_dir)
-  model = build_model(config.experiment, dataset.info)
+  built = setup(config, dataset.info)
   for seed in cli.parse_list(FLAGS.seeds, int, "seeds"):
     start = time.perf_counter()
-    history = keras_train(model, dataset, config.epochs, config.batch_size, seed)
+    history = keras_train(built, dataset, config.epochs, config.batch_size, seed)
     print(f"keras {config.experiment} seed {seed}: final val_accuracy "
           f"{history['val_accuracy'][-1]:.4f} in {time.perf_counter() - start:.1f} s")
 

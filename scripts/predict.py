@@ -2,8 +2,9 @@
 
   python scripts/predict.py --workdir=DIR --inputs=X.npy --output=P.npy [--checkpoint=best|last]
 
-X is the model's input tensor as is, with no preprocessing: float32 of shape (N, 784) for the
-MLPs, (N, H, W, C) for the CNNs. P has shape (N, classes).
+X is the model's input as is, with no preprocessing: float32 in [0, 1], of the shape its first
+layer takes: images (N, H, W, C) as the run's data set has them, or for the MLPs of the plan
+families the pixels flattened, (N, 784). P has shape (N, classes).
 """
 
 import pathlib
@@ -15,6 +16,8 @@ from absl import flags
 from jaxlab import cli, errors, runtime
 from jaxlab.errors import BadValue
 from jaxlab.checkpoint import load_run
+from jaxlab.data import DATASETS
+from jaxlab.models import input_shape
 
 cli.define_kernels_flag()
 flags.DEFINE_string("workdir", None, "Run directory.")
@@ -29,13 +32,14 @@ FLAGS = flags.FLAGS
 @cli.user_errors_exit
 def main(argv):
   runtime.start(FLAGS)
-  config, model, state, _ = load_run(FLAGS.workdir, FLAGS.checkpoint)
+  config, built, state, _ = load_run(FLAGS.workdir, FLAGS.checkpoint)
+  model = built.model
   try:
     x = np.load(FLAGS.inputs, allow_pickle=False)
   except (OSError, ValueError) as e:
     raise BadValue(f"--inputs {FLAGS.inputs!r} is not a readable .npy file ({e})") from None
-  expected = model.input_shape()
-  if x.ndim != len(expected) + 1 or tuple(x.shape[1:]) != expected:
+  expected = input_shape(model, built.example_shape)
+  if tuple(x.shape[1:]) != expected:
     raise BadValue(f"--inputs has shape {x.shape}; {config.experiment} takes (N, "
                    f"{', '.join(map(str, expected))})")
   if not np.issubdtype(x.dtype, np.floating):
@@ -44,7 +48,8 @@ def main(argv):
   predict = jax.jit(lambda v, x: jax.nn.softmax(model.apply(v, x, train=False), axis=-1))
   out = [np.asarray(predict(state.variables, x[i:i + FLAGS.batch_size].astype(np.float32)))
          for i in range(0, len(x), FLAGS.batch_size)]
-  probabilities = np.concatenate(out) if out else np.zeros((0, model.num_classes), np.float32)
+  classes = len(DATASETS.get(config.dataset).class_names)
+  probabilities = np.concatenate(out) if out else np.zeros((0, classes), np.float32)
   with errors.output(FLAGS.output, "--output"):
     pathlib.Path(FLAGS.output).parent.mkdir(parents=True, exist_ok=True)
     np.save(FLAGS.output, probabilities)

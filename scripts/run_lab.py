@@ -19,15 +19,13 @@ import sys
 from absl import flags, logging
 
 from jaxlab import cli, runtime
-from jaxlab.experiment import load_lab
 from jaxlab.lab.runner import LAB_FILE, LabRunner, plan_lab, settle
 from jaxlab.lab.workers import run_workers
 from jaxlab.files import read_json
 from jaxlab.report import results_table
 
 cli.define_kernels_flag()
-flags.DEFINE_string("lab", None, "A built-in lab (lab02, lab04_alexnet, lab04_vgg) or the path "
-                    "of a Python file that declares experiments as experiments/lab02.py does.")
+cli.define_lab_flag(required=True)
 flags.DEFINE_string("workdir", None, "Lab directory: DIR/lab.json and DIR/EXPERIMENT/seed_S/.")
 flags.DEFINE_list("experiments", None, "Only these experiments of the lab. Default: all of "
                   "them, in the lab's order.")
@@ -49,7 +47,7 @@ cli.define_loop_flag()
 cli.define_distributed_flags()
 # --dataset, --epochs, --batch_size, ...: the overrides of scripts/train.py, applied to every run.
 OVERRIDES = cli.define_config_flags(exclude=("seed",))
-flags.mark_flags_as_required(["lab", "workdir"])
+flags.mark_flag_as_required("workdir")
 FLAGS = flags.FLAGS
 
 
@@ -57,7 +55,7 @@ FLAGS = flags.FLAGS
 def main(argv):
   runtime.start(FLAGS)
   logging.set_verbosity(logging.INFO)
-  lab = load_lab(FLAGS.lab)
+  lab = cli.load_lab()
   overrides = cli.config_overrides(OVERRIDES)
   runs = plan_lab(lab, FLAGS.workdir, FLAGS.experiments, cli.parse_list(FLAGS.seeds, int, "seeds"),
                   overrides)

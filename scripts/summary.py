@@ -1,6 +1,7 @@
-"""Prints a Keras-style summary of an experiment's model (layers, output shapes, parameters).
+"""Prints a summary of an experiment's model: every layer (submodule) by path, its type, output
+shape and parameters; for the plan families, as Keras's `model.summary()` prints it.
 
-  python scripts/summary.py --experiment=vgg_cifar10 [--dataset=...] [--json]
+  python scripts/summary.py --experiment=vgg_cifar10 [--dataset=...] [--lab=my_lab.py] [--json]
 """
 
 import json
@@ -8,7 +9,8 @@ import json
 from absl import flags
 
 from jaxlab import cli, runtime
-from jaxlab.experiment import build_model
+from jaxlab.data import DATASETS
+from jaxlab.experiment import build_model, get_experiment
 from jaxlab.summary import format_summary, summarize
 
 cli.define_experiment_flags()
@@ -20,7 +22,9 @@ FLAGS = flags.FLAGS
 @cli.user_errors_exit
 def main(argv):
   runtime.start(FLAGS)
-  summary = summarize(build_model(FLAGS.experiment, FLAGS.dataset))
+  cli.load_lab()
+  info = DATASETS.get(FLAGS.dataset or get_experiment(FLAGS.experiment).dataset)
+  summary = summarize(build_model(FLAGS.experiment, info), info.image_shape)
   if FLAGS.json:
     print(json.dumps({"experiment": FLAGS.experiment, **summary}, indent=2))
   else:

@@ -19,8 +19,7 @@ from jaxlab.run import member_dir, member_path
 
 cli.define_kernels_flag()
 cli.define_experiment_flag()
-flags.DEFINE_string("lab", None, "A lab file (path/to/my_lab.py) to load first, for an "
-                    "experiment it declares.")
+cli.define_lab_flag()
 flags.DEFINE_string("workdir", None, "Run directory (created; resumed if it holds a run). "
                     "Default: runs/EXPERIMENT.")
 flags.DEFINE_bool("progress", None, "Show a progress bar. Default: when stderr is a terminal.")
@@ -59,10 +58,9 @@ def main(argv):
   runtime.start(FLAGS)
   logging.set_verbosity(logging.INFO)
   workdir, seeds, rates = members()
-  from jaxlab.experiment import load_lab, resolve_config  # pylint: disable=g-import-not-at-top
+  from jaxlab.experiment import resolve_config  # pylint: disable=g-import-not-at-top
   from jaxlab.train import group_configs, train_group  # pylint: disable=g-import-not-at-top
-  if FLAGS.lab:
-    load_lab(FLAGS.lab)
+  cli.load_lab()
   config = resolve_config(FLAGS.experiment, **cli.config_overrides(OVERRIDES))
   if seeds and FLAGS["seed"].present:
     raise BadValue("--seed and --seeds do not go together: give the seeds in --seeds")

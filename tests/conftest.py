@@ -110,10 +110,10 @@ def _forget_what_the_module_built():
   models and steps cached per process, Keras's state): the next module starts small, and a
   program it needs again comes back from the persistent compilation cache in milliseconds."""
   yield
-  from jaxlab import experiment, state, steps
+  from jaxlab import state, steps
   steps._make_steps.cache_clear()
+  steps._convolves.cache_clear()
   state.init_program.cache_clear()
-  experiment._fitted_model.cache_clear()
   if "keras" in sys.modules:
     sys.modules["keras"].backend.clear_session()
   jax.clear_caches()

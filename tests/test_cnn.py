@@ -12,10 +12,9 @@ from jaxlab.experiment import (EXPERIMENTS, Experiment, build_model, experiment_
                                resolve_config)
 from jaxlab.files import read_jsonl
 from jaxlab.models import (Conv, ConvBlock, ConvNet, Dense, MaxPool, at_precision,
-                           l2_coefficients, mixed_matmul, op_precisions)
-from jaxlab.optim import make_optimizer
-from jaxlab.state import create_train_state, init_program
-from jaxlab.steps import l2_penalty, make_steps, make_train_step
+                           l2_penalty, mixed_matmul, op_precisions)
+from jaxlab.state import create_train_state, init_program, make_setup
+from jaxlab.steps import make_steps, make_train_step
 from jaxlab.train import train_and_evaluate
 from datafiles import synthetic_dataset
 
@@ -95,11 +94,11 @@ def test_l2_term_in_the_logged_loss(tmp_path):
   config = resolve_config("cnn_small_l2", dataset="fashion_mnist", epochs=1, batch_size=8,
                           train_limit=8, eval_batch_size=8)
   model = build_model("cnn_small_l2", "fashion_mnist")
-  state = create_train_state(model, make_optimizer("adam"), seed=0, learning_rate=1e-3)
+  state = create_train_state(make_setup(model, (28, 28, 1)), seed=0, learning_rate=1e-3)
   names = ("conv2d", "conv2d_1", "dense")
   kernels = [np.asarray(state.params[name]["kernel"], np.float64) for name in names]
   by_hand = sum(0.01 * np.sum(k ** 2) for k in kernels)
-  assert l2_coefficients(model) == {name: 0.01 for name in names}
+  assert model.l2_coefficients() == {name: 0.01 for name in names}
   assert float(l2_penalty(state.params, dict.fromkeys(names, 0.01))) == pytest.approx(
       by_hand, rel=1e-5)
   # One step of training logs the L2 term of the parameters it started from.
@@ -126,12 +125,12 @@ def test_one_train_step_of_every_cnn_experiment(name):
   """At full size the train step is traced (`jax.eval_shape`: its shapes and types, without
   compiling it or holding a state of up to a gigabyte); at a sixteenth of the width it runs."""
   model = build_model(name)
-  tx = make_optimizer("adam")
-  state = init_program(model, tx).eval_shape(jax.ShapeDtypeStruct((), jnp.int32),
-                                             jax.ShapeDtypeStruct((), jnp.float32))
+  built = make_setup(model, model.input_shape())
+  state = init_program(built).eval_shape(jax.ShapeDtypeStruct((), jnp.int32),
+                                         jax.ShapeDtypeStruct((), jnp.float32))
   batch = (jax.ShapeDtypeStruct((2,) + model.input_shape(), jnp.uint8),
            jax.ShapeDtypeStruct((2,), jnp.uint8))
-  after, metrics = jax.eval_shape(make_train_step(model), state, *batch)
+  after, metrics = jax.eval_shape(make_train_step(built), state, *batch)
   shapes = lambda tree: jax.tree_util.tree_map(lambda x: (x.shape, x.dtype), tree)
   assert shapes(after) == shapes(state)  # The step keeps every array of the state as it is.
   assert {k: v.shape for k, v in metrics.items()} == dict.fromkeys(metrics, ())
@@ -139,11 +138,12 @@ def test_one_train_step_of_every_cnn_experiment(name):
   assert [op.kind for op in small.plan()] == [op.kind for op in model.plan()]
   ds = synthetic_dataset("cifar10" if model.input_shape() == (32, 32, 3) else "fashion_mnist",
                          n_train=2, n_test=2)
-  state = create_train_state(small, tx, seed=0, learning_rate=1e-3)
+  small_setup = make_setup(small, small.input_shape())
+  state = create_train_state(small_setup, seed=0, learning_rate=1e-3)
   before = np.asarray(state.params["dense"]["kernel"])
-  state, metrics = make_steps(small).train_step(state, jnp.asarray(ds.train_images),
-                                                jnp.asarray(ds.train_labels))
-  loss = float(metrics["data_loss"]) / 2
+  state, metrics = make_steps(small_setup).train_step(state, jnp.asarray(ds.train_images),
+                                                      jnp.asarray(ds.train_labels))
+  loss = float(metrics["loss"]) / 2
   assert np.isfinite(loss) and loss > 0
   assert int(state.step) == 1
   assert not np.array_equal(np.asarray(state.params["dense"]["kernel"]), before)
@@ -159,11 +159,12 @@ def overfit(model, steps=80):
   ds = synthetic_dataset("fashion_mnist", n_train=64, seed=3)
   labels = jnp.asarray(np.random.default_rng(0).integers(0, 10, 64).astype(np.uint8))
   images = jnp.asarray(ds.train_images)
-  state = create_train_state(model, make_optimizer("adam"), seed=0, learning_rate=3e-3)
-  step = make_steps(model).train_step
+  built = make_setup(model, (28, 28, 1))
+  state = create_train_state(built, seed=0, learning_rate=3e-3)
+  step = make_steps(built).train_step
   for _ in range(steps):
     state, metrics = step(state, images, labels)
-  return state, float(metrics["data_loss"]) / 64, int(metrics["correct"]) / 64
+  return state, float(metrics["loss"]) / 64, int(metrics["accuracy"]) / 64
 
 
 @pytest.mark.slow

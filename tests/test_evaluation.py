@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from jaxlab import evaluation
+from jaxlab import metrics
 from jaxlab.experiment import resolve_config
 from jaxlab.data import DATASETS
 from jaxlab.train import train_and_evaluate
@@ -16,15 +16,15 @@ from conftest import run_main
 def test_confusion_matrix_counts_pairs():
   labels = np.array([0, 0, 1, 2, 2, 2])
   preds = np.array([0, 1, 1, 2, 0, 2])
-  matrix = evaluation.confusion_matrix(labels, preds, 3)
+  matrix = metrics.confusion_matrix(labels, preds, 3)
   expected = np.zeros((3, 3), int)
   for t, p in zip(labels, preds):
     expected[t, p] += 1
   np.testing.assert_array_equal(matrix, expected)
-  r = evaluation.report(labels, preds, ["a", "b", "c"])
+  r = metrics.report(labels, preds, ["a", "b", "c"])
   assert r["per_class_accuracy"] == {"a": 0.5, "b": 1.0, "c": pytest.approx(2 / 3)}
   assert r["accuracy"] == pytest.approx(4 / 6)
-  r = evaluation.report(np.array([0]), np.array([0]), ["a", "b"])
+  r = metrics.report(np.array([0]), np.array([0]), ["a", "b"])
   assert r["per_class_accuracy"]["b"] is None  # No example of class b: no accuracy.
 
 

@@ -267,9 +267,9 @@ def test_a_bug_is_a_traceback_and_status_1_and_leaves_the_run_resumable(data, re
   `error:` line; the run directory stays resumable, and the same command then finishes it as
   the uninterrupted run."""
   workdir = tmp_path / "run"
-  bug = train_process_after("import jaxlab.evaluation\n"
+  bug = train_process_after("import jaxlab.metrics\n"
                             "def report(*args, **kwargs):\n  return {}['per_class']\n"
-                            "jaxlab.evaluation.report = report\n", train_args(data, workdir))
+                            "jaxlab.metrics.report = report\n", train_args(data, workdir))
   assert bug.returncode == 1, bug.stderr[-2000:]
   assert "Traceback (most recent call last)" in bug.stderr
   assert bug.stderr.rstrip().endswith("KeyError: 'per_class'")

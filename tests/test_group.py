@@ -12,8 +12,7 @@ from jaxlab.experiment import EXPERIMENTS, Experiment, build_model, register, re
 from jaxlab.hooks import OnEpochEnd
 from jaxlab.files import read_jsonl
 from jaxlab.models import Conv, ConvBlock, ConvNet, Dense, MaxPool
-from jaxlab.optim import make_optimizer
-from jaxlab.state import create_group_state, member, seed_keys, stack
+from jaxlab.state import create_group_state, make_setup, member, seed_keys, stack
 from jaxlab.steps import make_steps
 from jaxlab.run import member_dir
 from jaxlab.train import _out_of_memory, group_configs, train_and_evaluate, train_group
@@ -83,12 +82,12 @@ def test_members_equal_single_runs(tmp_path, experiment, dataset):
     assert_same_metrics(directory, single, rtol=1e-2, keys=("train_loss", "val_loss"))
     assert summary["group"] == [str(d) for d in dirs]
   # Step by step: the group's step against each single run's, from the single runs' states.
-  model = build_model(experiment, dataset)
-  steps, tx = make_steps(model), make_optimizer("sgd")
+  built = make_setup(build_model(experiment, dataset), ds.info.image_shape, "sgd")
+  steps = make_steps(built)
   images, labels = jax.device_put(ds.train_images), jax.device_put(ds.train_labels)
   orders = jnp.stack([jax.random.permutation(jax.random.fold_in(seed_keys(c.seed)[2], 1), 128)
                       .reshape(4, 32) for c in configs])
-  singles = [create_group_state(model, tx, [c.seed], [0.05]) for c in configs]
+  singles = [create_group_state(built, [c.seed], [0.05]) for c in configs]
   skip, differences = biases_before_batch_norm(dirs[0]), []
   for i in range(4):
     stacked = stack([member(checkpoint.to_host(s), 0) for s in singles])
@@ -190,13 +189,19 @@ def test_members_may_differ_only_in_seed_and_learning_rate(tmp_path):
 
 
 def test_members_that_do_not_fit_are_named():
-  from jaxlab.experiment import build_model
-  error = _out_of_memory(RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 9 GiB"), 32,
-                         build_model("vgg_cifar10"))
+  from jaxlab.experiment import setup
+  config = resolve_config("vgg_cifar10")
+  built = setup(config)
+  full = RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 9 GiB")
+  error = _out_of_memory(full, config, 32, built)
   assert isinstance(error, MemoryError)
   assert str(error).startswith("32 members of 39,935,562 parameters each do not fit")
+  assert "train fewer seeds" in str(error)
+  single = _out_of_memory(full, config, 1, built)  # One run: what to lower is its batch.
+  assert str(single).startswith("a run of 39,935,562 parameters at batch size 128 does not fit")
+  assert "--batch_size" in str(single) and "seeds" not in str(single)
   other = ValueError("something else")
-  assert _out_of_memory(other, 32, build_model("vgg_cifar10")) is other
+  assert _out_of_memory(other, config, 32, built) is other
 
 
 @pytest.mark.slow

@@ -82,7 +82,7 @@ def saved(keras_model, directory, name="model.weights.h5"):
 @pytest.mark.slow
 @models(*EVERY_MODEL)
 def test_counts_and_shapes_match_keras(reference):
-  summary = summarize(reference.model)
+  summary = summarize(reference.model, reference.model.input_shape())
   counts = keras_models.counts(reference.keras)
   assert {k: summary[k] for k in counts} == counts
   keras_layers = [l for l in reference.keras.layers if type(l).__name__ != "InputLayer"]
@@ -96,7 +96,7 @@ def test_counts_and_shapes_match_keras(reference):
 @pytest.mark.slow
 @models(*EVERY_CNN_AT_BOTH_SIZES)
 def test_cnn_block_shapes_match_keras_for_both_input_sizes(reference):
-  summary = summarize(reference.model)
+  summary = summarize(reference.model, reference.model.input_shape())
   shape = tuple(reference.keras.input_shape[1:])
   assert summary["input_shape"] == [None, *shape]
   expected = [(type(l).__name__, tuple(l.output.shape[1:]), l.count_params())

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from jaxlab.experiment import (EXPERIMENTS, Experiment, build_model, register, resolve_config)
-from jaxlab.models import Conv, ConvBlock, ConvNet, Dense, MaxPool, describe
-from jaxlab.optim import make_optimizer
-from jaxlab.state import NO_STEP, create_group_state
+from jaxlab.models import Conv, ConvBlock, ConvNet, Dense, MaxPool
+from jaxlab.metrics import NO_STEP
+from jaxlab.state import create_group_state, make_setup
 from jaxlab.steps import choose_loop, evaluate_group, make_steps, train_epoch
 from jaxlab.train import train_and_evaluate
 from datafiles import random_dataset
@@ -38,9 +38,10 @@ def test_both_loops_train_and_evaluate_the_same(name, dataset):
   images, labels = jax.device_put(ds.train_images), jax.device_put(ds.train_labels)
   results = {}
   for loop in ("scan", "steps"):
-    steps = make_steps(model, "stop", None, loop)
+    built = make_setup(model, ds.info.image_shape, "sgd")
+    steps = make_steps(built, "stop", None, loop)
     assert steps.loop == loop
-    state = create_group_state(model, make_optimizer("sgd"), [0, 1], [0.05, 0.05])
+    state = create_group_state(built, [0, 1], [0.05, 0.05])
     chunks = []
     state, metrics = train_epoch(steps, state, images, labels, 16,
                                  jnp.stack([jax.random.PRNGKey(3), jax.random.PRNGKey(4)]), 2,
@@ -58,7 +59,7 @@ def test_both_loops_train_and_evaluate_the_same(name, dataset):
   assert int(a["step"][0]) == int(b["step"][0]) == 5
   # The CNN's convolutions sum in another order inside a while loop: 5e-5 after 5 steps, at
   # most, on an AMD EPYC; a step computed wrongly (another batch, no dropout) is off by 1e-2.
-  skip = biases_before_batch_norm(describe(model)["layers"])
+  skip = biases_before_batch_norm(model.describe_plan()["layers"])
   assert largest_difference(b, a, skip=skip) < 2e-4
   for x, y in zip(ma + va, mb + vb):
     assert x.keys() == y.keys()
@@ -68,7 +69,7 @@ def test_both_loops_train_and_evaluate_the_same(name, dataset):
 
 
 def test_auto_picks_steps_for_convolutions_on_the_cpu():
-  cnn, mlp = build_model("alexnet"), build_model("mlp_baseline")
+  cnn, mlp = (make_setup(build_model(name), (28, 28, 1)) for name in ("alexnet", "mlp_baseline"))
   assert choose_loop(cnn, backend="cpu") == choose_loop(cnn, "auto", backend="cpu") == "steps"
   assert choose_loop(mlp, backend="cpu") == "scan"
   assert choose_loop(cnn, backend="gpu") == "scan"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from jaxlab.models import (MLP, BN_EPSILON, BN_MOMENTUM, Conv, ConvBlock, ConvNet, Dense,
-                           Parallel, iter_ops, l2_coefficients)
+                           Parallel, iter_ops)
 
 jax.config.update("jax_enable_x64", False)
 RTOL = 1e-5  # float32 arithmetic against a float64 reference.
@@ -121,4 +121,4 @@ def test_bad_specs_are_named():
 def test_l2_coefficients_come_from_the_specs():
   model = ConvNet(blocks=(ConvBlock((Conv(4, 3, l2=0.01), Conv(4, 3))),),
                   head=(Dense(8, l2=0.02, batch_norm=False),))
-  assert l2_coefficients(model) == {"conv2d": 0.01, "dense": 0.02}
+  assert model.l2_coefficients() == {"conv2d": 0.01, "dense": 0.02}

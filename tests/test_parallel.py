@@ -29,8 +29,7 @@ from jaxlab import parallel
 from jaxlab.experiment import build_model, resolve_config
 from jaxlab.experiment import EXPERIMENTS, Experiment, register
 from jaxlab.models import Conv, ConvBlock, ConvNet, Dense, MaxPool
-from jaxlab.state import create_group_state, seed_keys
-from jaxlab.optim import make_optimizer
+from jaxlab.state import create_group_state, make_setup, seed_keys
 from jaxlab.steps import make_steps
 from jaxlab.train import train_and_evaluate
 from jaxlab import runtime
@@ -60,9 +59,8 @@ def check(experiment, lr, resumes, out):
   # What the step of 8 devices is: its compiled program, as XLA partitioned it (a chunk as one
   # program: the scan loop, whatever loop the CPU trains CNNs with).
   mesh = parallel.data_mesh(8)
-  model = build_model(experiment, "mnist")
-  state = create_group_state(model, make_optimizer("sgd"), [0], [0.01],
-                             parallel.replicated(mesh))
+  model = make_setup(build_model(experiment, "mnist"), (28, 28, 1), "sgd")
+  state = create_group_state(model, [0], [0.01], parallel.replicated(mesh))
   images, labels = parallel.put_replicated((ds.train_images, ds.train_labels), mesh)
   batches = jax.numpy.arange(640).reshape(1, 20, 32)
   compiled = make_steps(model, "stop", mesh, "scan").train_chunk.lower(
@@ -80,8 +78,7 @@ def check(experiment, lr, resumes, out):
   on_mesh = {{n: (make_steps(model, "stop", m),
                  parallel.put_replicated((noise.train_images, noise.train_labels), m))
              for n, m in meshes.items()}}
-  state = create_group_state(model, make_optimizer("sgd"), [0], [lr],
-                             parallel.replicated(meshes[1]))
+  state = create_group_state(model, [0], [lr], parallel.replicated(meshes[1]))
   differences = {{4: [], 8: []}}
   for i in range(20):
     host = jax.tree_util.tree_map(np.asarray, state)

@@ -6,11 +6,11 @@ import jax
 import numpy as np
 import pytest
 
-from jaxlab import runtime
+from jaxlab import experiment, runtime
 from jaxlab.perf import profiling
 from jaxlab.perf import benchmark
 from jaxlab.perf.benchmark import markdown, run_benchmark
-from jaxlab.experiment import build_model, resolve_config
+from jaxlab.experiment import resolve_config
 from jaxlab.hooks import OnEpochEnd
 from jaxlab.train import train_and_evaluate
 from datafiles import synthetic_dataset
@@ -132,7 +132,7 @@ def test_compile_counter_sees_compilations():
 
 @pytest.mark.slow
 def test_benchmark_runs_jaxlab_and_keras_on_a_tiny_setting():
-  model = build_model("mlp_halving")
+  model = experiment.setup(resolve_config("mlp_halving"))
   result = run_benchmark(model, 10, batch_size=32, examples=96, epochs=2, peers=["keras_fit"],
                          peak_flops=1e9, log=lambda s: None)
   for name in ("jaxlab", "keras_fit"):
@@ -159,7 +159,7 @@ def test_benchmark_interleaves_the_loops_epochs_in_rotating_rounds(monkeypatch):
   monkeypatch.setattr(benchmark, "jaxlab_runner", fake("jaxlab"))
   monkeypatch.setitem(benchmark.PEERS, "keras_fit", fake("keras"))
   monkeypatch.setitem(benchmark.PEERS, "torch_eager", fake("torch"))
-  result = run_benchmark(build_model("mlp_halving"), 10, 32, 64, 3, ["keras_fit", "torch_eager"],
+  result = run_benchmark(experiment.setup(resolve_config("mlp_halving")), 10, 32, 64, 3, ["keras_fit", "torch_eager"],
                          peak_flops=1e9, log=lambda s: None)
   assert calls == ["jaxlab", "keras", "torch",  # Warm-up epochs, then three rotated rounds.
                    "jaxlab", "keras", "torch", "keras", "torch", "jaxlab", "torch", "jaxlab",
@@ -186,7 +186,7 @@ def test_benchmark_members_train_one_group_against_peers_one_after_another(monke
 
   monkeypatch.setattr(benchmark, "jaxlab_runner", jaxlab)
   monkeypatch.setitem(benchmark.PEERS, "keras_fit", keras)
-  model = build_model("mlp_halving")
+  model = experiment.setup(resolve_config("mlp_halving"))
   result = run_benchmark(model, 10, 32, 64, 2, ["keras_fit"], peak_flops=1e9,
                          log=lambda s: None, members=4)
   assert made == [("jaxlab", 4)] + [("keras", 1)] * 4  # One group; four Keras models.
@@ -201,7 +201,7 @@ def test_benchmark_floor_uses_the_best_peak_measured_after_each_round(monkeypatc
   monkeypatch.setattr(benchmark, "jaxlab_runner", lambda *args, members=1: lambda: 2.0)
   peaks = iter([3e9, 5e9, 4e9])
   monkeypatch.setattr(profiling, "matmul_peak_flops", lambda dtype: next(peaks))
-  model = build_model("mlp_halving")
+  model = experiment.setup(resolve_config("mlp_halving"))
   result = run_benchmark(model, 10, 32, 64, 3, [], log=lambda s: None)
   assert result["matmul_peak_measurements"] == [3e9, 5e9, 4e9]
   assert result["matmul_peak_flops_per_second"] == 5e9
@@ -211,7 +211,7 @@ def test_benchmark_floor_uses_the_best_peak_measured_after_each_round(monkeypatc
 
 def test_benchmark_rejects_unknown_peer():
   with pytest.raises(ValueError, match="unknown peer 'tf'; known: keras_fit, torch_eager"):
-    run_benchmark(build_model("mlp_halving"), 10, 32, 64, 1, ["tf"], peak_flops=1e9,
+    run_benchmark(experiment.setup(resolve_config("mlp_halving")), 10, 32, 64, 1, ["tf"], peak_flops=1e9,
                   log=lambda s: None)
 
 
@@ -301,14 +301,16 @@ def test_the_model_peak_weighs_each_kind_of_layer_by_the_peak_of_its_precision()
   """A 3x3 convolution (4 filters, 26x26 positions), pooled to 13x13x4, a Dense of 8 and the
   output Dense of 10, counted by hand; under bf16 on the CPU the dots run at the bf16 peak and
   the convolution at float32's: the time is the sum of each kind's FLOPs over its peak."""
-  from jaxlab.models import Conv, ConvBlock, ConvNet, Dense, MaxPool, at_precision
-  from jaxlab.summary import forward_flops, forward_flops_by_kind
+  from jaxlab.models import Conv, ConvBlock, ConvNet, Dense, MaxPool, at_precision, flops_by_kind
+  from jaxlab.summary import forward_flops
   model = ConvNet(blocks=(ConvBlock((Conv(4, 3),), MaxPool(2), False),), head=(Dense(8),))
+  shape = (28, 28, 1)
   conv, dense = 2 * 3 * 3 * 1 * 4 * 26 * 26, 2 * 13 * 13 * 4 * 8 + 2 * 8 * 10
-  assert forward_flops_by_kind(model) == {"conv2d": conv, "dense": dense}
-  assert forward_flops(model) == conv + dense
+  assert flops_by_kind(model, shape) == {"conv2d": conv, "dense": dense}
+  assert forward_flops(model, shape) == conv + dense
   peaks = {"float32": 1e9, "bf16": 4e9}
   mixed = at_precision(model, "bf16", backend="cpu")
-  assert profiling.model_peak_flops(mixed, peaks) == pytest.approx(
+  assert flops_by_kind(mixed, shape) == {"conv2d": conv, "dense": dense}  # Inside the mixed dots.
+  assert profiling.model_peak_flops(mixed, shape, peaks) == pytest.approx(
       (conv + dense) / (conv / 1e9 + dense / 4e9), rel=1e-12)
-  assert profiling.model_peak_flops(model, peaks) == pytest.approx(1e9, rel=1e-12)
+  assert profiling.model_peak_flops(model, shape, peaks) == pytest.approx(1e9, rel=1e-12)

@@ -19,12 +19,12 @@ def test_every_experiment_has_a_keras_reference():
     ("vgg_cifar10", 39_935_562, 2_944),
 ])
 def test_report_figures(name, total, non_trainable):
-  summary = summarize(build_model(name))
+  summary = summarize(build_model(name), build_model(name).input_shape())
   assert (summary["total_params"], summary["non_trainable_params"]) == (total, non_trainable)
 
 
 def test_format_summary_lists_layers_and_totals():
-  summary = summarize(build_model("mlp_dropout"))
+  summary = summarize(build_model("mlp_dropout"), (28, 28, 1))
   text = format_summary(summary, "mlp_dropout")
   assert "dense_4 (Dense)" in text and "(None, 10)" in text
   assert f"Total params: {summary['total_params']:,}" in text

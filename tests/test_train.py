@@ -9,10 +9,10 @@ import pytest
 from jaxlab import checkpoint
 from jaxlab.experiment import build_model, resolve_config
 from jaxlab.files import read_jsonl
-from jaxlab.optim import make_optimizer
 from jaxlab.hooks import OnEpochEnd
-from jaxlab.state import create_train_state
-from jaxlab.steps import chunk_lengths, l2_penalty, make_steps, train_epoch
+from jaxlab.models import l2_penalty
+from jaxlab.state import create_train_state, make_setup
+from jaxlab.steps import chunk_lengths, make_steps, train_epoch
 from jaxlab.train import train_and_evaluate
 from datafiles import synthetic_dataset
 from conftest import SMALL
@@ -55,9 +55,9 @@ def one_member(state):
 
 @pytest.mark.slow
 def test_partial_last_batch_is_trained_like_keras():
-  model = build_model("mlp_baseline")
-  steps = make_steps(model)
-  state = create_train_state(model, make_optimizer("adam"), seed=0, learning_rate=1e-3)
+  built = make_setup(build_model("mlp_baseline"), (28, 28, 1))
+  steps = make_steps(built)
+  state = create_train_state(built, seed=0, learning_rate=1e-3)
   ds = synthetic_dataset(n_train=70)
   state, metrics = train_epoch(steps, one_member(state), jax.device_put(ds.train_images),
                                jax.device_put(ds.train_labels), 32,
@@ -68,17 +68,16 @@ def test_partial_last_batch_is_trained_like_keras():
 
 @pytest.mark.slow
 def test_checkpoint_round_trip(tmp_path):
-  model = build_model("mlp_halving")
-  tx = make_optimizer("adam")
-  state = create_train_state(model, tx, seed=3, learning_rate=1e-3)
-  steps = make_steps(model)
+  built = make_setup(build_model("mlp_halving"), (28, 28, 1))
+  state = create_train_state(built, seed=3, learning_rate=1e-3)
+  steps = make_steps(built)
   ds = synthetic_dataset()
   state, _ = train_epoch(steps, one_member(state), jax.device_put(ds.train_images),
                          jax.device_put(ds.train_labels), 64, jax.random.PRNGKey(1)[None], 2)
   state = jax.tree_util.tree_map(lambda x: x[0], state)
   expected = leaves(state)
   checkpoint.save(tmp_path / "c.msgpack", {"epoch": 1, "state": state})
-  fresh = create_train_state(model, tx, seed=99, learning_rate=1e-3)
+  fresh = create_train_state(built, seed=99, learning_rate=1e-3)
   restored = checkpoint.restore(tmp_path / "c.msgpack", {"epoch": 0, "state": fresh})
   assert restored["epoch"] == 1
   got = leaves(restored["state"])
@@ -88,10 +87,11 @@ def test_checkpoint_round_trip(tmp_path):
 
 
 def test_checkpoint_of_another_model_is_refused(tmp_path):
-  tx = make_optimizer("adam")
-  state = create_train_state(build_model("mlp_halving"), tx, seed=0, learning_rate=1e-3)
+  state = create_train_state(make_setup(build_model("mlp_halving"), (28, 28, 1)), seed=0,
+                             learning_rate=1e-3)
   checkpoint.save(tmp_path / "c.msgpack", {"epoch": 1, "state": state})
-  other = create_train_state(build_model("mlp_baseline"), tx, seed=0, learning_rate=1e-3)
+  other = create_train_state(make_setup(build_model("mlp_baseline"), (28, 28, 1)), seed=0,
+                             learning_rate=1e-3)
   with pytest.raises(checkpoint.CheckpointError, match="does not fit: 'state/params/batch_normalization/bias' has shape \\(512,\\) in the file but \\(128,\\)"):
     checkpoint.restore(tmp_path / "c.msgpack", {"epoch": 0, "state": other})
   (tmp_path / "bad.msgpack").write_bytes(b"\xc1garbage")

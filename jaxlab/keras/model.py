@@ -9,13 +9,15 @@ Keras weights file; `keras_capture` runs a Keras model and returns every layer's
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, Callable
 
+import flax.linen as nn
 import numpy as np
 
 from jaxlab.errors import BadValue, MissingDependency
-from jaxlab.models import BN_EPSILON, BN_MOMENTUM, Op, PlanModel, walk
+from jaxlab.models import BN_EPSILON, BN_MOMENTUM, Op, plan_of, walk
 
 
 def import_keras():
@@ -28,19 +30,36 @@ def import_keras():
   return keras
 
 
+@dataclasses.dataclass(frozen=True)
+class KerasLayer:
+  """A kind of op as Keras builds it (`build(keras, op, activation)`), and its variables in the
+  order Keras's `layer.get_weights()` lists them: (collection, name) of jaxlab's."""
+
+  build: Callable[..., Any]
+  variables: tuple[tuple[str, str], ...] = ()
+
+
+_KERNEL_BIAS = (("params", "kernel"), ("params", "bias"))
+
 # Op kind -> its Keras layer (`keras`, the op, its activation: a softmax for the output layer).
-KERAS_LAYERS: dict[str, Callable[..., Any]] = {
-    "dense": lambda keras, op, activation: keras.layers.Dense(
-        op.features, activation=activation, name=op.name, **_l2(keras, op)),
-    "conv2d": lambda keras, op, activation: keras.layers.Conv2D(
+KERAS_LAYERS: dict[str, KerasLayer] = {
+    "dense": KerasLayer(lambda keras, op, activation: keras.layers.Dense(
+        op.features, activation=activation, name=op.name, **_l2(keras, op)), _KERNEL_BIAS),
+    "conv2d": KerasLayer(lambda keras, op, activation: keras.layers.Conv2D(
         op.features, op.kernel_size, strides=op.strides, padding=op.padding,
-        activation=activation, name=op.name, **_l2(keras, op)),
-    "batch_normalization": lambda keras, op, activation: keras.layers.BatchNormalization(
-        momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=op.name),
-    "dropout": lambda keras, op, activation: keras.layers.Dropout(op.rate, name=op.name),
-    "max_pooling2d": lambda keras, op, activation: keras.layers.MaxPooling2D(
-        op.kernel_size, op.strides, name=op.name),
-    "flatten": lambda keras, op, activation: keras.layers.Flatten(name=op.name),
+        activation=activation, name=op.name, **_l2(keras, op)), _KERNEL_BIAS),
+    "batch_normalization": KerasLayer(lambda keras, op, activation:
+                                      keras.layers.BatchNormalization(
+                                          momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=op.name),
+                                      (("params", "scale"), ("params", "bias"),
+                                       ("batch_stats", "mean"), ("batch_stats", "var"))),
+    "dropout": KerasLayer(lambda keras, op, activation: keras.layers.Dropout(op.rate,
+                                                                             name=op.name)),
+    "max_pooling2d": KerasLayer(lambda keras, op, activation: keras.layers.MaxPooling2D(
+        op.kernel_size, op.strides, name=op.name)),
+    "flatten": KerasLayer(lambda keras, op, activation: keras.layers.Flatten(name=op.name)),
+    "concatenate": KerasLayer(lambda keras, op, activation: keras.layers.Concatenate(
+        name=op.name)),
 }
 
 
@@ -48,19 +67,19 @@ def _l2(keras, op: Op) -> dict[str, Any]:
   return {"kernel_regularizer": keras.regularizers.l2(op.l2)} if op.l2 else {}
 
 
-def to_keras(model: PlanModel):
+def to_keras(model: nn.Module):
   """The Keras model of a plan (`jaxlab.models.walk` with `KERAS_LAYERS`): the same layers,
-  order, names and settings; the output layer with Keras's softmax."""
+  order, names and settings; the output layer with Keras's softmax. Only a model of the plan
+  families has one (`jaxlab.models.plan_of`)."""
+  plan = plan_of(model, "Keras export and parity")
   keras = import_keras()
-  plan = model.plan()
 
   def layer(op: Op, x):
     activation = "softmax" if op is plan[-1] else (op.activation or "linear")
-    return KERAS_LAYERS[op.kind](keras, op, activation)(x)
+    return KERAS_LAYERS[op.kind].build(keras, op, activation)(x)
 
   inputs = keras.Input(shape=model.input_shape())
-  outputs = walk(plan, inputs, layer,
-                 lambda op, xs: keras.layers.Concatenate(name=op.name)(xs))
+  outputs = walk(plan, inputs, layer, layer)
   return keras.Model(inputs, outputs, name=type(model).__name__.lower())
 
 
@@ -68,7 +87,7 @@ class KerasWeightsError(BadValue):
   """A Keras weights file that does not fit a jaxlab model."""
 
 
-def keras_order(model: PlanModel) -> list[Op]:
+def keras_order(model: nn.Module) -> list[Op]:
   """The plan's ops in the order Keras's `model.layers` lists the same architecture."""
   entries: list[tuple[int, int, int, Op]] = []  # (-depth from the output, path, position, op)
   counter = [0]
@@ -84,11 +103,11 @@ def keras_order(model: PlanModel) -> list[Op]:
           visit(p, depth, path * 10 + i + 1)
       depth -= 1
 
-  visit(list(model.plan()), -1, 0)
+  visit(list(plan_of(model, "Keras export and parity")), -1, 0)
   return [op for *_, op in sorted(entries, key=lambda e: e[:3])]
 
 
-def keras_layers_by_op(keras_model, model: PlanModel) -> dict[str, Any]:
+def keras_layers_by_op(keras_model, model: nn.Module) -> dict[str, Any]:
   """jaxlab op name -> the Keras layer that computes it, matched in Keras's layer order."""
   theirs = [l for l in keras_model.layers if type(l).__name__ != "InputLayer"]
   ours = keras_order(model)
@@ -104,7 +123,7 @@ def keras_layers_by_op(keras_model, model: PlanModel) -> dict[str, Any]:
   return out
 
 
-def keras_capture(keras_model, model: PlanModel, x: np.ndarray) -> dict[str, np.ndarray]:
+def keras_capture(keras_model, model: nn.Module, x: np.ndarray) -> dict[str, np.ndarray]:
   """Every Keras layer's output on `x` in inference mode, under the jaxlab layer's name."""
   keras = import_keras()
   layers = keras_layers_by_op(keras_model, model)

@@ -10,40 +10,35 @@ from __future__ import annotations
 import pathlib
 from typing import Any
 
+import flax.linen as nn
 import numpy as np
 from flax import serialization
 
 from jaxlab import checkpoint, lock
+from jaxlab import metrics as metrics_lib
 from jaxlab.checkpoint import checkpoint_template
 from jaxlab.config import TrainConfig
 from jaxlab.errors import BadValue, MissingDependency, MissingFile, output
-from jaxlab.experiment import build_model, describe_experiment
+from jaxlab.experiment import describe_experiment, setup
 from jaxlab.hooks import ConfigFile, MetricsLog, SummaryFile
-from jaxlab.keras.model import KerasWeightsError, import_keras, keras_order, to_keras
-from jaxlab.models import KERAS_TYPES, Op, PlanModel, describe, iter_ops
-from jaxlab.optim import make_optimizer
+from jaxlab.keras.model import (KERAS_LAYERS, KerasWeightsError, import_keras, keras_order,
+                                to_keras)
+from jaxlab.models import Op, abstract_variables, describe, iter_ops, plan_of
 from jaxlab.run import Run
 from jaxlab.state import create_train_state
 from jaxlab.summary import param_counts
 
 
-def keras_weights(op: Op, params: dict[str, Any], batch_stats: dict[str, Any]) -> list[np.ndarray]:
+def keras_weights(op: Op, variables: dict[str, Any]) -> list[np.ndarray]:
   """A jaxlab layer's variables in the order Keras's `layer.get_weights()` lists them."""
-  if op.kind in ("dense", "conv2d"):
-    p = params[op.name]
-    return [np.asarray(p["kernel"]), np.asarray(p["bias"])]
-  if op.kind == "batch_normalization":
-    p, s = params[op.name], batch_stats[op.name]
-    return [np.asarray(p["scale"]), np.asarray(p["bias"]), np.asarray(s["mean"]),
-            np.asarray(s["var"])]
-  return []
+  return [np.asarray(variables[collection][op.name][name])
+          for collection, name in KERAS_LAYERS[op.kind].variables]
 
 
-def set_keras_weights(keras_model, model: PlanModel, variables: dict[str, Any]) -> None:
+def set_keras_weights(keras_model, model: nn.Module, variables: dict[str, Any]) -> None:
   """Writes jaxlab variables (params and batch_stats) into a model made by `to_keras`."""
-  params, stats = variables["params"], variables.get("batch_stats", {})
-  for op in iter_ops(model.plan()):
-    weights = keras_weights(op, params, stats)
+  for op in iter_ops(plan_of(model, "Keras export")):
+    weights = keras_weights(op, variables)
     if weights:
       keras_model.get_layer(op.name).set_weights(weights)
 
@@ -57,7 +52,8 @@ def set_keras_weights(keras_model, model: PlanModel, variables: dict[str, Any]) 
 # with parallel paths Keras lists layers by depth, path by path at each depth. `keras_order`
 # gives jaxlab's ops in that same order, so the n-th Dense of the file is the n-th Dense there.
 
-WEIGHTED_KINDS = ("dense", "conv2d", "batch_normalization")
+# The kinds of layer that hold variables, in the order their layers are matched.
+WEIGHTED_KINDS = tuple(kind for kind, layer in KERAS_LAYERS.items() if layer.variables)
 
 
 def _suffix(name: str) -> int:
@@ -104,17 +100,15 @@ def read_keras_weights(path: str) -> dict[str, list[list[np.ndarray]]]:
           for kind, items in by_kind.items()}
 
 
-def import_keras_weights(model: PlanModel, path: str) -> dict[str, Any]:
+def import_keras_weights(model: nn.Module, path: str) -> dict[str, Any]:
   """jaxlab variables (`params`, `batch_stats`) from a Keras file of the same architecture.
 
   Layers are matched in Keras's order, kind by kind, and every shape is checked; a mismatch
   raises KerasWeightsError naming both layers and both shapes.
   """
-  from jaxlab.summary import abstract_variables
-
-  template = abstract_variables(model)
-  file_layers = read_keras_weights(path)
   ops = [op for op in keras_order(model) if op.kind in WEIGHTED_KINDS]
+  template = abstract_variables(model, model.input_shape())
+  file_layers = read_keras_weights(path)
   params: dict[str, Any] = {}
   stats: dict[str, Any] = {}
   for kind in WEIGHTED_KINDS:
@@ -122,14 +116,11 @@ def import_keras_weights(model: PlanModel, path: str) -> dict[str, Any]:
     theirs = file_layers.get(kind, [])
     if len(ours) != len(theirs):
       raise KerasWeightsError(
-          f"{path} has {len(theirs)} {KERAS_TYPES[kind]} layers with weights but the model has "
+          f"{path} has {len(theirs)} {ours[0].keras_type if ours else kind} layers with weights "
+          f"but the model has "
           f"{len(ours)}")
     for op, (name, arrays) in zip(ours, theirs):
-      if kind == "batch_normalization":
-        names = (("params", "scale"), ("params", "bias"), ("batch_stats", "mean"),
-                 ("batch_stats", "var"))
-      else:
-        names = (("params", "kernel"), ("params", "bias"))
+      names = KERAS_LAYERS[kind].variables
       if len(arrays) != len(names):
         raise KerasWeightsError(f"Keras layer {name!r} has {len(arrays)} variables; jaxlab's "
                                 f"{op.name!r} needs {len(names)}")
@@ -144,7 +135,7 @@ def import_keras_weights(model: PlanModel, path: str) -> dict[str, Any]:
   return {"params": params, "batch_stats": stats}
 
 
-def export_keras(model: PlanModel, variables: dict[str, Any], path: str):
+def export_keras(model: nn.Module, variables: dict[str, Any], path: str):
   """Writes jaxlab variables as a Keras model: `.keras` (architecture and weights) or
   `.weights.h5` (weights only). Returns the Keras model."""
   if not (path.endswith(".keras") or path.endswith(".weights.h5")):
@@ -176,15 +167,17 @@ def _write_imported(run: Run, config: TrainConfig, variables: dict[str, Any],
                     source: str) -> Run:
   if run.config_file.exists():
     raise BadValue(f"{run.root} already holds a run; import into a new --workdir")
-  model = build_model(config.experiment, config.dataset, config.precision)
-  state = create_train_state(model, make_optimizer(config.optimizer), config.seed,
-                             config.learning_rate)
+  built = setup(config)
+  state = create_train_state(built, config.seed, config.learning_rate)
   imported = state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
   checkpoint.check_fits(serialization.to_state_dict(checkpoint_template(imported)),
                         serialization.to_state_dict(checkpoint_template(state)),
                         f"weights from {source}")
-  run.describe(about=describe_experiment(config.experiment), architecture=describe(model),
-               data={"imported_from": str(source)}, counts=param_counts(model))
+  run.describe(about=describe_experiment(config.experiment),
+               architecture=describe(built.model, built.example_shape),
+               data={"imported_from": str(source)},
+               counts=param_counts(built.model, built.example_shape),
+               metrics=metrics_lib.describe(built.metrics))
   files = [ConfigFile(), MetricsLog(), SummaryFile()]
   for hook in files:
     hook.on_run_start(run)

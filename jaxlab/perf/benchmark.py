@@ -1,7 +1,9 @@
 """Side-by-side training benchmark: jaxlab's loop, Keras 3 `fit` (JAX backend), PyTorch eager.
 
-All three train the same architecture (built from the same plan), with the same batch size,
-optimizer (Adam, Keras's defaults) and random data of the right shape, in one process. Each loop
+All three train the same architecture (built from the same plan: Keras and PyTorch peers need a
+model of the plan families; any experiment's model times jaxlab's own loops), with the same
+batch size, optimizer (Adam, Keras's defaults) and random data of the right shape, in one
+process. Each loop
 is set up once and warmed up with one epoch (which holds compilation); then the timed epochs
 run in rounds, one epoch of every loop per round, the loops' order rotating from round to round.
 Interleaving puts every loop under the same machine conditions (a VM's speed drifts over a
@@ -19,29 +21,38 @@ import statistics
 import time
 from typing import Any, Callable
 
+import dataclasses
+
 import jax
 import numpy as np
 
 from jaxlab.errors import BadValue
-from jaxlab.models import PlanModel, at_precision, iter_ops, op_precisions, walk
-from jaxlab.optim import make_optimizer
+from jaxlab.models import at_precision, input_shape, iter_ops, op_precisions, plan_of, walk
 from jaxlab.perf.kernels import cpu
 from jaxlab.runtime import environment
+from jaxlab.state import Setup
 from jaxlab.summary import forward_flops, layer_output_shapes
 
 
-def random_data(model: PlanModel, examples: int, num_classes: int, seed: int = 0):
+def random_data(built: Setup, examples: int, num_classes: int, seed: int = 0):
+  """Random uint8 images of the setup's example shape and labels of `num_classes`."""
   rng = np.random.default_rng(seed)
-  images = rng.integers(0, 256, (examples,) + model.input_shape(), dtype=np.uint8)
+  images = rng.integers(0, 256, (examples, *built.example_shape), dtype=np.uint8)
   labels = rng.integers(0, num_classes, (examples,), dtype=np.uint8)
   return images, labels
+
+
+def _inputs(built: Setup, images: np.ndarray) -> np.ndarray:
+  """uint8 images as a peer's model takes them: float32 in [0, 1], in its first layer's shape."""
+  shape = input_shape(built.model, built.example_shape)
+  return (images.astype(np.float32) / 255.0).reshape((len(images), *shape))
 
 
 # An epoch runner trains one more epoch each call and returns that epoch's seconds.
 EpochRunner = Callable[[], float]
 
 
-def jaxlab_runner(model: PlanModel, images, labels, batch_size: int,
+def jaxlab_runner(built: Setup, images, labels, batch_size: int,
                   steps_per_dispatch: int = 50, members: int = 1,
                   sharded: bool = True) -> EpochRunner:
   """jaxlab's own loop: `train_epoch` with its compiled, scanned and donated steps, training
@@ -52,9 +63,9 @@ def jaxlab_runner(model: PlanModel, images, labels, batch_size: int,
   from jaxlab.steps import make_steps, train_epoch
 
   mesh = parallel.data_mesh() if sharded else None
-  steps = make_steps(model, "stop", mesh)
-  state = create_group_state(model, make_optimizer("adam"), list(range(members)),
-                             [1e-3] * members, parallel.replicated(mesh) if mesh else None)
+  steps = make_steps(built, "stop", mesh)
+  state = create_group_state(built, list(range(members)), [1e-3] * members,
+                             parallel.replicated(mesh) if mesh else None)
   if mesh:
     parallel.check_batch_size(batch_size, mesh)
     x, y = parallel.put_replicated((images, labels), mesh)
@@ -76,15 +87,15 @@ def jaxlab_runner(model: PlanModel, images, labels, batch_size: int,
   return run
 
 
-def step_runner(model: PlanModel, images, labels, batch_size: int) -> EpochRunner:
+def step_runner(built: Setup, images, labels, batch_size: int) -> EpochRunner:
   """jaxlab's compiled train step alone (`Steps.train_step`, donated), one call per batch on
   batches already on the device: the speed jaxlab's loop should keep (the guard against a loop
   that runs off its step, as convolutions inside a scan on XLA:CPU did)."""
   from jaxlab.state import create_train_state
   from jaxlab.steps import make_steps
 
-  steps = make_steps(model)
-  state = create_train_state(model, make_optimizer("adam"), seed=0, learning_rate=1e-3)
+  steps = make_steps(built)
+  state = create_train_state(built, seed=0, learning_rate=1e-3)
   full = len(labels) // batch_size
   batches = [(jax.device_put(images[i * batch_size:(i + 1) * batch_size]),
               jax.device_put(labels[i * batch_size:(i + 1) * batch_size])) for i in range(full)]
@@ -100,17 +111,16 @@ def step_runner(model: PlanModel, images, labels, batch_size: int) -> EpochRunne
   return run
 
 
-def keras_runner(model: PlanModel, images, labels, batch_size: int) -> EpochRunner:
+def keras_runner(built: Setup, images, labels, batch_size: int) -> EpochRunner:
   """Keras 3 `model.fit`, one epoch per call; a callback times the epoch itself (Keras keeps
   the compiled train function between calls)."""
   from jaxlab.keras.model import import_keras, to_keras
 
   keras = import_keras()
-  net = to_keras(model)
+  net = to_keras(built.model)
   net.compile(optimizer=keras.optimizers.Adam(learning_rate=1e-3),
               loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-  x = (images.astype(np.float32) / 255.0).reshape((len(images),) + model.input_shape())
-  y = labels.astype(np.int32)
+  x, y = _inputs(built, images), labels.astype(np.int32)
 
   class Timer(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
@@ -128,7 +138,7 @@ def keras_runner(model: PlanModel, images, labels, batch_size: int) -> EpochRunn
   return run
 
 
-def keras_train(model: PlanModel, dataset, epochs: int, batch_size: int,
+def keras_train(built: Setup, dataset, epochs: int, batch_size: int,
                 seed: int) -> dict[str, list[float]]:
   """The peer of `scripts/train.py`: Keras 3 `fit` of the same architecture on a real data set
   (Adam 1e-3, validation on the test split every epoch), seeded with `seed`; its history."""
@@ -136,12 +146,10 @@ def keras_train(model: PlanModel, dataset, epochs: int, batch_size: int,
 
   keras = import_keras()
   keras.utils.set_random_seed(seed)
-  net = to_keras(model)
+  net = to_keras(built.model)
   net.compile(optimizer=keras.optimizers.Adam(learning_rate=1e-3),
               loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-  shape = (-1,) + model.input_shape()
-  x = (dataset.train_images.astype(np.float32) / 255.0).reshape(shape)
-  x_val = (dataset.test_images.astype(np.float32) / 255.0).reshape(shape)
+  x, x_val = _inputs(built, dataset.train_images), _inputs(built, dataset.test_images)
   history = net.fit(x, dataset.train_labels.astype(np.int32), batch_size=batch_size,
                     epochs=epochs, verbose=0, shuffle=True,
                     validation_data=(x_val, dataset.test_labels.astype(np.int32)))
@@ -175,19 +183,21 @@ def _torch_layers():
   }
 
 
-def to_torch(model: PlanModel):
+def to_torch(built: Setup):
   """A PyTorch module of the plan (`jaxlab.models.walk` with a table of PyTorch layers; NCHW
   for convolutions), for timing only."""
   import torch
   from torch import nn
 
-  plan, shapes, inputs = model.plan(), layer_output_shapes(model), {}
+  plan = plan_of(built.model, "the PyTorch peer")
+  shapes, inputs = layer_output_shapes(built.model, built.example_shape), {}
 
   def shape_of(op, shape):  # Each op's input shape, from the walk over shapes.
     inputs[op.name] = shape
     return shapes[op.name]
 
-  walk(plan, model.input_shape(), shape_of, lambda op, _: shapes[op.name])
+  walk(plan, input_shape(built.model, built.example_shape), shape_of,
+       lambda op, _: shapes[op.name])
   table = _torch_layers()
 
   class Net(nn.Module):
@@ -203,16 +213,15 @@ def to_torch(model: PlanModel):
   return Net()
 
 
-def torch_runner(model: PlanModel, images, labels, batch_size: int) -> EpochRunner:
+def torch_runner(built: Setup, images, labels, batch_size: int) -> EpochRunner:
   """A plain PyTorch eager loop on the CPU."""
   import torch
 
   torch.manual_seed(0)
-  net = to_torch(model)
+  net = to_torch(built)
   optimizer = torch.optim.Adam(net.parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-7)
   loss_fn = torch.nn.CrossEntropyLoss()
-  x = torch.from_numpy(images.astype(np.float32) / 255.0)
-  x = x.reshape((len(images),) + model.input_shape())
+  x = torch.from_numpy(_inputs(built, images))
   if x.ndim == 4:
     x = x.permute(0, 3, 1, 2).contiguous()  # NHWC -> NCHW, PyTorch's layout.
   y = torch.from_numpy(labels.astype(np.int64))
@@ -247,8 +256,8 @@ PEERS: dict[str, Callable[..., EpochRunner]] = {
     "jaxlab_unsharded": lambda *args: jaxlab_runner(*args, sharded=False),
     # jaxlab's loop in bf16 (as this backend computes it: jaxlab.models.PRECISIONS), beside the
     # float32 of the others, under the same process's kernels.
-    "jaxlab_bf16": lambda model, *args, **kwargs: jaxlab_runner(
-        at_precision(model, "bf16"), *args, **kwargs),
+    "jaxlab_bf16": lambda built, *args, **kwargs: jaxlab_runner(
+        dataclasses.replace(built, model=at_precision(built.model, "bf16")), *args, **kwargs),
     # The step alone, as profile_step.py times it: the loop's target.
     "jaxlab_step": step_runner,
 }
@@ -267,7 +276,7 @@ def _sequential(make: Callable[..., EpochRunner], members: int, *args) -> EpochR
   return lambda: sum(run() for run in runners)
 
 
-def run_benchmark(model: PlanModel, num_classes: int, batch_size: int, examples: int,
+def run_benchmark(built: Setup, num_classes: int, batch_size: int, examples: int,
                   epochs: int, peers: list[str], peak_flops: float | None = None,
                   log: Callable[[str], None] = print, members: int = 1) -> dict[str, Any]:
   """Times jaxlab and each peer; returns the JSON-ready results with ratios and the floor.
@@ -279,7 +288,7 @@ def run_benchmark(model: PlanModel, num_classes: int, batch_size: int, examples:
   for name in peers:
     if name not in PEERS:
       raise BadValue(f"unknown peer {name!r}; known: {', '.join(PEERS)}")
-  images, labels = random_data(model, examples, num_classes)
+  images, labels = random_data(built, examples, num_classes)
   makers = {"jaxlab": lambda *a: jaxlab_runner(*a, members=members),
             **{name: (lambda *a, make=PEERS[name]: _sequential(make, members, *a))
                for name in peers}}
@@ -288,29 +297,29 @@ def run_benchmark(model: PlanModel, num_classes: int, batch_size: int, examples:
   for name, make in makers.items():
     log(f"setting up {name} and timing its warm-up epoch ({examples} examples)")
     try:
-      runners[name] = make(model, images, labels, batch_size)
+      runners[name] = make(built, images, labels, batch_size)
     except ImportError as e:
       log(f"  skipped: {e}")
       results[name] = {"skipped": str(e)}
       continue
     results[name] = {"warmup_seconds": runners[name](), "epoch_seconds": []}
   from jaxlab.steps import choose_loop
-  results["jaxlab"]["loop"] = choose_loop(model)
+  results["jaxlab"]["loop"] = choose_loop(built)
   peaks = []
   for i in range(epochs):
     order = rotation(list(runners), i)
     for name in order:
       results[name]["epoch_seconds"].append(runners[name]())
     if peak_flops is None:  # The peak of the precisions its dots and convolutions run in.
-      peaks.append(profiling.model_peak_flops(model, {
-          p: profiling.matmul_peak_flops(p) for p in set(op_precisions(model).values())}))
+      peaks.append(profiling.model_peak_flops(built.model, built.example_shape, {
+          p: profiling.matmul_peak_flops(p) for p in set(op_precisions(built.model).values())}))
     log(f"round {i + 1}/{epochs} ({', '.join(order)}): " + ", ".join(
         f"{name} {results[name]['epoch_seconds'][-1]:.3f} s" for name in runners))
   for name in runners:
     results[name]["median_epoch_seconds"] = statistics.median(results[name]["epoch_seconds"])
   if peak_flops is None:
     peak_flops = max(peaks)
-  flops_per_epoch = 3 * forward_flops(model) * examples * members
+  flops_per_epoch = 3 * forward_flops(built.model, built.example_shape) * examples * members
   floor = flops_per_epoch / peak_flops
   jaxlab_seconds = results["jaxlab"]["median_epoch_seconds"]
   ratios = {name: jaxlab_seconds / results[name]["median_epoch_seconds"]

@@ -1,7 +1,11 @@
 """Profiling compiled steps: compile time, XLA cost and memory analysis, timed steps, peak FLOP/s.
 
-Everything here works on whatever backend JAX picked (CUDA GPU or CPU). Timings synchronize with
-`block_until_ready` on the outputs; each figure is the median over many runs after a warm-up.
+  profile(config, steps=50)   an experiment's train and eval steps, compiled and timed (what
+                              scripts/profile_step.py prints, as a table: `format_table`)
+
+Everything here works on whatever backend JAX picked (CUDA GPU or CPU), for any experiment's
+model. Timings synchronize with `block_until_ready` on the outputs; each figure is the median
+over many runs after a warm-up.
 """
 
 from __future__ import annotations
@@ -85,13 +89,12 @@ def matmul_peak_flops(precision: str = "float32", size: int | None = None,
   return 2.0 * size ** 3 / seconds
 
 
-def model_peak_flops(model: Any, peaks: dict[str, float]) -> float:
-  """The rate (FLOP/s) at which `model`'s Dense and Conv2D FLOPs could run if each ran at the
+def model_peak_flops(model: Any, image_shape: Any, peaks: dict[str, float]) -> float:
+  """The rate (FLOP/s) at which `model`'s dot and convolution FLOPs could run if each ran at the
   measured matmul peak of the precision it computes in (`peaks`: "float32", "bf16"): under bf16
   on a CPU, dots in bfloat16 and convolutions in float32 (jaxlab.models.PRECISIONS)."""
-  from jaxlab.models import op_precisions
-  from jaxlab.summary import forward_flops_by_kind
-  flops, precisions = forward_flops_by_kind(model), op_precisions(model)
+  from jaxlab.models import flops_by_kind, op_precisions
+  flops, precisions = flops_by_kind(model, image_shape), op_precisions(model)
   seconds = sum(n / peaks[precisions[kind]] for kind, n in flops.items() if n)
   return sum(flops.values()) / seconds if seconds else max(peaks.values())
 
@@ -382,3 +385,138 @@ def _probe(options: dict[str, dict[str, Any]], dtypes: list[str], steps: int,
 if __name__ == "__main__":
   import sys
   _probe(**json.loads(sys.argv[1]), skip=(sys.argv[2:3] or ["[]"])[0])
+
+
+# ----------------------------------------------------------------------------- an experiment
+
+
+def profile(config: Any, steps: int, trace_dir: str | None = None,
+            hlo_dir: str | None = None, checkpoint_dir: str | None = None,
+            members: int = 1) -> dict:
+  """Compiles and times `config`'s train and eval steps (a `jaxlab.config.TrainConfig`) on
+  random data of its data set's shape; with `members` K > 1, the steps of K members as one
+  vmapped group (each its own batch). Optionally writes a trace (`trace_dir`) and the optimized
+  HLO (`hlo_dir`), and measures what saving the state costs (`checkpoint_dir`)."""
+  import numpy as np
+
+  from jaxlab import runtime
+  from jaxlab.data import DATASETS
+  from jaxlab.experiment import setup
+  from jaxlab.models import describe_precision, op_precisions
+  from jaxlab.state import create_group_state, create_train_state
+  from jaxlab.steps import make_steps
+  from jaxlab.summary import forward_flops
+
+  experiment, batch_size, precision = config.experiment, config.batch_size, config.precision
+  info = DATASETS.get(config.dataset)
+  built = setup(config, info)
+  model = built.model
+  compiled_steps = make_steps(built)
+  rng = np.random.default_rng(0)
+  lead = (members,) if members > 1 else ()
+  images = jax.device_put(rng.integers(0, 256, lead + (batch_size,) + info.image_shape,
+                                       np.uint8))
+  labels = jax.device_put(rng.integers(0, info.num_classes, lead + (batch_size,), np.uint8))
+  if members > 1:
+    state = create_group_state(built, list(range(members)), [config.learning_rate] * members)
+    train_step, eval_step = compiled_steps.group_train_step, compiled_steps.group_eval_step
+    eval_images, eval_labels = images[0], labels[0]
+  else:
+    state = create_train_state(built, config.seed, config.learning_rate)
+    train_step, eval_step = compiled_steps.train_step, compiled_steps.eval_step
+    eval_images, eval_labels = images, labels
+  model_flops = forward_flops(model, info.image_shape) * batch_size * members
+
+  train, train_stats = compile_stats(train_step, state, images, labels)
+  holder = [state]
+
+  def run_train():
+    holder[0], metrics = train(holder[0], images, labels)
+    return metrics
+
+  evaluate, eval_stats = compile_stats(eval_step, state.variables, eval_images, eval_labels)
+  results = {}
+  for name, stats, run, flops in (("train_step", train_stats, run_train, 3 * model_flops),
+                                  ("eval_step", eval_stats,
+                                   lambda: evaluate(holder[0].variables, eval_images,
+                                                    eval_labels),
+                                   model_flops)):
+    seconds = median_seconds(run, steps)
+    results[name] = {"compile_seconds": stats.compile_seconds, "xla_flops": stats.flops,
+                     "model_flops": flops, "bytes_accessed": stats.bytes_accessed,
+                     "argument_bytes": stats.argument_bytes, "output_bytes": stats.output_bytes,
+                     "temp_bytes": stats.temp_bytes, "median_step_seconds": seconds}
+    if hlo_dir:
+      path = pathlib.Path(hlo_dir)
+      path.mkdir(parents=True, exist_ok=True)
+      (path / f"{experiment}.{name}.hlo.txt").write_text(stats.hlo_text)
+  peaks = {p: matmul_peak_flops(p) for p in sorted(set(op_precisions(model).values()))}
+  peak = model_peak_flops(model, info.image_shape, peaks)
+  for r in results.values():
+    # XLA's count misses work done in library calls (cuDNN convolutions on a GPU), so the
+    # achieved rate uses the larger of XLA's count and the model's dot/convolution count.
+    flops = max(r["xla_flops"], r["model_flops"])
+    r["flops_per_second"] = flops / r["median_step_seconds"]
+    r["fraction_of_peak"] = r["flops_per_second"] / peak
+  extra = {}
+  if trace_dir:
+    write_trace(run_train, trace_dir)
+    events = device_events(trace_dir)
+    extra = {"trace_top_ops": top_ops(events),
+             "trace_breakdown": op_breakdown(events, train_stats.hlo_text)}
+  if checkpoint_dir:
+    extra["checkpoint"] = checkpoint_cost(holder[0], checkpoint_dir)
+  for r in results.values():
+    r["median_member_step_seconds"] = r["median_step_seconds"] / members
+  return {"experiment": experiment, "dataset": info.name, "batch_size": batch_size,
+          "members": members,
+          "precision": precision, "computes": describe_precision(model),
+          **runtime.environment(), "matmul_peaks_flops_per_second": peaks,
+          "matmul_peak_flops_per_second": peak, **results,
+          **extra}
+
+
+def format_table(r: dict) -> str:
+  """`profile`'s result as the table scripts/profile_step.py prints."""
+  steps = ("train_step", "eval_step")
+  lines = [f"{r['experiment']} on {r['dataset']}, batch {r['batch_size']}, {r['precision']}, "
+           + (f"{r['members']} members (one vmapped group; FLOPs and times are of all), "
+              if r["members"] > 1 else "") +
+           f"{r['backend']} ({r['device']})"
+           + (f", kernels {r['kernels']}" if "kernels" in r else "")
+           + "; measured matmul peak " + ", ".join(
+               f"{p} {v / 1e12:.3f}" for p, v in r["matmul_peaks_flops_per_second"].items())
+           + " TFLOP/s" + (f" (this model's mix of them: "
+                           f"{r['matmul_peak_flops_per_second'] / 1e12:.3f})"
+                           if len(r["matmul_peaks_flops_per_second"]) > 1 else ""),
+           f"computes in {r['computes']}"]
+  rows = [("", *steps)] + [
+      (label, *(fmt(r[s][key]) for s in steps)) for label, key, fmt in (
+          ("compile (s)", "compile_seconds", lambda v: f"{v:.2f}"),
+          ("XLA GFLOP", "xla_flops", lambda v: f"{v / 1e9:.3f}"),
+          ("model GFLOP", "model_flops", lambda v: f"{v / 1e9:.3f}"),
+          ("bytes accessed (MB)", "bytes_accessed", lambda v: f"{v / 1e6:.1f}"),
+          ("argument bytes (MB)", "argument_bytes", lambda v: f"{v / 1e6:.1f}"),
+          ("output bytes (MB)", "output_bytes", lambda v: f"{v / 1e6:.1f}"),
+          ("temp bytes (MB)", "temp_bytes", lambda v: f"{v / 1e6:.1f}"),
+          ("median step (ms)", "median_step_seconds", lambda v: f"{v * 1e3:.3f}"),
+          ("per member (ms)", "median_member_step_seconds", lambda v: f"{v * 1e3:.3f}"),
+          ("TFLOP/s", "flops_per_second", lambda v: f"{v / 1e12:.3f}"),
+          ("fraction of peak", "fraction_of_peak", lambda v: f"{v:.1%}"))]
+  lines += [f"{a:<22}{b:>14}{c:>14}" for a, b, c in rows]
+  if r.get("checkpoint"):
+    c = r["checkpoint"]
+    lines.append(f"saving the train state ({c['bytes'] / 1e6:.1f} MB, median of {c['repeats']}): "
+                 f"the loop waits {c['sync_seconds']:.3f} s writing synchronously, "
+                 f"{c['async_blocking_seconds']:.3f} s with the background writer (which then "
+                 f"writes for {c['async_background_seconds']:.3f} s while training goes on)")
+  if r.get("trace_breakdown"):
+    b = r["trace_breakdown"]
+    lines.append(f"traced device time of 5 train steps: {b['matmul_fraction']:.1%} in matrix "
+                 f"multiplies and convolutions ({b['matmul_microseconds'] / 1e3:.3f} ms), "
+                 f"{b['other_microseconds'] / 1e3:.3f} ms in the rest")
+  if r.get("trace_top_ops"):
+    lines.append("costliest operations in the trace of 5 train steps:")
+    lines += [f"  {op['fraction']:6.1%} {op['microseconds'] / 1e3:9.3f} ms {op['calls']:5d}x  "
+              f"{op['name'][:90]}" for op in r["trace_top_ops"]]
+  return "\n".join(lines)
