@@ -1,5 +1,8 @@
 """Where jaxlab keeps what it can compute again: decoded data, kernel choices, compiled programs.
 
+  cached(fn)                                     a function's results in this process, by
+                                                 the value of its arguments
+
   $JAXLAB_CACHE_DIR (default ~/.cache/jaxlab)    decoded data sets (jaxlab.data), the kernels
                                                  measured per machine (jaxlab.perf.kernels)
   $JAXLAB_XLA_CACHE_DIR (default CACHE_DIR/xla)  JAX's persistent compilation cache
@@ -11,9 +14,10 @@ starts.
 
 from __future__ import annotations
 
+import functools
 import os
 import pathlib
-from typing import Any
+from typing import Any, Callable
 
 
 def cache_dir() -> pathlib.Path:
@@ -34,3 +38,20 @@ def compilation_cache_options(directory: str | os.PathLike | None = None) -> dic
   path = pathlib.Path(directory) if directory else compilation_cache_dir()
   return {"jax_compilation_cache_dir": str(path), "jax_persistent_cache_min_compile_time_secs": 0,
           "jax_persistent_cache_min_entry_size_bytes": 0}
+
+
+def cached(fn: Callable) -> Callable:
+  """`functools.lru_cache(maxsize=64)`, keyed by value; a call whose arguments cannot be
+  hashed (a model with a list field) runs uncached."""
+  memo = functools.lru_cache(maxsize=64)(fn)
+
+  @functools.wraps(fn)
+  def call(*args: Any, **kwargs: Any) -> Any:
+    try:
+      hash((args, tuple(kwargs.items())))
+    except TypeError:
+      return fn(*args, **kwargs)
+    return memo(*args, **kwargs)
+
+  call.cache_clear = memo.cache_clear
+  return call

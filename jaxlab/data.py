@@ -18,7 +18,8 @@ one call in a lab file:
 
 where `load()` returns (train_images, train_labels, test_images, test_labels) as NumPy arrays:
 uint8 images (N, H, W, C) (or (N, H, W) for one channel) and integer labels in
-[0, classes). `--dataset=my_data` then works wherever a built-in name does.
+[0, classes); a `load(data_dir)` gets the run's `--data_dir`. `--dataset=my_data` then works
+wherever a built-in name does.
 
 Arrays read from files are cached as .npy files, keyed by where they came from, so the second
 load is a memory map away. Images are (N, H, W, C) uint8 and labels (N,) uint8; scaling to
@@ -30,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import hashlib
+import inspect
 import io
 import os
 import pathlib
@@ -410,7 +412,8 @@ def register_dataset(name: str, *, image_shape: Sequence[int], class_names: Sequ
                      load: Callable[[], Sequence[np.ndarray]]) -> DatasetInfo:
   """A data set of the user's own, from `load()` -> (train_images, train_labels, test_images,
   test_labels): uint8 images (N, H, W, C), or (N, H, W) for one channel, and integer labels in
-  [0, len(class_names)). Registered as `name` for `--dataset` (a lab file calls this)."""
+  [0, len(class_names)); a `load` with a `data_dir` parameter is given the run's --data_dir.
+  Registered as `name` for `--dataset` (a lab file calls this)."""
   shape = tuple(int(d) for d in image_shape)
   if len(shape) != 3 or min(shape) < 1:
     raise BadValue(f"data set {name!r}: image_shape must be (height, width, channels), got "
@@ -421,9 +424,14 @@ def register_dataset(name: str, *, image_shape: Sequence[int], class_names: Sequ
     raise BadValue(f"data set {name!r}: load must be a function, got {load!r}")
   if name in DATASETS:
     raise BadValue(f"data set name {name!r} is already taken; choose another name")
-  where = f"{getattr(load, '__module__', '?')}.{getattr(load, '__qualname__', 'load')}"
-  source = Source(lambda info, _: Found(f"{where}()", "", lambda: _loaded(info, load())),
-                  lambda info, _: None)
+  named = f"{getattr(load, '__module__', '?')}.{getattr(load, '__qualname__', 'load')}"
+  takes_dir = "data_dir" in inspect.signature(load).parameters
+
+  def find(info: DatasetInfo, where: Where) -> Found:
+    call = (lambda: load(data_dir=where.data_dir)) if takes_dir else load
+    return Found(f"{named}()", "", lambda: _loaded(info, call()))
+
+  source = Source(find, lambda info, where: None)
   return DATASETS.register(name, DatasetInfo(name, shape, tuple(map(str, class_names)),
                                              (source,)))
 

@@ -196,27 +196,50 @@ def _failing_line(error: Exception, path: pathlib.Path) -> int | str:
   return lines[-1] if lines else "?"
 
 
+# The project's folder: a lab file inside it is recorded relative to it, so that runs (and the
+# results committed under docs/) name no machine's path and are read back from any checkout.
+PROJECT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def portable_path(path: str) -> str:
+  """A lab file's path as runs record it: relative to the project where it lies inside it
+  (`experiments/lab02.py`), absolute elsewhere."""
+  if not path:
+    return path
+  resolved = pathlib.Path(path).resolve()
+  return (resolved.relative_to(PROJECT).as_posix() if resolved.is_relative_to(PROJECT)
+          else str(resolved))
+
+
+def recorded_path(path: str) -> pathlib.Path:
+  """A lab file `portable_path` recorded: a relative one is the project's."""
+  return PROJECT / path if not pathlib.Path(path).is_absolute() else pathlib.Path(path)
+
+
 def describe_experiment(name: str) -> dict[str, str]:
-  """Where experiment `name` comes from, for config.json: its lab, the file that declared it
-  (so that any script can read back a run of a user's lab), and the report's own figure."""
+  """Where experiment `name` comes from, for config.json: its lab, the module and the file that
+  declared it (so that any script can read back a run of a user's lab; `portable_path`), and
+  the report's own figure."""
   exp = get_experiment(name)
   module, path = _DECLARED_IN.get(name, ("", ""))
   lab = next((lab for lab, m in BUILTIN_LABS.items() if m == module),
              pathlib.Path(path).stem if path else "")
-  return {"name": name, "lab": lab, "declared_in": path, "report": exp.report,
+  return {"name": name, "lab": lab, "module": module if module in BUILTIN_LABS.values() else "",
+          "declared_in": portable_path(path), "report": exp.report,
           "seed_accuracy": exp.seed_accuracy, "seed_dataset": exp.dataset}
 
 
 def get_experiment(name: str, declared_in: str | None = None) -> Experiment:
   """The experiment called `name`; an unknown name raises an error listing the known ones.
 
-  `declared_in`, a lab file, is loaded first if `name` is not a built-in experiment."""
+  `declared_in`, a lab file as a run records it (`portable_path`), is loaded first if `name`
+  is not a built-in experiment."""
   _load_builtin_labs()
   if name not in EXPERIMENTS and declared_in:
-    if not pathlib.Path(declared_in).is_file():
+    if not recorded_path(declared_in).is_file():
       raise MissingFile(f"experiment {name!r} was declared in {declared_in}, which no "
                         "longer exists")
-    load_lab(declared_in)
+    load_lab(str(recorded_path(declared_in)))
   return EXPERIMENTS.get(name)
 
 

@@ -48,6 +48,7 @@ import jax.numpy as jnp
 
 from flax.core import meta
 
+from jaxlab.caches import cached
 from jaxlab.errors import BadValue
 
 # ----------------------------------------------------------------------------- precision
@@ -233,19 +234,13 @@ class Op:
     return type_name(FLAX_LAYERS[self.kind].module)
 
   def describe(self) -> dict[str, Any]:
-    """The op as a JSON-ready dict, leaving out settings its kind does not use."""
+    """The op as a JSON-ready dict: the settings its kind uses (`Layer.settings_used`; an L2
+    of 0 left out)."""
     out: dict[str, Any] = {"name": self.name, "type": self.keras_type}
-    fields = {
-        "dense": ("features", "activation", "l2"),
-        "conv2d": ("features", "kernel_size", "strides", "padding", "activation", "l2"),
-        "max_pooling2d": ("kernel_size", "strides"),
-        "dropout": ("rate",),
-    }.get(self.kind, ())
-    for field in fields:
+    for key, field in FLAX_LAYERS[self.kind].settings_used:
       value = getattr(self, field)
-      if field == "l2" and not value:
-        continue
-      out["pool_size" if self.kind == "max_pooling2d" and field == "kernel_size" else field] = value
+      if not (field == "l2" and not value):
+        out[key] = value
     if self.paths:
       out["paths"] = [[op.describe() for op in path] for path in self.paths]
     return out
@@ -357,14 +352,18 @@ def check_outputs(model: nn.Module, image_shape: Sequence[int], num_classes: int
   """Raises BadValue unless the model maps a batch of these images to logits (N, num_classes)
   (traced with shapes only)."""
   what = f"the model of {name!r} ({type(model).__name__})" if name else type(model).__name__
-  variables = abstract_variables(model, image_shape)
-  out = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables,
-                       example(image_shape))
-  shape = getattr(out, "shape", None)
+  shape = _output_shape(model, tuple(image_shape))
   if shape != (1, num_classes):
-    raise BadValue(f"{what} maps images {tuple(image_shape)} to {shape or type(out).__name__}, "
+    raise BadValue(f"{what} maps images {tuple(image_shape)} to {shape}, "
                    f"not logits (N, {num_classes}); give it a num_classes field or a "
                    "fit_to(image_shape, num_classes) method")
+
+
+@cached
+def _output_shape(model: nn.Module, image_shape: tuple[int, ...]) -> Any:
+  out = jax.eval_shape(lambda v, x: model.apply(v, x, train=False),
+                       abstract_variables(model, image_shape), example(image_shape))
+  return getattr(out, "shape", None) or type(out).__name__
 
 
 def _eqns(jaxpr: Any):
@@ -453,7 +452,7 @@ def capturing(model: nn.Module, image_shape: Sequence[int]) -> Iterator[None]:
   for cls in classes:
     def sowing(self, *args, _call=cls.__call__, **kwargs):
       out = _call(self, *args, **kwargs)
-      self.sow(nnx.Intermediate, NNX_OUTPUT, out)
+      setattr(self, NNX_OUTPUT, nnx.Intermediate((out,)))  # What `sow` keeps, for the bridge.
       return out
 
     patched.append((cls, cls.__dict__.get("__call__")))
@@ -574,10 +573,12 @@ _GLOROT = {"kernel_init": nn.initializers.glorot_uniform(), "bias_init": nn.init
 class Layer:
   """A kind of op's Flax layer: its module class, and its settings for an op of `model` (its
   compute dtype, its dots) in training or not. The module is named after its op, so
-  `capture_intermediates` names it too, and its class says its Keras type (`type_name`)."""
+  `capture_intermediates` names it too, and its class says its Keras type (`type_name`).
+  `settings_used`: (name in config.json, Op field) of the op's settings this kind uses."""
 
   module: type
   settings: Callable[[Op, Any, bool], dict[str, Any]]
+  settings_used: tuple[tuple[str, str], ...] = ()
 
   def __call__(self, op: Op, model: Any, train: bool) -> nn.Module:
     return self.module(**self.settings(op, model, train), name=op.name)
@@ -633,20 +634,26 @@ class Concatenate(nn.Module):
 
 # Op kind -> its Flax layer: one row per kind of layer of the plan families. (Keras's and the
 # benchmark's PyTorch tables have a row only for the kinds they need to build otherwise.)
+_USED = lambda *names: tuple((n, n) for n in names)
+
 FLAX_LAYERS: dict[str, Layer] = {
     "dense": Layer(KerasDense, lambda op, model, train: dict(
         features=op.features, activation=op.activation, dtype=model.dtype,
-        dot_general=mixed_dot_general if model.mixed_dots else None, **_GLOROT)),
+        dot_general=mixed_dot_general if model.mixed_dots else None, **_GLOROT),
+                   _USED("features", "activation", "l2")),
     "conv2d": Layer(KerasConv, lambda op, model, train: dict(
         features=op.features, kernel_size=(op.kernel_size,) * 2, strides=(op.strides,) * 2,
-        padding=op.padding.upper(), activation=op.activation, dtype=model.dtype, **_GLOROT)),
+        padding=op.padding.upper(), activation=op.activation, dtype=model.dtype, **_GLOROT),
+                    _USED("features", "kernel_size", "strides", "padding", "activation", "l2")),
     "batch_normalization": Layer(BatchNormalization, lambda op, model, train: dict(
         use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
         dtype=model.dtype)),
     "dropout": Layer(nn.Dropout, lambda op, model, train: dict(rate=op.rate,
-                                                               deterministic=not train)),
+                                                               deterministic=not train),
+                     _USED("rate")),
     "max_pooling2d": Layer(MaxPooling2D, lambda op, model, train: dict(
-        pool_size=op.kernel_size, strides=op.strides)),
+        pool_size=op.kernel_size, strides=op.strides),
+                           (("pool_size", "kernel_size"), ("strides", "strides"))),
     "flatten": Layer(Flatten, lambda op, model, train: {}),
     "concatenate": Layer(Concatenate, lambda op, model, train: {}),
 }

@@ -26,6 +26,7 @@ import optax
 from flax import struct
 
 from jaxlab import metrics as metrics_lib
+from jaxlab.caches import cached
 from jaxlab.models import init_rngs
 from jaxlab.optim import make_optimizer, with_learning_rate
 
@@ -56,23 +57,6 @@ def make_setup(model: nn.Module, example_shape: Sequence[int], optimizer: str = 
   and `metrics` besides loss and accuracy. (`jaxlab.experiment.setup` makes an experiment's.)"""
   tx, injected = make_optimizer(optimizer, learning_rate)
   return Setup(model, tx, metrics_lib.table(metrics), tuple(example_shape), injected)
-
-
-def cached(fn: Callable) -> Callable:
-  """`functools.lru_cache(maxsize=64)`, keyed by value; a call whose arguments cannot be
-  hashed (a model with a list field) runs uncached."""
-  memo = functools.lru_cache(maxsize=64)(fn)
-
-  @functools.wraps(fn)
-  def call(*args: Any, **kwargs: Any) -> Any:
-    try:
-      hash((args, tuple(kwargs.items())))
-    except TypeError:
-      return fn(*args, **kwargs)
-    return memo(*args, **kwargs)
-
-  call.cache_clear = memo.cache_clear
-  return call
 
 
 @struct.dataclass

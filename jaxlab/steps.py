@@ -28,7 +28,8 @@ from jaxlab import parallel
 from jaxlab.config import NAN_POLICIES
 from jaxlab.metrics import FIRST_NONFINITE, NO_STEP, NONFINITE
 from jaxlab.models import convolves, regularizer
-from jaxlab.state import RUN_ONCE, Setup, TrainState, cached
+from jaxlab.caches import cached
+from jaxlab.state import RUN_ONCE, Setup, TrainState
 
 Metrics = dict[str, jax.Array]
 
@@ -303,7 +304,8 @@ def evaluate_group(steps: Steps, variables: dict, images: jax.Array, labels: jax
     totals = sums if totals is None else metrics_lib.add(totals, sums)
     preds.append(p.reshape(p.shape[0], -1))
   totals = jax.device_get(totals)
-  members = [metrics_lib.means({key: values[k].item() for key, values in totals.items()})
+  order = [*metrics_lib.names(steps.metrics), metrics_lib.COUNT]  # The table's, not sorted.
+  members = [metrics_lib.means({key: totals[key][k].item() for key in order})
              for k in range(len(totals[metrics_lib.COUNT]))]
   return members, np.asarray(jnp.concatenate(preds, axis=1))
 

@@ -110,7 +110,8 @@ def _forget_what_the_module_built():
   models and steps cached per process, Keras's state): the next module starts small, and a
   program it needs again comes back from the persistent compilation cache in milliseconds."""
   yield
-  from jaxlab import state, steps
+  from jaxlab import models, state, steps
+  models._output_shape.cache_clear()
   steps._make_steps.cache_clear()
   steps._convolves.cache_clear()
   state.init_program.cache_clear()

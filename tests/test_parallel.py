@@ -107,6 +107,12 @@ except ValueError as e:
   facts["refused"] = str(e)
 for experiment, lr, resumes in {cases!r}:
   facts[experiment] = check(experiment, lr, resumes, pathlib.Path({out!r}) / experiment)
+# A model, data set, metric and optimizer of a user's lab file, on 1 and 8 devices.
+from jaxlab.experiment import load_lab
+load_lab({own_lab!r})
+for n in (1, 8):
+  train_and_evaluate(resolve_config("own_linen", epochs=2, num_devices=n, steps_per_dispatch=2,
+                                    eval_batch_size=48), pathlib.Path({out!r}) / "own" / f"devices_{{n}}")
 print(json.dumps(facts))
 """
 
@@ -120,7 +126,7 @@ def eight_devices(tmp_path_factory):
   """Every check on 8 simulated CPU devices, in one process: (its facts, its folder)."""
   out = tmp_path_factory.mktemp("eight_devices")
   code = SNIPPET.format(tests=str(TESTS), out=str(out), refused=str(out / "refused"),
-                        cases=CASES)
+                        cases=CASES, own_lab=str(TESTS / "own_lab.py"))
   env = script_environment(
       XLA_FLAGS=f"{SCRIPT_XLA_FLAGS} --xla_force_host_platform_device_count=8")
   result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
@@ -180,6 +186,20 @@ def test_data_parallel_steps_compute_what_one_device_does(eight_devices, experim
     assert [r["epoch"] for r in records] == [1, 2] and records[-1]["step"] == 40
     config = json.loads((run / "config.json").read_text())
     assert config["environment"]["mesh"]["devices"] == then
+
+
+@pytest.mark.slow
+def test_own_model_on_eight_devices(eight_devices):
+  """The residual CNN of tests/own_lab.py (its data set, metric and scheduled optimizer) trained
+  data parallel on 8 devices computes what it does on one, up to float rounding."""
+  runs = eight_devices[1] / "own"
+  one, eight = runs / "devices_1", runs / "devices_8"
+  assert json.loads((eight / "config.json").read_text())["environment"]["mesh"]["devices"] == 8
+  assert_same_metrics(eight, one)
+  read = lambda r: [json.loads(l) for l in (r / "metrics.jsonl").read_text().splitlines()]
+  assert [r["val_top2_accuracy"] for r in read(eight)] == pytest.approx(
+      [r["val_top2_accuracy"] for r in read(one)])
+  assert largest_difference(final_state(eight), final_state(one)) < 1e-4
 
 
 @pytest.mark.slow

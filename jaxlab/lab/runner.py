@@ -33,7 +33,7 @@ from jaxlab import lock, runtime
 from jaxlab.config import TrainConfig, changed_settings
 from jaxlab.data import Dataset, load_dataset
 from jaxlab.errors import BadValue, NonFiniteError, UserError, describe, one_line, output
-from jaxlab.experiment import Lab, resolve_config
+from jaxlab.experiment import Lab, portable_path, resolve_config
 from jaxlab.files import read_json, write_json
 from jaxlab.run import Run
 from jaxlab.train import train_group
@@ -143,7 +143,8 @@ class LabRunner:
               for r in self.runs]
       mine = {r.path for r in self.runs}
       others = [r for r in previous.get("runs", []) if r.get("path") not in mine] or self._others
-      record = {"lab": self.lab.name, "source": self.lab.path, "settings": self.settings,
+      record = {"lab": self.lab.name, "source": portable_path(self.lab.path),
+                "settings": self.settings,
                 "experiments": list(dict.fromkeys([*previous.get("experiments", []),
                                                    *(r.experiment for r in self.runs)])),
                 "seeds": sorted({*previous.get("seeds", []), *(r.seed for r in self.runs)}),

@@ -186,10 +186,10 @@ def _torch_layers():
 def to_torch(built: Setup):
   """A PyTorch module of the plan (`jaxlab.models.walk` with a table of PyTorch layers; NCHW
   for convolutions), for timing only."""
+  plan = plan_of(built.model, "the PyTorch peer")
   import torch
   from torch import nn
 
-  plan = plan_of(built.model, "the PyTorch peer")
   shapes, inputs = layer_output_shapes(built.model, built.example_shape), {}
 
   def shape_of(op, shape):  # Each op's input shape, from the walk over shapes.

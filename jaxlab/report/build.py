@@ -32,10 +32,13 @@ UNSTABLE_STD = findings.UNSTABLE_POINTS  # Seeds that disagree: per-seed confusi
 CONFUSED_PAIRS = 3  # Most confused pairs listed per experiment.
 
 
-def _class_names(dataset: str, size: int) -> list[str]:
-  if dataset in data.DATASETS and data.DATASETS.get(dataset).num_classes == size:
-    return list(data.DATASETS.get(dataset).class_names)
-  return [str(i) for i in range(size)]
+def _class_names(group: Group, size: int) -> list[str]:
+  """The data set's class names: its registry entry's, else what its runs' config.json says
+  (a data set a lab file declares), else the class indexes."""
+  names = (list(data.DATASETS.get(group.dataset).class_names) if group.dataset in data.DATASETS
+           else next((r.data["class_names"] for r in group.runs if r.data.get("class_names")),
+                     []))
+  return names if len(names) == size else [str(i) for i in range(size)]
 
 
 def _confusion(group: Group) -> dict[str, Any] | None:
@@ -49,7 +52,7 @@ def _confusion(group: Group) -> dict[str, Any] | None:
   matrices = [np.asarray(r.summary["evaluation"]["final"]["confusion_matrix"], float)
               for r in done]
   matrix = np.mean(matrices, axis=0)
-  names = _class_names(group.dataset, len(matrix))
+  names = _class_names(group, len(matrix))
   support = matrix.sum(1)
   pairs = sorted(((matrix[i, j], i, j) for i in range(len(matrix)) for j in range(len(matrix))
                   if i != j and matrix[i, j] > 0), reverse=True)[:CONFUSED_PAIRS]
@@ -138,10 +141,41 @@ def experiment_rows(collection: Collection) -> list[dict[str, Any]]:
         "p_value_vs_baseline": (welch_p_value(final, base_final)
                                 if group is not baseline else None),
         "confusion": _confusion(group),
+        "metrics": _other_metrics(done),
     })
   for row, p in zip(rows, holm([r["p_value_vs_baseline"] for r in rows])):
     row["p_holm_vs_baseline"] = p
   return rows
+
+
+BUILTIN_METRICS = ("loss", "accuracy")  # The report's own columns; any other metric below.
+
+
+def _other_metrics(done: list[Run]) -> dict[str, dict[str, Any]]:
+  """Each metric of the completed runs beyond loss and accuracy (an experiment's own, as its
+  config.json lists them): final and last-3 validation values over seeds, and its direction."""
+  names = dict.fromkeys(name for r in done for name in r.metrics if name not in BUILTIN_METRICS)
+  found = {}
+  for name in names:
+    key = f"val_{name}"
+    final = [(r.seed, r.history[-1].get(key)) for r in done if r.history]
+    last = [(r.seed, _last_epochs(r, key)) for r in done]
+    final, last = ([(s, v) for s, v in pairs if v is not None] for pairs in (final, last))
+    found[name] = {"final": spread([v for _, v in final], [s for s, _ in final]),
+                   f"last{LAST_EPOCHS}": spread([v for _, v in last], [s for s, _ in last]),
+                   "higher_is_better": next(r.metrics[name].get("higher_is_better", True)
+                                            for r in done if name in r.metrics)}
+  return found
+
+
+def other_metrics_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]] | None:
+  """Experiments x the other metrics: final validation value, mean ± std over seeds."""
+  names = list(dict.fromkeys(name for r in rows for name in r.get("metrics", {})))
+  if not names:
+    return None
+  return (["experiment", *(f"final val {name}" for name in names)],
+          [[r["label"], *(_mean_std(r["metrics"][name]["final"]) if name in r["metrics"]
+                          else "—" for name in names)] for r in rows])
 
 
 def _evidence(rows: list[dict[str, Any]]) -> findings.Evidence:
@@ -159,7 +193,11 @@ def _evidence(rows: list[dict[str, Any]]) -> findings.Evidence:
       last3={k: [r[f"last{LAST_EPOCHS}_val_accuracy"]["per_seed"][s]
                  for s in r["final_val_accuracy"]["per_seed"]
                  if s in r[f"last{LAST_EPOCHS}_val_accuracy"]["per_seed"]]
-             for k, r in first.items()})
+             for k, r in first.items()},
+      others={name: {summary: {k: list(r["metrics"][name][key]["per_seed"].values())
+                               for k, r in first.items() if name in r.get("metrics", {})}
+                     for summary, key in (("final", "final"), ("last3", f"last{LAST_EPOCHS}"))}
+              for name in dict.fromkeys(n for r in first.values() for n in r.get("metrics", {}))})
 
 
 def study(collection: Collection, rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -432,6 +470,7 @@ def build_report(runs_dir: str | pathlib.Path, out_dir: str | pathlib.Path) -> d
       "findings": found,
       "experiments": rows,
       "class_accuracy": class_accuracy_table(rows),
+      "other_metrics": other_metrics_table(rows),
       "runs": [{"path": r.path, "experiment": r.experiment, "seed": r.seed, "status": r.status,
                 "epochs_completed": len(r.history), "epochs": r.epochs,
                 "final_val_accuracy": r.summary.get("final_val_accuracy"),

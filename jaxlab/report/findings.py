@@ -6,8 +6,9 @@ A lab module declares what its seed report asked as `QUESTIONS`, a list of `Ques
                         compare=(Compare("mlp_deep", "mlp_baseline", "23 layers of 128, not 3"),))]
 
 `run_lab.py` records them in lab.json; the report answers each from the runs' validation
-accuracies, on the summary the question names (`metric`: the final epoch's, or the mean of
-the last 3 epochs', less noisy): every comparison is a difference of means with its 95% Welch
+accuracies (or another metric the runs record, `on`: a user's own, `on="top2_accuracy"`), on
+the summary the question names (`metric`: the final epoch's, or the mean of the last 3
+epochs', less noisy): every comparison is a difference of means with its 95% Welch
 interval, Welch's p and Holm's correction over all the comparisons of the report (one family),
 said to be a difference only where the corrected test says so, and set against the seed
 report's own figures (reproduced, reversed, or not resolved). One the seeds cannot settle says
@@ -53,11 +54,15 @@ class Question:
   compare: tuple[Compare, ...] = ()
   stability: tuple[str, ...] = ()
   metric: str = "final"  # A key of METRICS: the summary its comparisons are made on.
+  on: str = "accuracy"  # The metric (val_<on> in metrics.jsonl) its comparisons are made on.
 
   def __post_init__(self):
     if self.metric not in METRICS:
       raise BadValue(f"question {self.topic!r}: unknown metric {self.metric!r}; known: "
                      f"{', '.join(METRICS)}")
+    if not (isinstance(self.on, str) and self.on.isidentifier()):
+      raise BadValue(f"question {self.topic!r}: `on` names a metric of the runs "
+                     f"(accuracy, loss, or an experiment's own), got {self.on!r}")
 
   def to_json(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -66,7 +71,8 @@ class Question:
   def from_json(cls, data: dict[str, Any]) -> Question:
     return cls(data["topic"], data["question"], data.get("seed_answer", ""),
                tuple(Compare(**c) for c in data.get("compare", ())),
-               tuple(data.get("stability", ())), data.get("metric", "final"))
+               tuple(data.get("stability", ())), data.get("metric", "final"),
+               data.get("on", "accuracy"))
 
 
 def _points(x: float) -> str:
@@ -84,8 +90,13 @@ class Evidence:
   seed_dataset: dict[str, str]
   dataset: dict[str, str]
   last3: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+  # Every other metric the runs record: {name: {"final"|"last3": {experiment: per seed}}}.
+  others: dict[str, dict[str, dict[str, list[float]]]] = dataclasses.field(default_factory=dict)
 
-  def of(self, metric: str) -> dict[str, list[float]]:
+  def of(self, metric: str, on: str = "accuracy") -> dict[str, list[float]]:
+    """Each experiment's per-seed values of `metric` (a summary of METRICS) of `on`."""
+    if on != "accuracy":
+      return self.others.get(on, {}).get(metric, {})
     return self.last3 if metric == "last3" else self.final
 
   def collapsed(self, name: str) -> int:
@@ -99,18 +110,19 @@ def _compared(a: list[float], b: list[float]) -> dict[str, Any]:
   return difference(a, b) or {"difference": None, "ci95": None, "p": None}
 
 
-def _comparison(c: Compare, evidence: Evidence, metric: str) -> dict[str, Any]:
-  """`c` on `metric`, with the same comparison on the other summary as `other`."""
+def _comparison(c: Compare, evidence: Evidence, metric: str, on: str) -> dict[str, Any]:
+  """`c` on `metric` of `on`, with the same comparison on the other summary as `other`."""
   other = "final" if metric == "last3" else "last3"
-  a, b = evidence.of(metric).get(c.experiment, []), evidence.of(metric).get(c.against, [])
+  a, b = (evidence.of(metric, on).get(name, []) for name in (c.experiment, c.against))
   found = {"experiment": c.experiment, "against": c.against, "change": c.change,
-           "metric": metric, "n": [len(a), len(b)], **_compared(a, b),
-           "other": {"metric": other, **_compared(evidence.of(other).get(c.experiment, []),
-                                                  evidence.of(other).get(c.against, []))},
+           "metric": metric, "on": on, "n": [len(a), len(b)], **_compared(a, b),
+           "other": {"metric": other, **_compared(evidence.of(other, on).get(c.experiment, []),
+                                                  evidence.of(other, on).get(c.against, []))},
            "collapsed": {name: evidence.collapsed(name) for name in (c.experiment, c.against)
                          if evidence.collapsed(name)}}
   fa, fb = evidence.seed_figure.get(c.experiment), evidence.seed_figure.get(c.against)
-  found["seed_difference"] = fa - fb if fa is not None and fb is not None else None
+  found["seed_difference"] = (fa - fb if fa is not None and fb is not None and on == "accuracy"
+                              else None)
   found["seed_dataset"] = evidence.seed_dataset.get(c.experiment, "")
   return found
 
@@ -131,6 +143,12 @@ def _verdict(found: dict[str, Any]) -> str:
 
 
 def _sentence(found: dict[str, Any], tests: int) -> str:
+  on = found.get("on", "accuracy")
+  text = _comparison_sentence(found, tests)
+  return text if on == "accuracy" else f"On validation {on}: {text}"
+
+
+def _comparison_sentence(found: dict[str, Any], tests: int) -> str:
   a, b = f"`{found['experiment']}`", f"`{found['against']}`"
   if found["difference"] is None:
     short = found["experiment"] if found["n"][0] < 2 else found["against"]
@@ -150,7 +168,8 @@ def _sentence(found: dict[str, Any], tests: int) -> str:
             + ". " + _seeds_sentence(found))
   other = found["other"]
   if other["p_holm"] is not None and (other["p_holm"] < ALPHA) != (found["p_holm"] < ALPHA):
-    text += (f" On the {METRICS[other['metric']]} instead ({_points(other['difference'])} "
+    words = METRICS[other["metric"]].replace("accuracy", found.get("on", "accuracy"))
+    text += (f" On the {words} instead ({_points(other['difference'])} "
              f"points, Holm-corrected p {other['p_holm']:.2g}) the verdict is the other way: "
              + ("a difference larger than the spread." if other["p_holm"] < ALPHA
                 else "inside the spread."))
@@ -206,14 +225,15 @@ def answer(questions: Sequence[Question], evidence: Evidence, baseline: str
            ) -> list[dict[str, Any]]:
   """Each question with its comparisons (Holm-corrected over every comparison of every
   question), its stability checks, and the sentences that say them."""
-  found = [[_comparison(c, evidence, q.metric) for c in q.compare] for q in questions]
+  found = [[_comparison(c, evidence, q.metric, q.on) for c in q.compare] for q in questions]
   flat = [f for fs in found for f in fs]
   adjusted = holm([f["p"] for f in flat])
   tests = sum(p is not None for p in adjusted)
   for f, p, p_other in zip(flat, adjusted, holm([f["other"]["p"] for f in flat])):
     f["p_holm"], f["other"]["p_holm"] = p, p_other
     f["verdict"] = _verdict(f)
-    a, b = (evidence.of(f["metric"]).get(name, []) for name in (f["experiment"], f["against"]))
+    a, b = (evidence.of(f["metric"], f["on"]).get(name, [])
+            for name in (f["experiment"], f["against"]))
     f["seeds_needed"] = None if f["collapsed"] else seeds_needed(a, b, tests)
   reference = _stability(baseline, evidence)
   answers = []

@@ -208,7 +208,9 @@ def _findings(document: dict[str, Any]) -> list[Block]:
                          f"{PRACTICAL_SEEDS}) would, or where collapsed runs make the spread."),
                Table(["comparison", "on", "Δ points", "95% CI", "Holm p", "verdict",
                       "seeds", "seeds needed"],
-                     [[f"{c['experiment']} − {c['against']}", c.get("metric", "final"),
+                     [[f"{c['experiment']} − {c['against']}",
+                       c.get("metric", "final") + ("" if c.get("on", "accuracy") == "accuracy"
+                                                   else f" val {c['on']}"),
                        _signed(c["difference"]), _interval(c["ci95"]),
                        "—" if c["p_holm"] is None else f"{c['p_holm']:.2g}",
                        ("difference" if settled(c) else "not settled") + (f" ({c['verdict']})" if c.get("verdict") else ""),
@@ -297,6 +299,13 @@ def report_blocks(document: dict[str, Any], table: tuple[list[str], list[list[st
         Heading("Train against validation accuracy"),
         Image(figures["train_vs_validation"], "train and validation accuracy per experiment"),
     ]
+  if document.get("other_metrics"):
+    header, cells = document["other_metrics"]
+    blocks += [Heading("The experiments' own metrics (final epoch)"),
+               Table(header, cells),
+               Paragraph("Each metric an experiment declares beside loss and accuracy "
+                         "(`jaxlab.metrics`), on the validation split: mean ± sample standard "
+                         "deviation over the completed seeds (n).")]
   if document.get("class_accuracy"):
     header, cells = document["class_accuracy"]
     blocks += [Heading("Accuracy per class (final checkpoint, mean over seeds)"),
