@@ -9,6 +9,10 @@ its position); `sha256` is its checksum, so a truncated or bit-flipped file is d
 anything is restored from it; `meta` says what wrote it (experiment, configuration, layer plan,
 step, versions) without reading the payload. Files are written atomically (`write_atomic`).
 
+A save serializes once and copies no array: the payload's bytes are Flax's, but each large
+array goes to the file from its own memory (`encode_parts`), not through a second buffer; the
+best checkpoint is another name of a step checkpoint's file (`jaxlab.files.link_atomic`).
+
 `AsyncWriter` saves in a background thread: the caller copies the state to the host at a step
 boundary, and serializing and writing go on while training does, one save in flight at most.
 
@@ -38,7 +42,7 @@ from jaxlab.config import TrainConfig, validate
 from jaxlab.errors import CheckpointError, CorruptCheckpoint  # noqa: F401 (part of this API)
 from jaxlab import metrics as metrics_lib
 from jaxlab.experiment import get_experiment, setup
-from jaxlab.files import write_atomic
+from jaxlab.files import link_atomic, write_atomic
 from jaxlab.models import describe
 from jaxlab.run import RESTART_HINT, Run, step_of
 from jaxlab.state import Setup, TrainState, create_train_state, member, stack
@@ -47,19 +51,73 @@ T = TypeVar("T")
 FORMAT = "jaxlab-checkpoint/2"
 
 
+# An array of at least this many bytes goes to the file from its own memory (smaller ones are
+# packed as Flax packs them); one over Flax's chunk size makes the whole payload Flax's own.
+_STREAMED = 1 << 16
+_EXT32 = b"\xc9"  # msgpack's ext 32 header: the length (4 bytes, big-endian), then the type.
+
+
+def _bin_header(n: int) -> bytes:
+  """msgpack's header of `n` bytes of binary data (what `packb(bytes)` writes before them)."""
+  if n < 1 << 8:
+    return b"\xc4" + n.to_bytes(1, "big")
+  return b"\xc5" + n.to_bytes(2, "big") if n < 1 << 16 else b"\xc6" + n.to_bytes(4, "big")
+
+
+def payload_parts(target: Any) -> list[bytes | memoryview]:
+  """`flax.serialization.to_bytes(target)` as parts whose concatenation is those bytes: its own
+  msgpack of every small value, and each large array's memory as it is (no copy of it)."""
+  state_dict = serialization.to_state_dict(target)
+  leaves = jax.tree_util.tree_leaves(state_dict)
+  if any(isinstance(x, np.ndarray) and x.nbytes > serialization.MAX_CHUNK_SIZE for x in leaves):
+    return [serialization.msgpack_serialize(state_dict)]
+  outer = msgpack.Packer(default=serialization._msgpack_ext_pack, strict_types=True)
+  inner = msgpack.Packer()  # What Flax packs an array's (shape, dtype, bytes) with.
+  code = bytes([int(serialization._MsgpackExtType.ndarray)])
+  parts: list[bytes | memoryview] = []
+
+  def walk(x: Any) -> None:
+    if isinstance(x, dict):
+      parts.append(outer.pack_map_header(len(x)))
+      for key, value in x.items():
+        parts.append(outer.pack(key))
+        walk(value)
+    elif (isinstance(x, np.ndarray) and x.nbytes >= _STREAMED and not x.dtype.hasobject
+          and not x.dtype.isalignedstruct):
+      data = memoryview(np.ascontiguousarray(x)).cast("B")
+      head = (inner.pack_array_header(3) + inner.pack(x.shape) + inner.pack(x.dtype.name)
+              + _bin_header(x.nbytes))
+      parts.extend([_EXT32 + (len(head) + x.nbytes).to_bytes(4, "big") + code, head, data])
+    else:
+      parts.append(outer.pack(np.array(x) if isinstance(x, jax.Array) else x))
+
+  walk(state_dict)
+  return parts
+
+
+def encode_parts(target: Any, meta: dict[str, Any] | None = None) -> list[bytes | memoryview]:
+  """A checkpoint file's bytes, as parts to write one after another: the envelope (format,
+  meta, the payload's SHA-256) and the payload (`payload_parts`)."""
+  parts = payload_parts(target)
+  digest = hashlib.sha256()
+  for part in parts:
+    digest.update(part)
+  envelope = msgpack.Packer()
+  head = (envelope.pack_map_header(4) + envelope.pack("format") + envelope.pack(FORMAT)
+          + envelope.pack("meta") + envelope.pack(meta or {}) + envelope.pack("sha256")
+          + envelope.pack(digest.hexdigest()) + envelope.pack("payload")
+          + _bin_header(sum(len(p) for p in parts)))
+  return [head, *parts]
+
+
 def encode(target: Any, meta: dict[str, Any] | None = None) -> bytes:
-  payload = serialization.to_bytes(target)
-  return msgpack.packb({"format": FORMAT, "meta": meta or {},
-                        "sha256": hashlib.sha256(payload).hexdigest(), "payload": payload})
+  """A checkpoint file's bytes (`encode_parts`, joined)."""
+  return b"".join(encode_parts(target, meta))
 
 
-def save(path: str | os.PathLike | Sequence[str | os.PathLike], target: Any,
-         meta: dict[str, Any] | None = None) -> None:
-  """Saves any pytree of arrays (a train state, a dict holding one) with its metadata, to one
-  path or to each of several (encoded once)."""
-  data = encode(target, meta)
-  for each in [path] if isinstance(path, (str, os.PathLike)) else path:
-    write_atomic(each, data)
+def save(path: str | os.PathLike, target: Any, meta: dict[str, Any] | None = None) -> None:
+  """Saves any pytree of arrays (a train state, a dict holding one) with its metadata."""
+  write_atomic(path, encode_parts(target, meta))
 
 
 def read(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -149,35 +207,56 @@ class AsyncWriter:
   """Writes checkpoints in one background thread, one save in flight at most.
 
   `save` waits for the previous save (raising its error, a full disk say, in the training
-  loop), then hands over an already host-side copy; `wait` blocks until the last save is on
-  disk; `close` waits and stops the thread. With `background=False` every save is written
-  before `save` returns (the synchronous baseline)."""
+  loop), then hands over an already host-side copy; `link` names a saved file again once it is
+  written; `wait` blocks until the last of them is on disk; `close` waits and stops the thread.
+  With `background=False` every save is written before `save` returns (the synchronous
+  baseline)."""
 
   def __init__(self, background: bool = True):
     self._executor = (concurrent.futures.ThreadPoolExecutor(1, "jaxlab-checkpoint")
                       if background else None)
     self._pending: concurrent.futures.Future | None = None
 
-  def save(self, paths: Sequence[pathlib.Path], target: Any, meta: dict[str, Any],
+  def _submit(self, work: Callable[[], None]) -> None:
+    if self._executor is None:
+      work()
+    else:
+      self._pending = self._executor.submit(work)
+
+  def save(self, path: pathlib.Path, target: Any, meta: dict[str, Any],
            after: Callable[[], None] | None = None) -> None:
-    """Writes `target` (host arrays) to every path in `paths`, then calls `after`."""
+    """Writes `target` (host arrays) to `path`, then calls `after`."""
     self.wait()
 
     def write() -> None:
-      data = encode(target, meta)
-      for path in paths:
-        try:
-          write_atomic(path, data)
-        except OSError as e:  # A full disk, say: the file it would replace is untouched.
-          raise CheckpointError(f"could not write checkpoint {path}: {e.strerror or e}; the "
-                                "checkpoints written before it are intact") from e
+      try:
+        save(path, target, meta)
+      except OSError as e:  # A full disk, say: the file it would replace is untouched.
+        raise CheckpointError(f"could not write checkpoint {path}: {e.strerror or e}; the "
+                              "checkpoints written before it are intact") from e
       if after is not None:
         after()
 
-    if self._executor is None:
-      write()
-    else:
-      self._pending = self._executor.submit(write)
+    self._submit(write)
+
+  def link(self, source: pathlib.Path, path: pathlib.Path) -> None:
+    """Makes `path` another name of the file `source` once the saves before are written
+    (`jaxlab.files.link_atomic`: no second write of the checkpoint)."""
+    self.wait()
+
+    def link() -> None:
+      try:
+        link_atomic(source, path)
+      except OSError as e:
+        raise CheckpointError(f"could not name {source} as {path}: {e.strerror or e}") from e
+
+    self._submit(link)
+
+  def written(self) -> bool:
+    """Waits for what was handed over (from any thread; nothing changes); whether it is on
+    disk without error."""
+    pending = self._pending
+    return pending is None or pending.exception() is None
 
   def wait(self) -> None:
     pending, self._pending = self._pending, None
@@ -196,8 +275,8 @@ class AsyncWriter:
 
 
 def checkpoint_template(state: Any, sums: dict[str, Any] | None = None) -> dict[str, Any]:
-  """What a checkpoint holds: the train state, and the metric sums of the steps of an
-  unfinished epoch (none at an epoch's end)."""
+  """What a checkpoint holds: the train state, and the metric sums of the epoch's steps so far
+  (the whole epoch's at its end, saved before its validation)."""
   return {"state": state, "sums": dict(sums or {})}
 
 

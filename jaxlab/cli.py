@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging as std_logging
-import shlex
 import sys
 import traceback
 import types
@@ -24,7 +23,7 @@ from absl import app, flags
 from jaxlab.config import TrainConfig
 from jaxlab.errors import BadValue, NonFiniteError, UserError, one_line, output, show_traceback
 from jaxlab.files import write_atomic
-from jaxlab.runtime import EXIT_PREEMPTED, Preempted
+from jaxlab.runtime import EXIT_PREEMPTED, Preempted, resume_hint
 
 # JAX logs at INFO that it found no TPU library on every start; that is not news to a user.
 std_logging.getLogger("jax._src.xla_bridge").setLevel(std_logging.WARNING)
@@ -47,8 +46,7 @@ def user_errors_exit(main: Callable[[list[str]], None]) -> Callable[[list[str]],
         raise BadValue(f"unexpected arguments: {' '.join(argv[1:])}")
       main(argv)
     except Preempted as e:
-      print(f"{e}\nresume with the same command: python {shlex.join(sys.argv)}",
-            file=sys.stderr)
+      print(f"{e}\n{resume_hint()}", file=sys.stderr)
       sys.exit(EXIT_PREEMPTED)
     except NonFiniteError as e:
       print(f"error: {e}", file=sys.stderr)

@@ -2,31 +2,61 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import pathlib
 import threading
-from typing import Any
+from typing import Any, Iterable
 
 from absl import logging
 
 from jaxlab.errors import writing
 
 
-def write_atomic(path: str | os.PathLike, data: bytes) -> None:
-  """Writes `data` to `path` so that a crash at any moment leaves the old file or the new one:
-  a temporary file, flushed and fsynced, renamed over `path`, then the directory fsynced so the
-  rename itself survives a power cut. On an error the temporary file is removed and the old
-  file is left as it was; a full disk is a `DiskFull` naming `path`."""
+def _temporary(path: pathlib.Path) -> pathlib.Path:
+  """A name beside `path` for its next version, of this process and thread only."""
+  return path.with_name(f"{path.name}.tmp{os.getpid()}-{threading.get_native_id()}")
+
+
+def write_atomic(path: str | os.PathLike, data: bytes | Iterable[Any]) -> None:
+  """Writes `data` (bytes, or buffers written one after another: no copy of them is joined) to
+  `path` so that a crash at any moment leaves the old file or the new one: a temporary file,
+  flushed and fsynced, renamed over `path`, then the directory fsynced so the rename itself
+  survives a power cut. On an error the temporary file is removed and the old file is left as
+  it was; a full disk is a `DiskFull` naming `path`."""
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f"{path.name}.tmp{os.getpid()}-{threading.get_native_id()}")
+  tmp = _temporary(path)
   try:
     with writing(path), open(tmp, "wb") as f:
-      f.write(data)
+      for part in [data] if isinstance(data, (bytes, bytearray, memoryview)) else data:
+        f.write(part)
       f.flush()
       os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    tmp.unlink(missing_ok=True)
+    raise
+  fsync_directory(path.parent)
+
+
+def link_atomic(source: str | os.PathLike, path: str | os.PathLike) -> None:
+  """`path` made another name of the file `source` (a hard link: no byte is written again, and
+  the file outlives the removal of `source`), replacing what `path` was in one rename; where the
+  file system has no hard links, a copy written as `write_atomic` writes."""
+  source, path = pathlib.Path(source), pathlib.Path(path)
+  tmp = _temporary(path)
+  try:
+    os.link(source, tmp)
+  except OSError as e:
+    if e.errno not in (errno.EPERM, errno.EXDEV, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP):
+      raise
+    with open(source, "rb") as f:
+      write_atomic(path, iter(lambda: f.read(1 << 24), b""))
+    return
+  try:
     os.replace(tmp, path)
   except BaseException:
     tmp.unlink(missing_ok=True)

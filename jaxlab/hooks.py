@@ -10,6 +10,8 @@ the methods it needs:
   on_chunk_end(steps, totals)         as each compiled call's metric sums reach the host
   wants_state(step) -> bool           at each step boundary inside an epoch: True asks for
   on_step_boundary(epoch, state, sums)  this call, with the state after global step `step`
+  on_epoch_trained(epoch, state, sums)  after the epoch's last step, before its validation:
+                                      the state and the epoch's sums
   on_epoch_end(epoch, record, state)  after validation; `record` is the metrics.jsonl line
   flush()                             before the final evaluation: finish pending writes
   on_run_end(summary)                 after the final evaluation; `summary` is metrics.json
@@ -81,11 +83,19 @@ class Hook:
   def on_step_boundary(self, epoch: int, state: TrainState, sums: dict[str, Any]) -> None:
     pass
 
+  def on_epoch_trained(self, epoch: int, state: TrainState, sums: dict[str, Any]) -> None:
+    pass
+
   def on_epoch_end(self, epoch: int, record: dict[str, Any], state: TrainState) -> None:
     pass
 
   def flush(self) -> None:
     pass
+
+  def written(self) -> bool:
+    """Waits until what the hook has handed over is on disk; whether it is, without error (a
+    stop in the middle of a validation ends the process once every hook says so)."""
+    return True
 
   def on_run_end(self, summary: dict[str, Any]) -> None:
     pass
@@ -162,15 +172,17 @@ class MetricsLog(Hook):
 
 
 class Checkpoints(Hook):
-  """Saves the train state at every epoch's end (with no sums: the epoch is done), and inside
-  epochs (with the sums so far) every `checkpoint_every_steps` steps or `checkpoint_every_secs`
-  seconds, whichever comes first, and at the next step boundary after a stop was requested
+  """Saves the train state at every epoch's end, before its validation (with the epoch's sums:
+  a run stopped during the validation resumes with the validation), and inside epochs (with the
+  sums so far) every `checkpoint_every_steps` steps or `checkpoint_every_secs` seconds,
+  whichever comes first, and at the next step boundary after a stop was requested
   (`jaxlab.runtime.stop_on_signals`).
 
   Each save copies the state to the host at the boundary; serializing and writing happen in a
   background thread (`checkpoint.AsyncWriter`, one save in flight) while training goes on. The
-  newest `keep_checkpoints` step checkpoints are kept, and checkpoints/best.msgpack is rewritten
-  when validation accuracy strictly improves (the first maximum: `jaxlab.run.best_record`)."""
+  newest `keep_checkpoints` step checkpoints are kept, and checkpoints/best.msgpack is made
+  another name of the epoch's step checkpoint when validation accuracy strictly improves (the
+  first maximum: `jaxlab.run.best_record`), never a second write of it."""
 
   def __init__(self, background: bool = True):
     self.background = background
@@ -194,26 +206,29 @@ class Checkpoints(Hook):
                     and time.monotonic() - self.saved_time >= config.checkpoint_every_secs))
 
   def on_step_boundary(self, epoch: int, state: TrainState, sums: dict[str, Any]) -> None:
-    self.save(state, sums, epoch - 1, best=False)
+    self.save(state, sums, epoch - 1)
+
+  def on_epoch_trained(self, epoch: int, state: TrainState, sums: dict[str, Any]) -> None:
+    if int(state.step) != self.saved_step:  # Not when it resumed from this very checkpoint.
+      self.save(state, sums, epoch)
 
   def on_epoch_end(self, epoch: int, record: dict[str, Any], state: TrainState) -> None:
     value = record.get(BEST_ON)
-    improved = value is not None and (self.best is None or value > self.best)
-    if improved:
+    if value is not None and (self.best is None or value > self.best):
       self.best = value
-    self.save(state, {}, epoch, best=improved)
+      self.writer.link(self.run.step_checkpoint(int(state.step)), self.run.best)
 
-  def save(self, state: TrainState, sums: dict[str, Any], epochs_done: int, best: bool) -> None:
+  def save(self, state: TrainState, sums: dict[str, Any], epoch: int) -> None:
+    """Saves `state` and `sums` at its step; `epoch`: the epochs it has trained through."""
     host = checkpoint.to_host({"state": state, "sums": dict(sums)})
     step = int(host["state"].step)
-    run = self.run
-    paths = [run.step_checkpoint(step)] + ([run.best] if best else [])
-    meta = {**self.run.identity, "step": step, "epoch": epochs_done, "time": time.time()}
-    self.writer.save(paths, host, meta, after=lambda: self._prune(step))
+    meta = {**self.run.identity, "step": step, "epoch": epoch, "time": time.time()}
+    self.writer.save(self.run.step_checkpoint(step), host, meta, after=lambda: self._prune(step))
     self.saved_step, self.saved_time = step, time.monotonic()
 
   def _prune(self, newest: int) -> None:
-    """Removes all but the newest `keep_checkpoints` step checkpoints (never `newest`)."""
+    """Removes all but the newest `keep_checkpoints` step checkpoints (never `newest`; the best
+    checkpoint is a name of its own, which outlives its step checkpoint)."""
     keep = self.run.config.keep_checkpoints
     for path in self.run.step_checkpoints()[keep:]:
       if path != self.run.step_checkpoint(newest):
@@ -222,6 +237,9 @@ class Checkpoints(Hook):
   def flush(self) -> None:
     if self.writer is not None:
       self.writer.wait()
+
+  def written(self) -> bool:
+    return self.writer is None or self.writer.written()
 
   def close(self) -> None:
     if self.writer is not None:
@@ -331,6 +349,19 @@ class Hooks:
     host = checkpoint.to_host(state)
     for k, hook in self._asking:
       hook.on_step_boundary(epoch, member(host, k), totals[k])
+
+  def epoch_trained(self, epoch: int, state: TrainState,
+                    totals: Sequence[dict[str, Any]]) -> TrainState:
+    """Every hook, with one host copy of the stacked state; returns that copy (the state the
+    validation leaves unchanged, for `epoch_end`)."""
+    host = checkpoint.to_host(state)
+    states = [member(host, k) for k in range(len(self.runs))]
+    for k, hook in self.ordered:
+      hook.on_epoch_trained(epoch, states[k], totals[k])
+    return host
+
+  def written(self) -> bool:
+    return all([hook.written() for _, hook in self.ordered])
 
   def epoch_end(self, epoch: int, records: Sequence[dict[str, Any]], host: TrainState) -> None:
     """`host`: the stacked state after the epoch, already copied to the host."""

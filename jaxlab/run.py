@@ -109,6 +109,7 @@ class Run:
     self.worker: dict[str, Any] | None = None  # The process that trained it, in a lab.
     self.start_step = 0
     self.steps_per_epoch = 0
+    self.start_epoch = 0  # The epochs done (trained and validated) before this process's.
     self.counts: dict[str, int] = {}
     # Each metric it records (train_<name>, val_<name>) and its direction (`jaxlab.metrics`).
     self.metrics: dict[str, dict[str, Any]] = dict(BUILTIN_METRICS)
@@ -307,12 +308,22 @@ class Run:
       if value is not None:
         setattr(self, name, dict(value))
 
-  def resume_at(self, step: int, steps_per_epoch: int) -> None:
-    """Training (re)starts after global step `step`, of `steps_per_epoch` an epoch: the history
-    keeps the epochs before it (those logged after the checkpoint it resumes from are trained
-    again)."""
-    self.start_step, self.steps_per_epoch = step, steps_per_epoch
-    self.history = [r for r in read_jsonl(self.metrics_jsonl) if r["epoch"] <= self.start_epoch]
+  def validated_through(self, step: int, steps_per_epoch: int) -> int:
+    """The epochs a resume from global step `step` keeps as done: those the step has trained
+    through, but not the last at an epoch's end whose record metrics.jsonl lacks (the run
+    stopped in that epoch's validation, which the resume does again)."""
+    trained = step // steps_per_epoch if steps_per_epoch else 0
+    if trained and step % steps_per_epoch == 0 and not any(
+        r.get("epoch") == trained for r in read_jsonl(self.metrics_jsonl)):
+      return trained - 1
+    return trained
+
+  def resume_at(self, step: int, steps_per_epoch: int, epochs_done: int) -> None:
+    """Training (re)starts after global step `step`, of `steps_per_epoch` an epoch, with
+    `epochs_done` epochs trained and validated (`validated_through`): the history keeps those
+    (the epochs logged after the checkpoint it resumes from are trained again)."""
+    self.start_step, self.steps_per_epoch, self.start_epoch = step, steps_per_epoch, epochs_done
+    self.history = [r for r in read_jsonl(self.metrics_jsonl) if r["epoch"] <= epochs_done]
 
   def record_epoch(self, record: dict[str, Any]) -> None:
     """A finished epoch's record (its metrics.jsonl line)."""
@@ -334,11 +345,6 @@ class Run:
       self.seconds = seconds
 
   # --------------------------------------------------------------------------- what it wrote
-
-  @property
-  def start_epoch(self) -> int:
-    """The epochs finished before this process's training started (0 for a fresh run)."""
-    return self.start_step // self.steps_per_epoch if self.steps_per_epoch else 0
 
   def description(self) -> dict[str, Any]:
     """config.json's contents: the settings, where the experiment comes from, the architecture,

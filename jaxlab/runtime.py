@@ -13,7 +13,8 @@ starts its backend, from the flags the script defines (each only if it does):
 Signals: a preempted machine sends SIGTERM and a user presses Ctrl-C; `stop_on_signals()` (used
 by the scripts that train) turns the first such signal into a request that the training loop
 honours at its next step boundary (`jaxlab.hooks.StopOnSignal`: a checkpoint, then
-`Preempted`); a second signal aborts at once. The flag is process-wide, as signals are.
+`Preempted`), or at once during an epoch's validation, whose state is saved before it starts
+(`exits_at_once`); a second signal aborts at once. The flag is process-wide, as signals are.
 
 Then what a process pays before it trains (XLA compilations, counted and timed as JAX reports
 them, and the time to the first step), and the environment a run records in config.json.
@@ -27,11 +28,12 @@ import contextlib
 import dataclasses
 import os
 import pathlib
+import shlex
 import signal
 import sys
 import threading
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import jaxlab
 from jaxlab import caches
@@ -134,6 +136,9 @@ def enable_compilation_cache(directory: str | os.PathLike | None = None) -> path
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on request; the same command resumes.
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _requested = threading.Event()
+# While the process's position is safe on disk (an epoch's validation, after the epoch's
+# checkpoint): where it is, and what to wait for before exiting (`exits_at_once`).
+_AT_ONCE: list[tuple[str, Callable[[], bool]]] = []
 
 
 class Preempted(Exception):
@@ -156,26 +161,83 @@ def clear() -> None:
   _requested.clear()
 
 
-def _handler(signum: int, frame) -> None:
+def resume_hint() -> str:
+  return f"resume with the same command: python {shlex.join(sys.argv)}"
+
+
+@contextlib.contextmanager
+def exits_at_once(where: str, written: Callable[[], bool]) -> Iterator[None]:
+  """Within the block the process's position is saved (once `written()` returns True, after
+  waiting for the writes in flight), so a signal under `stop_on_signals` ends the process at
+  once, with status 75, instead of at the next step boundary: an epoch's validation can hold
+  the main thread in one compiled call for many seconds. Only in a single process (several
+  stop together, at an epoch's end)."""
+  import jax
+  single = jax.process_count() == 1
+  if single:
+    _AT_ONCE.append((where, written))
+  try:
+    yield
+  finally:
+    if single:
+      _AT_ONCE.pop()
+
+
+def _on_signal(signum: int) -> None:
+  """What a SIGTERM or SIGINT does (in the watcher thread, the moment it arrives): the first asks
+  for a stop, at the next step boundary, or at once where the position is saved
+  (`exits_at_once`); a second aborts at once."""
   name = signal.Signals(signum).name
   if _requested.is_set():
     print(f"\n{name} again: aborting now, without a checkpoint.", file=sys.stderr, flush=True)
     os._exit(128 + signum)
   _requested.set()
+  if _AT_ONCE:
+    where, written = _AT_ONCE[-1]
+    print(f"\n{name}: stopping now, {where.split(';')[0]}.", file=sys.stderr, flush=True)
+    if written():  # Else the loop sees the error of the write, and the stop, as without this.
+      print(f"stopped {where}\n{resume_hint()}", file=sys.stderr, flush=True)
+      os._exit(EXIT_PREEMPTED)
+    return
   print(f"\n{name}: stopping at the next step boundary after saving a checkpoint "
         f"({name} again aborts at once).", file=sys.stderr, flush=True)
 
 
+def _watch(fd: int) -> None:
+  """Reads the signal numbers the interpreter writes to `fd` as signals arrive (C level: even
+  while the main thread is inside a compiled call), until `fd` closes."""
+  while True:
+    try:
+      data = os.read(fd, 64)
+    except OSError:
+      return
+    if not data:
+      return
+    for signum in data:
+      _on_signal(signum)
+
+
 @contextlib.contextmanager
 def stop_on_signals() -> Iterator[None]:
-  """Within the block, SIGTERM and SIGINT ask the training loop to stop (see the module doc)."""
-  previous = {s: signal.signal(s, _handler) for s in SIGNALS}
+  """Within the block, SIGTERM and SIGINT ask the training loop to stop (see the module doc).
+  They are seen the moment they arrive, by a thread of their own (`signal.set_wakeup_fd`),
+  whatever the main thread is doing."""
+  read, write = os.pipe()
+  os.set_blocking(write, False)
+  previous = {s: signal.signal(s, lambda signum, frame: None) for s in SIGNALS}
+  previous_fd = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+  watcher = threading.Thread(target=_watch, args=(read,), name="jaxlab-signals", daemon=True)
+  watcher.start()
   clear()
   try:
     yield
   finally:
+    signal.set_wakeup_fd(previous_fd)
     for s, handler in previous.items():
       signal.signal(s, handler)
+    os.close(write)
+    watcher.join(timeout=5)
+    os.close(read)
 
 
 # ----------------------------------------------------------------------------- compilations

@@ -125,7 +125,8 @@ class Steps:
   train_step: Callable  # jitted, one state, donated: (state, images, labels) -> (state, metrics)
   eval_step: Callable  # jitted, one state: (variables, images, labels) -> (metrics, predictions)
   train_chunk: Callable  # K members, donated: (state, images, labels, batches, start, length=)
-  eval_batches: Callable  # K members: (variables, images, labels, batches) -> (sums, preds)
+  eval_batches: Callable  # K members: (variables, images, labels, batches, interrupt=) ->
+  #                        (sums, preds)
   group_train_step: Callable  # jitted, K members, donated: one batch each (K, B, ...)
   group_eval_step: Callable  # jitted, K members: the same batch for every member
   loop: str = "scan"
@@ -241,20 +242,26 @@ def _make_steps(setup: Setup, nan_policy: str, mesh: Mesh | None, loop: str) -> 
     return state, sums
 
   @jax.jit
-  def scan_eval(variables, images, labels, batches):
+  def scan_eval_batches(variables, images, labels, batches):
     """Every member's metric sums and predictions over the same batches."""
     member = lambda v: jax.lax.scan(eval_on(v, images, labels), _zeros(eval_zeros), batches)
     return parallel.replicate(over_members(member)(variables), mesh)
+
+  def scan_eval(variables, images, labels, batches, interrupt=None):
+    return scan_eval_batches(variables, images, labels, batches)
 
   @jax.jit
   def one_eval(variables, sums, images, labels, batches, index):
     step = lambda v, t: eval_on(v, images, labels)(t, batches[index])
     return parallel.replicate(over_members(step)(variables, sums), mesh)
 
-  def step_eval(variables, images, labels, batches):
+  def step_eval(variables, images, labels, batches, interrupt=None):
     sums = _zeros(eval_zeros, jax.tree_util.tree_leaves(variables)[0].shape[0])
     preds = []
     for i in range(batches.shape[0]):
+      if interrupt and preds:  # The batch before done, the stop is asked for between batches.
+        jax.block_until_ready(preds[-1])
+        interrupt()
       sums, p = one_eval(variables, sums, images, labels, batches, i)
       preds.append(p)
     return sums, jnp.stack(preds, axis=1)
@@ -294,13 +301,18 @@ def chunk_lengths(num_steps: int, max_length: int) -> list[tuple[int, int]]:
 
 
 def evaluate_group(steps: Steps, variables: dict, images: jax.Array, labels: jax.Array,
-                   batch_size: int) -> tuple[list[dict[str, float]], np.ndarray]:
+                   batch_size: int, interrupt: Callable[[], None] | None = None
+                   ) -> tuple[list[dict[str, float]], np.ndarray]:
   """Each member's metrics (`loss`, `accuracy` and the setup's own) over a whole split in eval
-  mode, and its predictions (K, N); `variables` are stacked along a leading member axis."""
+  mode, and its predictions (K, N); `variables` are stacked along a leading member axis.
+  `interrupt()`, called before each compiled call (and between the batches of the "steps"
+  loop, each waited for), may raise to stop the evaluation there."""
   order = jnp.arange(images.shape[0])
   totals, preds = None, []
   for batches in split_batches(order, batch_size):
-    sums, p = steps.eval_batches(variables, images, labels, batches)
+    if interrupt:
+      interrupt()
+    sums, p = steps.eval_batches(variables, images, labels, batches, interrupt=interrupt)
     totals = sums if totals is None else metrics_lib.add(totals, sums)
     preds.append(p.reshape(p.shape[0], -1))
   totals = jax.device_get(totals)
@@ -342,6 +354,7 @@ def train_epoch(steps: Steps, state: TrainState, images: jax.Array, labels: jax.
                 totals: list[dict[str, Any]] | None = None,
                 wants_state: Callable[[int], bool] | None = None,
                 on_state: Callable[[TrainState, list[dict[str, Any]]], None] | None = None,
+                on_end: Callable[[TrainState, list[dict[str, Any]]], None] | None = None,
                 ) -> tuple[TrainState, list[dict[str, Any]]]:
   """One pass of every member over the training split, member k in the order
   `permutation(shuffle_keys[k])` (the order a single run with that key takes).
@@ -352,18 +365,20 @@ def train_epoch(steps: Steps, state: TrainState, images: jax.Array, labels: jax.
   the epoch's first step (for profiler traces and `wants_state`).
 
   Resuming inside an epoch: `start` steps of it are done already, with the sums `totals`
-  (`start` must be a chunk boundary, as every saved position is). At each chunk boundary but
-  the epoch's last, `wants_state(global_step)` may ask for the state: the queue is drained and
+  (`start` must be a chunk boundary, as every saved position is; the epoch's last one too, for a
+  run stopped in the epoch's validation). At each chunk boundary but the epoch's last,
+  `wants_state(global_step)` may ask for the state: the queue is drained and
   `on_state(state, totals)` sees the state and the sums of exactly the steps so far (a
   checkpoint, a preemption). Otherwise the host reads a chunk's sums only after it has queued
-  the next chunk, so reading them never stalls the device.
+  the next chunk, so reading them never stalls the device. At the end, `on_end(state, totals)`
+  sees the state and the whole epoch's sums.
   """
   members = len(shuffle_keys)
   orders = epoch_orders(shuffle_keys, images.shape[0])
   parts = split_batches(orders, batch_size)
   chunks = epoch_chunks(images.shape[0], batch_size, steps_per_dispatch)
   boundaries = list(np.cumsum([0] + [length for _, _, length in chunks]))
-  if start not in boundaries[:-1]:
+  if start not in boundaries:
     raise ValueError(f"step {start} of the epoch is not a chunk boundary ({boundaries[:6]}...): "
                      "a position saved with other --steps_per_dispatch or --batch_size")
   pending: list[tuple[int, Metrics]] = []
@@ -394,4 +409,6 @@ def train_epoch(steps: Steps, state: TrainState, images: jax.Array, labels: jax.
     else:
       drain(keep=1)
   drain(keep=0)
+  if on_end:
+    on_end(state, totals)
   return state, [metrics_lib.epoch_means(t) for t in totals]

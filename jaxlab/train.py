@@ -172,8 +172,12 @@ def _set_up(configs: Sequence[TrainConfig], workdirs: Sequence[str | pathlib.Pat
   fresh = create_group_state(built, [c.seed for c in configs], rates, parallel.replicated(mesh))
   template = member(fresh, 0)  # Its own buffers: `fresh` may be trained (and donated).
   state, sums = restore_group(runs, fresh, built.metrics, parallel.replicated(mesh))
-  for run in runs:  # The step number is the position: epochs done, and steps into the next.
-    run.resume_at(int(state.step[0]), math.ceil(len(dataset.train_labels) / base.batch_size))
+  # The step number is the position: epochs done, and steps into the next; a group resumes with
+  # the epochs every member has validated (a member may have logged one more before a stop).
+  step, per_epoch = int(state.step[0]), math.ceil(len(dataset.train_labels) / base.batch_size)
+  done = min(run.validated_through(step, per_epoch) for run in runs)
+  for run in runs:
+    run.resume_at(step, per_epoch, done)
   show = sys.stderr.isatty() if progress is None else progress
   extra_hooks = extra_hooks or [()] * len(runs)
   hooks = Hooks(runs, [[*default_hooks(show and k == 0, writer), *extra_hooks[k]]
@@ -228,13 +232,19 @@ def _describe(runs: Sequence[Run], built: Setup, dataset: Dataset,
 
 
 def _epoch(group: _Group, epoch: int) -> None:
-  """Trains every member one epoch (from where it resumed, in the first one), validates, and
-  hands the records and the state to the hooks."""
+  """Trains every member one epoch (from where it resumed, in the first one), hands the state
+  and the epoch's sums to the hooks (a checkpoint: safe before the validation), validates,
+  and hands the records to the hooks."""
   runs, config, hooks = group.runs, group.config, group.hooks
   train_images, train_labels, test_images, test_labels = group.arrays
   hooks.epoch_start(epoch)
   first = (epoch - 1) * runs[0].steps_per_epoch  # The global number of its first step.
   offset = max(runs[0].start_step - first, 0)  # Steps of it done before a resume.
+  trained = {}
+
+  def on_end(state: TrainState, totals: list[dict[str, Any]]) -> None:
+    trained["host"] = hooks.epoch_trained(epoch, state, totals)
+
   t0 = time.perf_counter()
   try:
     group.state, train_metrics = train_epoch(
@@ -242,17 +252,22 @@ def _epoch(group: _Group, epoch: int) -> None:
         jax.vmap(jax.random.fold_in, in_axes=(0, None))(group.shuffle_keys, epoch),
         config.steps_per_dispatch, group.on_chunk, first_step=first, start=offset,
         totals=group.sums if offset else None, wants_state=hooks.wants_state,
-        on_state=lambda state, totals: hooks.step_boundary(epoch, state, totals))
+        on_state=lambda state, totals: hooks.step_boundary(epoch, state, totals), on_end=on_end)
     t1 = time.perf_counter()
-    group.validation = evaluate_group(group.steps, group.state.variables, test_images,
-                                      test_labels, config.eval_batch_size)
-  except Exception as e:  # K members that do not fit: say so in words.
+    host = trained["host"]
+    step = int(host.step[0])
+    where = (f"in the validation of epoch {epoch} (global step {step}); its checkpoint is "
+             f"{runs[0].step_checkpoint(step)}, and the resumed run validates that epoch again")
+    with runtime.exits_at_once(where, hooks.written):
+      group.validation = evaluate_group(group.steps, group.state.variables, test_images,
+                                        test_labels, config.eval_batch_size,
+                                        interrupt=lambda: _stop_if_requested(where))
+  except Exception as e:  # What does not fit: say so in words.
     full = _out_of_memory(e, config, len(runs), group.setup)
     if full is e:
       raise
     raise full from e
   t2 = time.perf_counter()
-  host = checkpoint.to_host(group.state)
   records = []
   for k, run in enumerate(runs):
     train, val = dict(train_metrics[k]), group.validation[0][k]
@@ -265,6 +280,13 @@ def _epoch(group: _Group, epoch: int) -> None:
                     "epoch_seconds": t1 - t0, "eval_seconds": t2 - t1, "time": time.time()})
     run.record_epoch(records[k])
   hooks.epoch_end(epoch, records, host)
+
+
+def _stop_if_requested(where: str) -> None:
+  """Raises `Preempted` where a stop was asked for (in one process: several stop together, at
+  an epoch's end): the state of the epoch's end is saved, and its validation is done again."""
+  if runtime.requested() and jax.process_count() == 1:
+    raise runtime.Preempted(f"stopped {where}")
 
 
 def _finish(group: _Group) -> list[dict[str, Any]]:

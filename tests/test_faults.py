@@ -18,7 +18,10 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from jaxlab import checkpoint
+from jaxlab import checkpoint, runtime
+from jaxlab.experiment import resolve_config
+from jaxlab.hooks import Hook
+from jaxlab.train import group_configs, train_and_evaluate, train_group
 from datafiles import write_idx_dataset
 from conftest import ROOT, run_main, script, script_environment, start_script
 
@@ -383,3 +386,86 @@ def test_bad_input_is_one_line_and_status_2(data, tmp_path):
     result = run_main(s, *args)
     check(name, result.returncode, result.stderr)
   assert not failures, "\n\n".join(failures)
+
+
+class StopInValidation(Hook):
+  """Asks for a stop (as a signal does) once epoch `epoch` is trained, before its validation."""
+
+  def __init__(self, epoch):
+    self.epoch = epoch
+
+  def on_epoch_trained(self, epoch, state, sums):
+    if epoch == self.epoch:
+      runtime.request()
+
+
+def config_of(data, **changes):
+  """train_args's settings, for the loop called in this process."""
+  return resolve_config("mlp_baseline", **{"dataset": "mnist", "data_dir": str(data),
+                                           "epochs": EPOCHS, "batch_size": 16,
+                                           "steps_per_dispatch": 4, "checkpoint_every_steps": 8,
+                                           "eval_batch_size": 64, **changes})
+
+
+@pytest.mark.slow
+def test_a_stop_during_a_validation_resumes_with_that_validation(data, reference, tmp_path):
+  """The state of epoch 2's end is on disk before its validation starts; a stop asked for then
+  ends the run there, and the resumed run validates epoch 2 and goes on as the uninterrupted
+  run."""
+  workdir = tmp_path / "run"
+  try:
+    with pytest.raises(runtime.Preempted, match=r"stopped in the validation of epoch 2 \(global "
+                                                r"step 256\); its checkpoint is .*step_000000256"):
+      train_and_evaluate(config_of(data), workdir, hooks=[StopInValidation(2)])
+  finally:
+    runtime.clear()
+  assert [r["epoch"] for r in metrics_lines(workdir)] == [1]
+  assert saved_steps(workdir)[-1] == 256
+  resumed = train(*train_args(data, workdir))
+  assert f"Resuming {workdir} from step 256" in resumed.stderr
+  assert_same_as_reference(workdir, reference)
+
+
+@pytest.mark.slow
+def test_a_group_stopped_during_a_validation_resumes_as_the_uninterrupted_group(data, tmp_path):
+  configs = group_configs(config_of(data, epochs=2), seeds=[0, 1])
+  dirs = lambda root: [root / "seed_0", root / "seed_1"]
+  train_group(configs, dirs(tmp_path / "straight"))
+  try:
+    with pytest.raises(runtime.Preempted, match="in the validation of epoch 1"):
+      train_group(configs, dirs(tmp_path / "stopped"), hooks=[[StopInValidation(1)], []])
+  finally:
+    runtime.clear()
+  train_group(configs, dirs(tmp_path / "stopped"))
+  for resumed, straight in zip(dirs(tmp_path / "stopped"), dirs(tmp_path / "straight")):
+    state, _ = newest_state(resumed)
+    expected, _ = newest_state(straight)
+    for key in expected:
+      np.testing.assert_array_equal(state[key], expected[key], err_msg=key)
+    assert metrics_lines(resumed) == metrics_lines(straight)
+
+
+@pytest.mark.slow
+def test_sigterm_in_a_long_validation_exits_at_once_and_resumes_with_it(data, reference,
+                                                                        tmp_path):
+  """A validation that holds the main thread (as a compiled call of a large model does: here a
+  minute's sleep, after the process signals itself): SIGTERM still ends the process within
+  seconds, with status 75, once the epoch's checkpoint is on disk; the resumed run validates
+  the epoch and ends as the uninterrupted run."""
+  workdir = tmp_path / "run"
+  slow = ("import os, signal, time\nimport jaxlab.train\n"
+          "def evaluate_group(*args, **kwargs):\n"
+          "  os.kill(os.getpid(), signal.SIGTERM)\n  time.sleep(60)\n"
+          "jaxlab.train.evaluate_group = evaluate_group\n")
+  started = time.monotonic()
+  stopped = train_process_after(slow, train_args(data, workdir))
+  assert stopped.returncode == 75, stopped.stderr[-2000:]
+  assert time.monotonic() - started < 45  # The sleep alone would take 60 s.
+  assert "SIGTERM: stopping now, in the validation of epoch 1 (global step 128)." in stopped.stderr
+  assert (f"stopped in the validation of epoch 1 (global step 128); its checkpoint is "
+          f"{workdir / 'checkpoints' / 'step_000000128.msgpack'}") in stopped.stderr
+  assert "resume with the same command: python " in stopped.stderr
+  assert not (workdir / "metrics.jsonl").read_text()
+  resumed = train(*train_args(data, workdir))
+  assert f"Resuming {workdir} from step 128" in resumed.stderr
+  assert_same_as_reference(workdir, reference)

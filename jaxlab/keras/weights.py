@@ -20,6 +20,7 @@ from jaxlab.checkpoint import checkpoint_template
 from jaxlab.config import TrainConfig
 from jaxlab.errors import BadValue, MissingDependency, MissingFile, output
 from jaxlab.experiment import describe_experiment, setup
+from jaxlab.files import link_atomic
 from jaxlab.hooks import ConfigFile, MetricsLog, SummaryFile
 from jaxlab.keras.model import (KERAS_LAYERS, KerasWeightsError, import_keras, keras_order,
                                 to_keras)
@@ -182,7 +183,8 @@ def _write_imported(run: Run, config: TrainConfig, variables: dict[str, Any],
   for hook in files:
     hook.on_run_start(run)
   meta = {**run.identity, "step": 0, "epoch": 0}
-  checkpoint.save([run.step_checkpoint(0), run.best], checkpoint_template(imported), meta)
+  checkpoint.save(run.step_checkpoint(0), checkpoint_template(imported), meta)
+  link_atomic(run.step_checkpoint(0), run.best)
   summary = run.summarize("imported", last=run.step_checkpoint(0),
                           extra={"imported_from": str(source)})
   for hook in files:

@@ -225,35 +225,43 @@ def op_breakdown(events: list[Event], hlo_text: str) -> dict[str, float]:
 
 
 def checkpoint_cost(state: Any, directory: str | pathlib.Path, repeats: int = 3) -> dict[str, Any]:
-  """What saving `state` costs the training loop, synchronously and in the background.
+  """What saving `state` costs the training loop, synchronously and in the background, against
+  writing as many bytes alone (fsynced, atomically) to the same `directory`.
 
   Synchronous: the loop waits for the host copy, serialization and the fsynced write.
   Background (`checkpoint.AsyncWriter`, as the Checkpoints hook saves): the loop waits for the
   host copy and the hand-over only; the write's own time is measured too. Medians of
-  `repeats` saves of the same state to `directory`."""
+  `repeats` saves of the same state."""
   from jaxlab import checkpoint
+  from jaxlab.files import write_atomic
 
   directory = pathlib.Path(directory)
   target = checkpoint.checkpoint_template(state)
   sync_writer, async_writer = checkpoint.AsyncWriter(background=False), checkpoint.AsyncWriter()
-  sync, blocked, background = [], [], []
+  sync, blocked, background, alone = [], [], [], []
   try:
     for i in range(repeats):
       t0 = time.perf_counter()
-      sync_writer.save([directory / f"sync_{i}.msgpack"], checkpoint.to_host(target), {})
+      sync_writer.save(directory / f"sync_{i}.msgpack", checkpoint.to_host(target), {})
       sync.append(time.perf_counter() - t0)
       t0 = time.perf_counter()
-      async_writer.save([directory / f"async_{i}.msgpack"], checkpoint.to_host(target), {})
+      async_writer.save(directory / f"async_{i}.msgpack", checkpoint.to_host(target), {})
       t1 = time.perf_counter()
       async_writer.wait()
       blocked.append(t1 - t0)
       background.append(time.perf_counter() - t1)
+      data = bytes((directory / "sync_0.msgpack").stat().st_size)
+      t0 = time.perf_counter()
+      write_atomic(directory / f"bytes_{i}", data)
+      alone.append(time.perf_counter() - t0)
+      del data
   finally:
     async_writer.close()
   return {"bytes": (directory / "sync_0.msgpack").stat().st_size, "repeats": repeats,
           "sync_seconds": statistics.median(sync),
           "async_blocking_seconds": statistics.median(blocked),
-          "async_background_seconds": statistics.median(background)}
+          "async_background_seconds": statistics.median(background),
+          "bytes_alone_seconds": statistics.median(alone)}
 
 
 # XLA:CPU's other oneDNN options, probed beside jaxlab.perf.kernels' candidates (onednn_dot among
@@ -509,7 +517,9 @@ def format_table(r: dict) -> str:
     lines.append(f"saving the train state ({c['bytes'] / 1e6:.1f} MB, median of {c['repeats']}): "
                  f"the loop waits {c['sync_seconds']:.3f} s writing synchronously, "
                  f"{c['async_blocking_seconds']:.3f} s with the background writer (which then "
-                 f"writes for {c['async_background_seconds']:.3f} s while training goes on)")
+                 f"writes for {c['async_background_seconds']:.3f} s while training goes on; as "
+                 f"many bytes alone, fsynced: {c['bytes_alone_seconds']:.3f} s, "
+                 f"{c['async_background_seconds'] / c['bytes_alone_seconds']:.1f}x)")
   if r.get("trace_breakdown"):
     b = r["trace_breakdown"]
     lines.append(f"traced device time of 5 train steps: {b['matmul_fraction']:.1%} in matrix "
