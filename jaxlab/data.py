@@ -38,6 +38,7 @@ import pathlib
 import pickle
 import tarfile
 import time
+import traceback
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -356,14 +357,19 @@ def _find_tfds(info: DatasetInfo, tfds_name: str, data_dir: str | None) -> Found
   TFDS is asked only when a folder of that name exists there (so a machine without any copy
   never imports TFDS), and with `download=False`, which keeps it off the network.
   """
-  if not any((root / tfds_name).is_dir() for root in tfds_roots(data_dir)):
+  folders = [root / tfds_name for root in tfds_roots(data_dir) if (root / tfds_name).is_dir()]
+  if not folders:
     return None
   try:
     sources = _tfds_source(tfds_name, data_dir, download=False)
     if any(len(s) == 0 for s in sources.values()):
       return None
-  except Exception as e:  # TFDS raises many types for "not prepared here".
-    logging.debug("No TFDS-prepared %s: %r", info.name, e)
+  except Exception as e:  # TFDS raises many types for a copy it cannot read.
+    if not _raised_within(e, "tensorflow_datasets"):
+      raise  # jaxlab's own code: a bug, with its traceback.
+    logging.warning("%s: a TFDS folder of %s is there, but TFDS cannot read it (%s: %s); "
+                    "looking elsewhere", ", ".join(map(str, folders)), tfds_name,
+                    type(e).__name__, " ".join(str(e).split())[:300])
     return None
   first = next(iter(sources.values()))
   path = getattr(getattr(first, "dataset_info", None), "data_dir", None)
@@ -371,6 +377,12 @@ def _find_tfds(info: DatasetInfo, tfds_name: str, data_dir: str | None) -> Found
   key = f"tfds:{path}" if path and pathlib.Path(str(path)).is_dir() else ""
   return Found(f"TFDS-prepared copy of {tfds_name!r}" + (f" in {path}" if path else ""),
                key, lambda: _tfds_read(sources, info))
+
+
+def _raised_within(error: BaseException, package: str) -> bool:
+  """Whether `error` arose in a call into `package` (a frame of its traceback is in it)."""
+  frames = traceback.extract_tb(error.__traceback__)
+  return any(f"{os.sep}{package}{os.sep}" in frame.filename for frame in frames)
 
 
 def tfds(tfds_name: str) -> Source:

@@ -165,9 +165,11 @@ def load_lab(spec: str) -> Lab:
   except Exception as e:
     del sys.modules[module_name]
     line = _failing_line(e, path)
-    # The file's own fault (its syntax, its imports, its code, a value jaxlab refused), not a
-    # bug of jaxlab's that its code happened to call: that one keeps its traceback.
-    if not (isinstance(e, (SyntaxError, ImportError, UserError)) or _raised_in(e, path)):
+    # The file's own fault (its syntax, an import it makes, its code, a value jaxlab refused),
+    # not a bug of jaxlab's that its code happened to call: that one keeps its traceback.
+    if not (isinstance(e, UserError) or _raised_in(e, path)
+            or (isinstance(e, SyntaxError) and _same_file(e.filename, path))
+            or (isinstance(e, ImportError) and _raised_in(e, path, importing=True))):
       raise
     detail = e.msg if isinstance(e, SyntaxError) else one_line(e)
     raise LabFileError(f"lab file {spec}, line {line}: {type(e).__name__}: {detail}") from e
@@ -180,10 +182,21 @@ def load_lab(spec: str) -> Lab:
   return lab
 
 
-def _raised_in(error: Exception, path: pathlib.Path) -> bool:
-  """Whether `error` was raised by the code of file `path` itself (its innermost frame)."""
+def _same_file(name: str | None, path: pathlib.Path) -> bool:
+  return bool(name) and pathlib.Path(name).resolve() == path
+
+
+def _raised_in(error: Exception, path: pathlib.Path, importing: bool = False) -> bool:
+  """Whether `error` was raised by the code of file `path` itself: its innermost frame is in
+  the file (or, `importing`, every frame after the file's last is Python's import machinery:
+  an import the file makes failed, not code the import ran)."""
   frames = traceback.extract_tb(error.__traceback__)
-  return bool(frames) and pathlib.Path(frames[-1].filename).resolve() == path
+  mine = [i for i, frame in enumerate(frames) if _same_file(frame.filename, path)]
+  if not mine:
+    return False
+  after = frames[mine[-1] + 1:]
+  return not after or (importing and all(f.filename.startswith("<frozen importlib")
+                                         for f in after))
 
 
 def _failing_line(error: Exception, path: pathlib.Path) -> int | str:

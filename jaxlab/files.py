@@ -91,12 +91,27 @@ def dumps(obj: Any, **kwargs: Any) -> str:
 
 def read_json(path: str | os.PathLike) -> dict[str, Any]:
   """A JSON object from a file; {} where the file is missing, unreadable, not JSON or not an
-  object (a run directory's files are read by whoever finds them, whatever state they are in)."""
+  object (a run directory's files are read by whoever finds them, whatever state they are in:
+  `json_problem` says what is wrong with one)."""
   try:
     found = json.loads(pathlib.Path(path).read_text())
   except (OSError, ValueError):
     return {}
   return found if isinstance(found, dict) else {}
+
+
+def json_problem(path: str | os.PathLike) -> str | None:
+  """What keeps `read_json` from reading a JSON object from `path` ("missing", "not JSON: ...",
+  ...), or None where it reads one."""
+  try:
+    found = json.loads(pathlib.Path(path).read_text())
+  except FileNotFoundError:
+    return "missing"
+  except OSError as e:
+    return f"unreadable: {e.strerror or e}"
+  except ValueError as e:
+    return f"not JSON: {e}"
+  return None if isinstance(found, dict) else f"a JSON {type(found).__name__}, not an object"
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

@@ -22,7 +22,7 @@ run's setting.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -33,14 +33,48 @@ from jaxlab.registry import Registry
 
 Factory = Callable[..., optax.GradientTransformation]
 
+
+class KerasNadamState(NamedTuple):
+  count: jax.Array
+  mu: Any
+  nu: Any
+  u_product: jax.Array
+
+
+def scale_by_keras_nadam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-7
+                         ) -> optax.GradientTransformation:
+  """Keras's Nadam (Dozat's, with Keras's momentum schedule u_t = b1 (1 - 0.5 * 0.96^t) and its
+  product), which optax's `nadam` is not; scaled by the learning rate after it."""
+
+  def init(params):
+    zeros = lambda: jax.tree_util.tree_map(jnp.zeros_like, params)
+    return KerasNadamState(jnp.zeros((), jnp.int32), zeros(), zeros(), jnp.ones((), jnp.float32))
+
+  def update(grads, state, params=None):
+    step = (state.count + 1).astype(jnp.float32)
+    u_t = b1 * (1.0 - 0.5 * 0.96 ** step)
+    u_next = b1 * (1.0 - 0.5 * 0.96 ** (step + 1))
+    u_product = state.u_product * u_t
+    mu = jax.tree_util.tree_map(lambda m, g: m + (g - m) * (1 - b1), state.mu, grads)
+    nu = jax.tree_util.tree_map(lambda v, g: v + (g * g - v) * (1 - b2), state.nu, grads)
+
+    def scaled(g, m, v):
+      m_hat = u_next * m / (1 - u_product * u_next) + (1 - u_t) * g / (1 - u_product)
+      return m_hat / (jnp.sqrt(v / (1 - b2 ** step)) + eps)
+
+    updates = jax.tree_util.tree_map(scaled, grads, mu, nu)
+    return updates, KerasNadamState(state.count + 1, mu, nu, u_product)
+
+  return optax.GradientTransformation(init, update)
+
 # name -> optax factory taking the learning rate. Epsilons are Keras's (1e-7), not optax's.
 OPTIMIZERS: Registry[Factory] = Registry("optimizer")
 OPTIMIZERS.register("adam", lambda learning_rate: optax.adam(learning_rate, b1=0.9, b2=0.999,
                                                              eps=1e-7))
 OPTIMIZERS.register("sgd", lambda learning_rate: optax.sgd(learning_rate))
 OPTIMIZERS.register("momentum", lambda learning_rate: optax.sgd(learning_rate, momentum=0.9))
-OPTIMIZERS.register("nadam", lambda learning_rate: optax.nadam(learning_rate, b1=0.9, b2=0.999,
-                                                               eps=1e-7))
+OPTIMIZERS.register("nadam", lambda learning_rate: optax.chain(
+    scale_by_keras_nadam(), optax.scale_by_learning_rate(learning_rate)))
 OPTIMIZERS.register("rmsprop", lambda learning_rate: optax.rmsprop(learning_rate, decay=0.9,
                                                                    eps=1e-7))
 

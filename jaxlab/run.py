@@ -27,8 +27,8 @@ from typing import Any
 
 import jaxlab
 from jaxlab.config import RESUMABLE_CHANGES, TrainConfig, changed_settings
-from jaxlab.errors import BadValue, CheckpointError, MissingFile
-from jaxlab.files import read_json, read_jsonl
+from jaxlab.errors import BadValue, CheckpointError, DataError, MissingFile
+from jaxlab.files import json_problem, read_json, read_jsonl
 
 CHECKPOINTS = ("last", "best")
 # The record the best checkpoint is chosen on: the highest validation accuracy (the first
@@ -233,10 +233,15 @@ class Run:
 
   @classmethod
   def open(cls, root: str | pathlib.Path) -> Run:
-    """`read`, failing with a message naming the directory where it holds no run."""
+    """`read`, failing with a message naming the directory where it holds no run, and saying
+    whether its config.json is missing or damaged."""
     run = cls.read(root)
     if run is None:
-      raise MissingFile(f"{root} is not a run directory: it has no config.json")
+      problem = json_problem(pathlib.Path(root) / "config.json")
+      if problem == "missing":
+        raise MissingFile(f"{root} is not a run directory: it has no config.json")
+      raise DataError(f"{root}/config.json is damaged ({problem or 'no settings in it'}); "
+                      "restore it, or train into another --workdir")
     return run
 
   def check_resume(self, config: TrainConfig) -> None:

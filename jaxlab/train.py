@@ -352,10 +352,12 @@ def _learning_rate(state: TrainState, config: TrainConfig) -> float:
 
 def _out_of_memory(error: Exception, config: TrainConfig, members: int,
                    built: Setup) -> Exception:
-  """A clear error for what does not fit, instead of the allocator's trace: fewer members for a
-  group, a smaller batch (or a smaller model) for a single run."""
+  """A clear error for what does not fit (XLA's runtime error of status RESOURCE_EXHAUSTED),
+  instead of the allocator's trace: fewer members for a group, a smaller batch for a single
+  run. Any other error is returned as it is."""
   text = str(error)
-  if "RESOURCE_EXHAUSTED" not in text and "out of memory" not in text.lower():
+  if not (isinstance(error, jax.errors.JaxRuntimeError)
+          and text.lstrip().startswith("RESOURCE_EXHAUSTED")):
     return error
   params = param_counts(built.model, built.example_shape)["total_params"]
   what = (f"{members} members of {params:,} parameters each" if members > 1 else

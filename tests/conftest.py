@@ -6,6 +6,7 @@ tests marked `slow` (those that start processes, train real CNNs or compare ever
 Keras), for the edit-test loop.
 """
 
+import atexit
 import contextlib
 import gc
 import io
@@ -13,6 +14,7 @@ import logging as std_logging
 import os
 import pathlib
 import runpy
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -24,9 +26,33 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 # What a test run reads or writes stays in one temporary folder per session (its worker
 # processes, under pytest-xdist, inherit it): the data cache, and an empty TFDS data folder,
-# so that no test can find (or fetch) a real TFDS copy.
-_TMP = pathlib.Path(os.environ.setdefault("JAXLAB_TEST_TMP",
-                                          tempfile.mkdtemp(prefix="jaxlab-tests-")))
+# so that no test can find (or fetch) a real TFDS copy. The process that makes it removes it
+# when the session ends (`pytest_unconfigure`, and at exit); a session killed before that
+# leaves it to the next one, which removes every such folder whose process is gone.
+TMP_PREFIX = "jaxlab-tests-"
+
+
+def _remove_orphans() -> None:
+  for folder in pathlib.Path(tempfile.gettempdir()).glob(f"{TMP_PREFIX}*"):
+    pid = folder.name[len(TMP_PREFIX):].split("-")[0]
+    if not pid.isdigit():
+      continue
+    try:
+      os.kill(int(pid), 0)
+    except ProcessLookupError:
+      shutil.rmtree(folder, ignore_errors=True)
+    except PermissionError:  # Another user's live process.
+      pass
+
+
+if "JAXLAB_TEST_TMP" not in os.environ:
+  _remove_orphans()
+  os.environ["JAXLAB_TEST_TMP"] = tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-")
+  _MADE_HERE = True
+  atexit.register(shutil.rmtree, os.environ["JAXLAB_TEST_TMP"], ignore_errors=True)
+else:
+  _MADE_HERE = False
+_TMP = pathlib.Path(os.environ["JAXLAB_TEST_TMP"])
 os.environ["JAXLAB_CACHE_DIR"] = str(_TMP / "cache")
 os.environ["TFDS_DATA_DIR"] = str(_TMP / "tensorflow_datasets")
 # Compiling is most of the suite's time. Compiled programs are kept between runs of the suite
@@ -78,6 +104,12 @@ import jax  # noqa: E402
 from jaxlab import runtime  # noqa: E402
 
 runtime.enable_compilation_cache()  # XLA_CACHE, as the scripts' --compilation_cache.
+
+def pytest_unconfigure(config):
+  """The session's temporary folder goes with the session, however its tests ended."""
+  if _MADE_HERE:
+    shutil.rmtree(_TMP, ignore_errors=True)
+
 
 GROUPING_FIXTURES = ("reference",)  # tests/test_keras.py's one Keras model at a time.
 

@@ -469,3 +469,33 @@ def test_sigterm_in_a_long_validation_exits_at_once_and_resumes_with_it(data, re
   resumed = train(*train_args(data, workdir))
   assert f"Resuming {workdir} from step 128" in resumed.stderr
   assert_same_as_reference(workdir, reference)
+
+
+@pytest.mark.slow
+def test_sigint_then_a_second_signal_aborts_at_once_and_the_last_checkpoint_stays(
+    data, reference, tmp_path):
+  """Ctrl-C asks for a stop; a second one, while that stop's checkpoint is being written (each
+  write made to take 5 s here), aborts at once with 128 + SIGINT, without that checkpoint: the
+  ones written before are intact and the run resumes from them to the uninterrupted result."""
+  workdir = tmp_path / "run"
+  slow = ("import time\nimport jaxlab.checkpoint\nsave = jaxlab.checkpoint.save\n"
+          "def slow_save(*args, **kwargs):\n  time.sleep(5)\n  return save(*args, **kwargs)\n"
+          "jaxlab.checkpoint.save = slow_save\n")
+  code = (f"{slow}import runpy, sys\nsys.argv = ['train.py'] + "
+          f"{train_args(data, workdir)!r}\nrunpy.run_path('scripts/train.py', run_name='__main__')\n")
+  process = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=script_environment(),
+                             stderr=subprocess.PIPE, text=True)
+  wait_for(lambda: saved_steps(workdir), process)  # The first checkpoint is written.
+  process.send_signal(signal.SIGINT)
+  time.sleep(1)  # The stop's own checkpoint is now being written, for 5 s.
+  process.send_signal(signal.SIGINT)
+  _, stderr = process.communicate(timeout=60)
+  assert process.returncode == 128 + signal.SIGINT, stderr[-2000:]
+  assert "SIGINT: stopping at the next step boundary" in stderr
+  assert "SIGINT again: aborting now, without a checkpoint." in stderr
+  kept = saved_steps(workdir)
+  for step in kept:  # Every checkpoint left is whole.
+    checkpoint.read(workdir / "checkpoints" / f"step_{step:09d}.msgpack")
+  resumed = train(*train_args(data, workdir))
+  assert f"Resuming {workdir} from step {kept[-1]}" in resumed.stderr
+  assert_same_as_reference(workdir, reference)

@@ -192,7 +192,7 @@ def test_members_that_do_not_fit_are_named():
   from jaxlab.experiment import setup
   config = resolve_config("vgg_cifar10")
   built = setup(config)
-  full = RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 9 GiB")
+  full = jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 9 GiB")
   error = _out_of_memory(full, config, 32, built)
   assert isinstance(error, MemoryError)
   assert str(error).startswith("32 members of 39,935,562 parameters each do not fit")
@@ -200,8 +200,8 @@ def test_members_that_do_not_fit_are_named():
   single = _out_of_memory(full, config, 1, built)  # One run: what to lower is its batch.
   assert str(single).startswith("a run of 39,935,562 parameters at batch size 128 does not fit")
   assert "--batch_size" in str(single) and "seeds" not in str(single)
-  other = ValueError("something else")
-  assert _out_of_memory(other, config, 32, built) is other
+  for other in (ValueError("something else"), RuntimeError("RESOURCE_EXHAUSTED: not XLA's")):
+    assert _out_of_memory(other, config, 32, built) is other
 
 
 @pytest.mark.slow

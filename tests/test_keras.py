@@ -9,15 +9,18 @@ go before it builds the next, so one Keras model at a time is alive."""
 import dataclasses
 import json
 
+import jax
 import numpy as np
+import optax
 import pytest
 
 import keras_models
 from jaxlab.compare import assert_layers_close, capture, compare
 from jaxlab.experiment import build_model
-from jaxlab.keras.model import KerasWeightsError, keras_capture, keras_order
+from jaxlab.keras.model import KerasWeightsError, import_keras, keras_capture, keras_order
 from jaxlab.keras.weights import export_keras, import_keras_weights
 from jaxlab.models import MLP, Dense, iter_ops
+from jaxlab.optim import make_optimizer, with_learning_rate
 from jaxlab.summary import summarize
 from conftest import run_main
 
@@ -168,6 +171,9 @@ def test_capture_in_train_mode_applies_dropout_and_batch_statistics(reference, t
 @models(case("mlp_parallel_paths"), case("alexnet_pool_stride"))
 @pytest.mark.parametrize("suffix", [".keras", ".weights.h5"])
 def test_round_trip_jaxlab_keras_jaxlab_is_identical(reference, tmp_path, suffix):
+  """The exported file read back by jaxlab holds the same arrays, and opened by Keras itself
+  (`keras.models.load_model`, or a `.weights.h5` loaded into Keras's own model of the
+  architecture) predicts what jaxlab predicts."""
   model = reference.model
   variables = import_keras_weights(model, saved(randomize(reference.keras, seed=3), tmp_path))
   path = str(tmp_path / f"m{suffix}")
@@ -177,6 +183,14 @@ def test_round_trip_jaxlab_keras_jaxlab_is_identical(reference, tmp_path, suffix
     for layer, vars_ in variables[collection].items():
       for var, value in vars_.items():
         np.testing.assert_array_equal(again[collection][layer][var], value)
+  if suffix == ".keras":
+    net = import_keras().models.load_model(path)
+  else:
+    net = keras_models.build(reference.name, model.input_shape())
+    net.load_weights(path)
+  x = np.random.default_rng(4).random((5, *model.input_shape()), dtype=np.float32)
+  ours = np.asarray(jax.nn.softmax(model.apply(variables, x), axis=-1))
+  np.testing.assert_allclose(net.predict(x, verbose=0), ours, rtol=RTOL, atol=1e-6)
 
 
 @models(case("mlp_halving"))
@@ -230,6 +244,127 @@ def test_script_errors_are_one_line(reference, tmp_path):
   table = run_main("compare_layers.py", "--experiment=mlp_halving", f"--keras_weights={weights}",
                    "--batch_size=4")
   assert table.returncode == 0 and "all 12 layers within max rel err 1e-05" in table.stdout
+  from jaxlab.keras import weights as keras_weights  # jaxlab's importer, now with a wrong bias:
+
+  def off(model, path):
+    found = import_keras_weights(model, path)
+    found["params"]["dense_2"]["bias"] = found["params"]["dense_2"]["bias"] + 0.5
+    return found
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(keras_weights, "import_keras_weights", off)
+    diverged = run_main("compare_layers.py", "--experiment=mlp_halving",
+                        f"--keras_weights={weights}", "--batch_size=4")
+  assert diverged.returncode == 1 and "Traceback" not in diverged.stderr
+  assert "layer 'dense_2' diverges" in diverged.stdout
   again = run_main("import_keras.py", "--experiment=mlp_halving", f"--keras_weights={weights}",
                    f"--workdir={tmp_path / 'run'}")
   assert again.returncode == 2 and "already holds a run" in again.stderr
+
+
+# ----------------------------------------------------------------------------- Keras's defaults
+# What the README says jaxlab reproduces of Keras, checked against Keras's own objects built
+# with their defaults (not against jaxlab's constants).
+
+
+@pytest.mark.parametrize("name,keras_optimizer", [
+    ("adam", lambda keras: keras.optimizers.Adam(learning_rate=0.01)),
+    ("sgd", lambda keras: keras.optimizers.SGD(learning_rate=0.01)),
+    ("momentum", lambda keras: keras.optimizers.SGD(learning_rate=0.01, momentum=0.9)),
+    ("nadam", lambda keras: keras.optimizers.Nadam(learning_rate=0.01)),
+    ("rmsprop", lambda keras: keras.optimizers.RMSprop(learning_rate=0.01)),
+])
+def test_each_optimizer_steps_as_kerass_own_with_its_defaults(name, keras_optimizer):
+  """Five steps on the same parameters and gradients: `--optimizer=NAME` and Keras's optimizer
+  given only the learning rate (momentum's 0.9 is the README's word for it)."""
+  rng = np.random.default_rng(0)
+  params = {"w": rng.normal(size=(4, 3)).astype(np.float32),
+            "b": rng.normal(size=3).astype(np.float32)}
+  grads = [{k: rng.normal(size=v.shape).astype(np.float32) for k, v in params.items()}
+           for _ in range(5)]
+  tx, injected = make_optimizer(name)
+  assert injected
+  state, ours = with_learning_rate(tx.init(params), 0.01), dict(params)
+  for g in grads:
+    updates, state = tx.update(g, state, ours)
+    ours = optax.apply_updates(ours, updates)
+  keras = import_keras()
+  variables = {k: keras.Variable(v) for k, v in params.items()}
+  optimizer = keras_optimizer(keras)
+  for g in grads:
+    optimizer.apply_gradients([(g[k], variables[k]) for k in params])
+  for k in params:
+    np.testing.assert_allclose(ours[k], np.asarray(variables[k]), rtol=1e-5, atol=1e-6,
+                               err_msg=f"{name}: {k}")
+
+
+def test_batch_normalization_is_kerass_default_layer_in_training_and_after():
+  """jaxlab's BatchNormalization layer and Keras's with its defaults (momentum 0.99, epsilon
+  1e-3): the same output on a batch in training, the same moving statistics after it, and the
+  same output in inference from them."""
+  from jaxlab.models import FLAX_LAYERS, Op
+  rng = np.random.default_rng(1)
+  x = rng.normal(2, 3, (16, 5)).astype(np.float32)
+  layer = import_keras().layers.BatchNormalization()
+  keras_train = np.asarray(layer(x, training=True))
+  keras_eval = np.asarray(layer(x, training=False))
+  op, plan = Op("batch_normalization", "batch_normalization"), MLP()
+  variables = FLAX_LAYERS[op.kind](op, plan, True).init(jax.random.PRNGKey(0), x)
+  ours_train, updated = FLAX_LAYERS[op.kind](op, plan, True).apply(variables, x,
+                                                                   mutable=["batch_stats"])
+  stats = updated["batch_stats"]
+  np.testing.assert_allclose(ours_train, keras_train, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(stats["mean"], np.asarray(layer.moving_mean), rtol=1e-6)
+  np.testing.assert_allclose(stats["var"], np.asarray(layer.moving_variance), rtol=1e-6)
+  ours_eval = FLAX_LAYERS[op.kind](op, plan, False).apply({**variables, "batch_stats": stats}, x)
+  np.testing.assert_allclose(ours_eval, keras_eval, rtol=1e-5, atol=1e-5)
+
+
+def last_batch_setup():
+  """A small MLP (BatchNorm, no dropout) trained by SGD: a step's update is the learning rate
+  times the mean gradient of its batch, so a batch averaged over the wrong count shows."""
+  from jaxlab.models import fit
+  from jaxlab.state import create_train_state, make_setup
+  model = fit(MLP(layers=(Dense(16), Dense(8, batch_norm=False))), (28, 28, 1), 10)
+  built = make_setup(model, (28, 28, 1), "sgd")
+  return model, built, create_train_state(built, seed=0, learning_rate=0.1)
+
+
+def test_the_loss_is_the_mean_cross_entropy_of_the_softmax():
+  from jaxlab.steps import make_steps, to_inputs
+  model, built, state = last_batch_setup()
+  rng = np.random.default_rng(2)
+  images = rng.integers(0, 256, (6, 28, 28, 1), dtype=np.uint8)
+  labels = rng.integers(0, 10, 6).astype(np.uint8)
+  logits, _ = model.apply(state.variables, to_inputs(images), train=True,
+                          mutable=["batch_stats"])
+  logits = np.asarray(logits, np.float64)
+  exact = np.mean(np.log(np.exp(logits).sum(1)) - logits[np.arange(6), labels])
+  _, sums = make_steps(built).train_step(state, images, labels)
+  assert float(sums["loss"]) / 6 == pytest.approx(exact, rel=1e-6)
+  keras = import_keras()
+  assert float(keras.losses.SparseCategoricalCrossentropy(from_logits=True)(
+      labels, logits)) == pytest.approx(exact, rel=1e-6)
+
+
+def test_a_last_smaller_batch_steps_as_kerass_train_on_batch():
+  """The 6 examples left at the end of an epoch of 70 at batch 32: jaxlab's step on them moves
+  every weight and BatchNorm statistic as Keras's `train_on_batch` does from the same weights."""
+  from jaxlab.keras.model import to_keras
+  from jaxlab.keras.weights import keras_weights, set_keras_weights
+  from jaxlab.steps import make_steps
+  model, built, state = last_batch_setup()
+  rng = np.random.default_rng(3)
+  images = rng.integers(0, 256, (6, 28, 28, 1), dtype=np.uint8)
+  labels = rng.integers(0, 10, 6).astype(np.uint8)
+  keras = import_keras()
+  net = to_keras(model)
+  set_keras_weights(net, model, jax.tree_util.tree_map(np.asarray, state.variables))
+  net.compile(optimizer=keras.optimizers.SGD(learning_rate=0.1),
+              loss="sparse_categorical_crossentropy")
+  net.train_on_batch(images.reshape(6, -1).astype(np.float32) / 255.0, labels.astype(np.int32))
+  after, _ = make_steps(built).train_step(state, images, labels)
+  for op in iter_ops(model.plan()):
+    for ours, theirs in zip(keras_weights(op, jax.tree_util.tree_map(np.asarray,
+                                                                     after.variables)),
+                            net.get_layer(op.name).get_weights()):
+      np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-6, err_msg=op.name)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from jaxlab.perf import kernels
-from conftest import SCRIPT_XLA_FLAGS, script
+from conftest import SCRIPT_XLA_FLAGS, run_main, script
 
 EXACT = {"w": np.full((3, 3), 0.5), "b": np.full((4,), -2.0)}
 
@@ -89,16 +89,27 @@ def test_of_kernels_within_the_margin_the_simplest_is_chosen(tmp_path, monkeypat
   assert names(kernels.choose(log=lambda s: None)) == dict.fromkeys(kernels.KINDS, "ynn_dot")
 
 
-def test_a_failed_measurement_leaves_xla_as_it_comes_and_is_not_cached(tmp_path, monkeypatch):
+def test_a_failed_measurement_is_a_bug_with_its_traceback_and_is_not_cached(tmp_path,
+                                                                            monkeypatch):
+  """A measurement that fails outside any candidate (a candidate's crash is an error of that
+  candidate, above) is a bug: it raises, with the measuring process's traceback in its message,
+  and a script shows it as a traceback with status 1; nothing is cached."""
   monkeypatch.setenv("JAXLAB_CACHE_DIR", str(tmp_path))
 
   def broken(out, repeats=9):
     raise RuntimeError("the measuring process died")
   monkeypatch.setattr(kernels, "measure", broken)
-  record = kernels.choose(log=lambda s: None)
-  assert names(record) == dict.fromkeys(kernels.KINDS, "xla")
-  assert "died" in record["kinds"]["conv"]["candidates"]["xla"]["error"]
-  assert not (tmp_path / "kernels.json").exists()  # Measured again by the next process.
+  with pytest.raises(RuntimeError, match="died"):
+    kernels.choose(log=lambda s: None)
+  assert not (tmp_path / "kernels.json").exists()
+  monkeypatch.setattr(kernels, "_backend_started", lambda: False)
+  monkeypatch.setattr(kernels, "gpu_possible", lambda: False)
+  for name in ("XLA_FLAGS", kernels.APPLIED_ENV):  # Put back as they were after the test.
+    monkeypatch.setenv(name, os.environ.get(name, ""))
+  done = run_main("profile_step.py", "--experiment=mlp_baseline", "--kernels=auto")
+  assert done.returncode == 1 and "Traceback (most recent call last)" in done.stderr
+  assert "RuntimeError: the measuring process died" in done.stderr
+  assert not [l for l in done.stderr.splitlines() if l.startswith("error:")]
 
 
 # A measuring process that reports items a, b, c; the items named in $CRASH kill it (SIGILL,
@@ -132,7 +143,8 @@ def test_an_item_that_kills_the_measuring_process_is_reported_and_the_rest_measu
   assert results["a"]["pid"] != results["c"]["pid"]  # c in a new process, a not measured again.
   assert crashed == {"b": "killed the process (SIGILL): partition compile failed"}
   assert kernels.isolated(argv, {**env, "CRASH": "abc"})[1].keys() == {"a", "b", "c"}
-  with pytest.raises(RuntimeError, match=r"failed \(exit status 1\): no data"):
+  with pytest.raises(RuntimeError, match=r"failed \(exit status 1\): no data\n\(outside any "
+                     r"candidate: a bug.*\n(.*\n)*.*no data"):  # Its stderr: a traceback's place.
     kernels.isolated(argv, {**env, "FAIL": "1"})
 
 

@@ -254,6 +254,19 @@ def test_lab_killed_resumed_and_reported(tmp_path):
   # Curves 3, forest 1, samples 1, confusion matrices 2 (the baseline and the best: no others).
   assert page.count("<img src='data:image/png;base64,") == images == 4 + 1 + 2
   assert "src='http" not in page and "href=" not in page
+  # --with_runs: the runs' small files copied beside the report, which is built from them.
+  alone = tmp_path / "alone"
+  assert run_main("report.py", f"--runs={workdir}", f"--out={alone}", "--with_runs"
+                  ).returncode == 0
+  copied = sorted(p.relative_to(alone / "runs").as_posix()
+                  for p in (alone / "runs").rglob("*") if p.is_file())
+  assert copied == ["lab.json"] + [f"{e}/seed_{s}/{f}" for e in ("lab_test_bn_dropout",
+                                                                   "lab_test_plain")
+                                   for s in (0, 1)
+                                   for f in ("config.json", "metrics.json", "metrics.jsonl")]
+  rebuilt = json.loads((alone / "report.json").read_text())
+  assert rebuilt["runs_dir"] == "runs"
+  assert [r["history"] for r in rebuilt["runs"]] == [r["history"] for r in document["runs"]]
 
 
 @pytest.mark.slow

@@ -192,6 +192,22 @@ def test_a_checkpoint_written_before_a_metric_existed_resumes_and_evaluates(tmp_
   assert summary["epochs_completed"] == 3
 
 
+def test_a_metric_that_is_not_finite_is_written_null(tmp_path, monkeypatch):
+  """A metric NaN on some examples: its mean is no number, written `null` (strict JSON) in
+  metrics.jsonl and metrics.json, and training goes on (its loss is finite)."""
+  declared = EXPERIMENTS.get("own_nnx")
+  nan_first = lambda logits, labels: jnp.where(jnp.arange(labels.shape[0]) == 0, jnp.nan, 1.0)
+  monkeypatch.setitem(EXPERIMENTS._items, "own_nnx",
+                      dataclasses.replace(declared, metrics={"nan_first": nan_first}))
+  summary = train_and_evaluate(resolve_config("own_nnx", epochs=1, **SETTINGS), tmp_path)
+  strict = lambda text: json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} written"))
+  (record,) = [strict(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert record["train_nan_first"] is None and record["val_nan_first"] is None
+  assert record["train_loss"] is not None and record["skipped_steps"] == 0
+  assert strict((tmp_path / "metrics.json").read_text())["final_val_nan_first"] is None
+  assert summary["epochs_completed"] == 1
+
+
 def test_a_schedules_learning_rate_is_recorded_each_epoch(tmp_path):
   """own_linen's optimizer decays 0.1 by a cosine over 12 steps; an epoch is 6 steps: each
   record holds the rate its last step used."""

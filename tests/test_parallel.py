@@ -24,7 +24,7 @@ sys.path.insert(0, {tests!r})
 import jax
 import numpy as np
 from datafiles import random_dataset, synthetic_dataset
-from runstate import arrays, biases_before_batch_norm, largest_difference
+from runstate import arrays, biases_before_batch_norm, final_state, largest_difference
 from jaxlab import parallel
 from jaxlab.experiment import build_model, resolve_config
 from jaxlab.experiment import EXPERIMENTS, Experiment, register
@@ -50,12 +50,20 @@ def check(experiment, lr, resumes, out):
   for n in (1, 4, 8):
     train_and_evaluate(resolve_config(experiment, epochs=1, num_devices=n, **settings),
                        out / f"devices_{{n}}", dataset=ds)
+  resumed = {{}}
   for first, then in resumes:
     run = out / f"from_{{first}}_to_{{then}}"
     train_and_evaluate(resolve_config(experiment, epochs=1, num_devices=first, **settings),
                        run, dataset=ds)
     train_and_evaluate(resolve_config(experiment, epochs=2, num_devices=then, **settings),
                        run, dataset=ds)
+    # Against 2 epochs straight on `first` devices: a state restored wrong (or not at all)
+    # would end far from it.
+    straight = out / f"straight_{{first}}"
+    train_and_evaluate(resolve_config(experiment, epochs=2, num_devices=first, **settings),
+                       straight, dataset=ds)
+    resumed[f"{{first}}_{{then}}"] = float(largest_difference(
+        final_state(run), final_state(straight), biases_before_batch_norm(straight)))
   # What the step of 8 devices is: its compiled program, as XLA partitioned it (a chunk as one
   # program: the scan loop, whatever loop the CPU trains CNNs with).
   mesh = parallel.data_mesh(8)
@@ -90,6 +98,7 @@ def check(experiment, lr, resumes, out):
     for n in (4, 8):
       differences[n].append(float(largest_difference(arrays(after[n]), arrays(state), skip)))
   return {{
+      "resume_differences": resumed,
       "step_differences": differences,
       "devices": jax.device_count(),
       "all_reduces": len(re.findall(r"all-reduce", compiled.as_text())),
@@ -107,6 +116,13 @@ except ValueError as e:
   facts["refused"] = str(e)
 for experiment, lr, resumes in {cases!r}:
   facts[experiment] = check(experiment, lr, resumes, pathlib.Path({out!r}) / experiment)
+# A last batch the 8 devices do not divide (644 examples at batch 32: 4 left), on 8 and on 1.
+ragged = synthetic_dataset(n_train=644, n_test=64)
+for n in (1, 8):
+  train_and_evaluate(resolve_config("mlp_halving", dataset="mnist", epochs=1, batch_size=32,
+                                    steps_per_dispatch=5, eval_batch_size=32, optimizer="sgd",
+                                    learning_rate=0.05, num_devices=n),
+                     pathlib.Path({out!r}) / "ragged" / f"devices_{{n}}", dataset=ragged)
 # A model, data set, metric and optimizer of a user's lab file, on 1 and 8 devices.
 from jaxlab.experiment import load_lab
 load_lab({own_lab!r})
@@ -179,13 +195,28 @@ def test_data_parallel_steps_compute_what_one_device_does(eight_devices, experim
   assert facts["devices"] == 8 and facts["all_reduces"] > 0 and facts["state_replicated"]
   assert any(re.fullmatch(r"(1,)?4,(1,)?28,28,1", s) for s in facts["gathered_shapes"])
   assert not any(re.fullmatch(r"(1,)?32,(1,)?28,28,1", s) for s in facts["gathered_shapes"])
-  # A checkpoint of 8 devices restores on 1, and one of 1 on 8.
+  # A checkpoint of 8 devices restores on 1, and one of 1 on 8: its state, not only its step
+  # (the run ends where 2 epochs straight on the first count end, up to rounding).
   for first, then in resumes:
     run = runs / f"from_{first}_to_{then}"
     records = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2] and records[-1]["step"] == 40
     config = json.loads((run / "config.json").read_text())
     assert config["environment"]["mesh"]["devices"] == then
+    assert facts["resume_differences"][f"{first}_{then}"] < 1e-3
+
+
+@pytest.mark.slow
+def test_a_last_batch_the_mesh_does_not_divide_is_computed_whole(eight_devices):
+  """644 examples at batch 32 on 8 devices: 20 batches split across them, and the last 4
+  examples computed whole on every device; the run is the one-device run's, up to rounding."""
+  runs = eight_devices[1] / "ragged"
+  one, eight = runs / "devices_1", runs / "devices_8"
+  for run in (one, eight):
+    (record,) = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert record["step"] == 21
+  assert_same_metrics(eight, one)
+  assert difference_of_runs(eight, one) < 1e-4
 
 
 @pytest.mark.slow

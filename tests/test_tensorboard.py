@@ -91,6 +91,7 @@ def assert_hparams_equal_run(run, config):
   assert start.hparams["seed"].number_value == config.seed
   summary = json.loads((run / "metrics.json").read_text())
   for tag, key in {"final/val_accuracy": "final_val_accuracy",
-                   "final/best_val_accuracy": "best_val_accuracy"}.items():
+                   "final/best_val_accuracy": "best_val_accuracy",
+                   "final/val_loss": "final_val_loss"}.items():
     points = events.Scalars(tag)
     assert [(p.step, p.value) for p in points] == [(config.epochs, np.float32(summary[key]))]

@@ -227,3 +227,15 @@ def test_every_setting_says_what_it_is():
       continue
     changed = config.changed_settings(old, {**old, name: "other"})
     assert bool(changed) == (name not in config.RESUMABLE_CHANGES), name
+
+
+@pytest.mark.parametrize("secs,steps", [(0.0, [8, 16]), (1e-9, [4, 8, 12, 16])])
+def test_checkpoint_every_secs_saves_inside_epochs(tmp_path, secs, steps):
+  """With checkpoints by time only (--checkpoint_every_steps=0), each compiled call's boundary
+  past the time saves one; with 0 seconds, only the epochs' ends do (8 steps an epoch, calls
+  of 4)."""
+  config = resolve_config("mlp_baseline", **{**SMALL, "epochs": 2, "checkpoint_every_steps": 0,
+                                             "checkpoint_every_secs": secs,
+                                             "keep_checkpoints": 10})
+  train_and_evaluate(config, tmp_path, dataset=synthetic_dataset())
+  assert sorted(int(p.name[5:14]) for p in (tmp_path / "checkpoints").glob("step_*")) == steps

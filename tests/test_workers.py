@@ -3,6 +3,7 @@ worker's run taken over, --workers on one machine."""
 
 import json
 import logging
+import re
 import signal
 import subprocess
 import sys
@@ -141,22 +142,43 @@ def test_two_workers_share_a_lab_and_train_every_run_once(tmp_path, one_process_
   assert json.loads((workdir / "lab.json").read_text())["workers"] == []
 
 
+def newest_step(run):
+  steps = [int(p.name[5:14]) for p in (run / "checkpoints").glob("step_*.msgpack")]
+  return max(steps, default=0)
+
+
 def test_a_killed_workers_run_is_taken_over_by_the_other(tmp_path, one_process_lab):
+  """The first worker is frozen (SIGSTOP) at a moment it holds a group with a checkpoint and
+  the second has joined the lab, then killed: the second takes that group over, resuming each
+  of its runs from the first's checkpoint, and the lab ends as one process trains it."""
   reference, args = one_process_lab
   workdir = tmp_path / "lab"
   first = start_script("run_lab.py", *args, f"--workdir={workdir}", stdout=subprocess.DEVNULL)
-  run = workdir / "workers_0_shared" / "seed_0"
+  second = None
   deadline = time.time() + 300
-  while not list((run / "checkpoints").glob("step_*")):  # Inside its first group.
+  while True:
     assert first.poll() is None and time.time() < deadline, first.stderr.read()
-    time.sleep(0.1)
-  second = start_script("run_lab.py", *args, f"--workdir={workdir}")
-  time.sleep(1)
+    if second is None and (workdir / "lab.json").exists():
+      second = start_script("run_lab.py", *args, f"--workdir={workdir}")
+    joined = second is not None and second.pid in {
+        w.get("pid") for w in json.loads((workdir / "lab.json").read_text()).get("workers", [])}
+    if joined:
+      first.send_signal(signal.SIGSTOP)  # Nothing moves now: what it holds can be read.
+      held = {r["path"]: newest_step(workdir / r["path"]) for r in lab_runs(workdir)
+              if r["status"] == "running" and r.get("worker", {}).get("pid") == first.pid}
+      if held and all(held.values()):
+        break
+      first.send_signal(signal.SIGCONT)
+    time.sleep(0.02)
   first.send_signal(signal.SIGKILL)
   first.wait()
   out, err = second.communicate(timeout=600)
   assert second.returncode == 0, err[-3000:]
-  assert_trained_once(workdir)
+  records = {r["path"]: r for r in assert_trained_once(workdir)}
+  for path, step in held.items():
+    assert records[path]["worker"]["pid"] == second.pid, path
+    resumed = re.search(rf"Resuming {re.escape(str(workdir / path))} from step (\d+)", err)
+    assert resumed and int(resumed.group(1)) >= step, (path, step, err[-3000:])
   assert final_metrics(workdir) == reference  # Resumed bit for bit.
   assert "workers_0_shared" in out  # The last one out prints the table.
 

@@ -7,6 +7,7 @@ whose checkpoints hold the weights (`write_imported_run`), which every script th
 
 from __future__ import annotations
 
+import os
 import pathlib
 from typing import Any
 
@@ -143,11 +144,18 @@ def export_keras(model: nn.Module, variables: dict[str, Any], path: str):
     raise BadValue(f"a Keras file name ends in .keras or .weights.h5, got {path!r}")
   net = to_keras(model)
   set_keras_weights(net, model, variables)
-  with output(path, "--output"):
-    if path.endswith(".keras"):
-      net.save(path)
-    else:
-      net.save_weights(path)
+  if pathlib.Path(path).is_dir():
+    raise BadValue(f"--output {path} is a directory, not a file")
+  with output(path, "--output"):  # What jaxlab checks: the folder is there, and writable.
+    folder = pathlib.Path(path).parent
+    folder.mkdir(parents=True, exist_ok=True)
+    probe = folder / f".write-test-{os.getpid()}"
+    probe.write_bytes(b"")
+    probe.unlink()
+  if path.endswith(".keras"):  # Keras's own writes: an error in them is not the user's.
+    net.save(path)
+  else:
+    net.save_weights(path)
   return net
 
 

@@ -26,7 +26,7 @@ import dataclasses
 import jax
 import numpy as np
 
-from jaxlab.errors import BadValue
+from jaxlab.errors import BadValue, MissingDependency
 from jaxlab.models import at_precision, input_shape, iter_ops, op_precisions, plan_of, walk
 from jaxlab.perf.kernels import cpu
 from jaxlab.runtime import environment
@@ -187,8 +187,8 @@ def to_torch(built: Setup):
   """A PyTorch module of the plan (`jaxlab.models.walk` with a table of PyTorch layers; NCHW
   for convolutions), for timing only."""
   plan = plan_of(built.model, "the PyTorch peer")
-  import torch
-  from torch import nn
+  torch = import_torch()
+  nn = torch.nn
 
   shapes, inputs = layer_output_shapes(built.model, built.example_shape), {}
 
@@ -213,9 +213,18 @@ def to_torch(built: Setup):
   return Net()
 
 
+def import_torch():
+  try:
+    import torch
+  except ImportError:
+    raise MissingDependency("PyTorch is needed for the torch_eager peer; install it with "
+                            "`pip install -e '.[bench]'`") from None
+  return torch
+
+
 def torch_runner(built: Setup, images, labels, batch_size: int) -> EpochRunner:
   """A plain PyTorch eager loop on the CPU."""
-  import torch
+  torch = import_torch()
 
   torch.manual_seed(0)
   net = to_torch(built)
@@ -298,7 +307,7 @@ def run_benchmark(built: Setup, num_classes: int, batch_size: int, examples: int
     log(f"setting up {name} and timing its warm-up epoch ({examples} examples)")
     try:
       runners[name] = make(built, images, labels, batch_size)
-    except ImportError as e:
+    except MissingDependency as e:  # The peer's package is not installed here.
       log(f"  skipped: {e}")
       results[name] = {"skipped": str(e)}
       continue

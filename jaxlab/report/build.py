@@ -18,7 +18,7 @@ import numpy as np
 
 from jaxlab import data
 from jaxlab.config import WHERE_SETTINGS
-from jaxlab.errors import BadValue, MissingFile, output
+from jaxlab.errors import BadValue, MissingFile, UserError, one_line, output
 from jaxlab.files import write_json
 from jaxlab.report import figures, findings, render
 from jaxlab.report.runs import Collection, Group, find_runs
@@ -323,9 +323,8 @@ def _sample_images(collection: Collection, out: pathlib.Path) -> list[dict[str, 
     config = next(r.settings for r in collection.runs if r.dataset == dataset)
     try:
       loaded = data.load_dataset(dataset, data_dir=config.get("data_dir"))
-    except Exception as e:  # A report still comes out where the data set is not at hand.
-      samples.append({"dataset": dataset, "file": None,
-                      "error": f"{type(e).__name__}: the data set could not be loaded here"})
+    except UserError as e:  # Not at hand here (a bug in loading it keeps its traceback).
+      samples.append({"dataset": dataset, "file": None, "error": one_line(e)})
       continue
     path = figures.samples_figure(
         loaded.train_images, loaded.train_labels, loaded.info.class_names,
