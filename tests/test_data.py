@@ -117,20 +117,23 @@ def _corrupt(tmp_path, stem, payload: bytes):
   return raw
 
 
+def gz(data):
+  """`data` gzipped with a fixed time: every xdist worker collects the same parameters."""
+  return gzip.compress(data, mtime=0)
+
+
 @pytest.mark.parametrize("stem,payload,match", [
-    ("train-images-idx3-ubyte", gzip.compress(idx_bytes(np.zeros((3, 28, 28)))[:-5]),
-     "header says"),
-    ("train-labels-idx1-ubyte", gzip.compress(idx_bytes(np.zeros((3, 28, 28)))),
+    ("train-images-idx3-ubyte", gz(idx_bytes(np.zeros((3, 28, 28)))[:-5]), "header says"),
+    ("train-labels-idx1-ubyte", gz(idx_bytes(np.zeros((3, 28, 28)))),
      "bad IDX magic number 2051, expected 2049"),
     ("t10k-images-idx3-ubyte", b"\x1f\x8b\x08garbage", "corrupt gzip"),
-    ("t10k-images-idx3-ubyte", gzip.compress(idx_bytes(np.zeros((32, 14, 14)))),
-     r"shape \(32, 14, 14\)"),
-    ("train-labels-idx1-ubyte", gzip.compress(idx_bytes(np.zeros((63,)))),
-     "64 images .* but 63 labels"),
-    ("train-labels-idx1-ubyte", gzip.compress(idx_bytes(np.full((64,), 10))),
+    ("t10k-images-idx3-ubyte", gz(idx_bytes(np.zeros((32, 14, 14)))), r"shape \(32, 14, 14\)"),
+    ("train-labels-idx1-ubyte", gz(idx_bytes(np.zeros((63,)))), "64 images .* but 63 labels"),
+    ("train-labels-idx1-ubyte", gz(idx_bytes(np.full((64,), 10))),
      r"label 10 is out of range \[0, 10\)"),
-    ("train-images-idx3-ubyte", gzip.compress(b"\x00\x00"), "too short"),
-])
+    ("train-images-idx3-ubyte", gz(b"\x00\x00"), "too short"),
+], ids=["truncated", "labels_magic", "corrupt_gzip", "image_shape", "label_count", "label_range",
+        "too_short"])
 def test_corrupt_idx_files_are_named(tmp_path, stem, payload, match):
   raw = _corrupt(tmp_path, stem, payload)
   with pytest.raises(data.DataError, match=match):
