@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging as std_logging
+import os
+import pathlib
 import sys
 import traceback
 import types
@@ -20,16 +22,99 @@ from typing import Any, Callable, Iterable
 
 from absl import app, flags
 
+from jaxlab import caches
 from jaxlab.config import TrainConfig
-from jaxlab.errors import BadValue, NonFiniteError, UserError, one_line, output, show_traceback
+from jaxlab.training import kernels
+from jaxlab.errors import (EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_PREEMPTED, BadValue,
+                           NonFiniteError, UserError, one_line, output, show_traceback)
 from jaxlab.files import write_atomic
-from jaxlab.runtime import EXIT_PREEMPTED, Preempted, resume_hint
+from jaxlab.training.process import Preempted, resume_hint
 
 # JAX logs at INFO that it found no TPU library on every start; that is not news to a user.
 std_logging.getLogger("jax._src.xla_bridge").setLevel(std_logging.WARNING)
 
-EXIT_BAD_INPUT = 2
-EXIT_NONFINITE = 3
+
+
+# Environment variables by which JAX's cluster detection recognizes a launcher.
+CLUSTER_ENVIRONMENT = ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "JOBSET_NAME",
+                       "MEGASCALE_COORDINATOR_ADDRESS")
+
+
+def under_launcher() -> bool:
+  """Whether a cluster launcher (SLURM, Open MPI, Kubernetes) started this process, as JAX's
+  cluster detection sees it."""
+  return any(name in os.environ for name in CLUSTER_ENVIRONMENT)
+
+
+def start(flags: Any) -> None:
+  """The first call of every script's `main`: sets up this process for its command line
+  (`flags`, absl's FlagValues) before JAX starts its backend, from the flags the script
+  defines (each only if it does):
+
+  - `--kernels`: XLA:CPU's kernel libraries (`jaxlab.training.kernels`), for the kind of model the
+    command runs (with or without convolutions), or the ones a resumed run started with;
+  - `--coordinator_address`, `--num_processes`, `--process_id` (or a cluster launcher's
+    environment): a run of several processes (`jax.distributed`);
+  - `--compilation_cache`: JAX's persistent compilation cache (`jaxlab.caches`), which makes a
+    second process running the same programs skip compiling them."""
+  if "kernels" in flags:  # Before JAX starts its backend: XLA reads its flags once.
+    kernels.apply(flags.kernels, _started_kernels(flags), kind=lambda: _model_kind(flags))
+    if _precision(flags) == "bf16" and not kernels.gpu_possible():
+      print(kernels.bf16_notice(_model_kind(flags, precision=False)), file=sys.stderr)
+  if "coordinator_address" in flags:
+    given = [flags[n].value for n in ("coordinator_address", "num_processes", "process_id")]
+    if under_launcher() or any(v is not None for v in given):
+      from jaxlab.training import parallel
+      parallel.initialize(*given)
+  if "compilation_cache" in flags and flags.compilation_cache:
+    caches.enable_compilation_cache()
+
+
+def _precision(flags: Any) -> str:
+  return flags.precision if "precision" in flags and flags.precision else "float32"
+
+
+def _model_kind(flags: Any, precision: bool = True) -> str:
+  """The kind of model a command runs, for jaxlab.training.kernels: "conv" where one of the
+  experiments it names (--experiment, else --lab's --experiments or all of its experiments)
+  convolves (`jaxlab.models.convolves`: read from its jaxpr, on --dataset or its own data set),
+  "dense" where none does, "conv" where it names none; "_bf16" added under --precision=bf16
+  (unless `precision` is False). Imports the experiments and traces their models, which imports
+  JAX but does not start its backend."""
+  suffix = "_bf16" if precision and _precision(flags) == "bf16" else ""
+  names = [flags.experiment] if "experiment" in flags and flags.experiment else []
+  lab = flags.lab if "lab" in flags else None
+  if not names and not lab:
+    return "conv" + suffix
+  from jaxlab import experiment
+  from jaxlab.data import DATASETS
+  from jaxlab.models import convolves
+  if lab:
+    declared = experiment.load_lab(lab).experiments
+    names = names or (flags.experiments if "experiments" in flags and flags.experiments
+                      else declared)
+  dataset = flags.dataset if "dataset" in flags and flags.dataset else None
+
+  def convolving(name: str) -> bool:
+    info = DATASETS.get(dataset or experiment.get_experiment(name).dataset)
+    return convolves(experiment.build_model(name, info), info.image_shape)
+
+  return ("conv" if any(convolving(n) for n in names) else "dense") + suffix
+
+
+def _started_kernels(flags: Any) -> str | None:
+  """The kernels recorded in --workdir's config.json (or its first member's), if any."""
+  workdir = flags["workdir"].value if "workdir" in flags else None
+  if not workdir:
+    return None
+  from jaxlab.files import read_json
+  from jaxlab.rundir.run import CONFIG_FILE, runs_within
+  # A run's own, or a group's, a lab's or a grid's first member's (DIR/M/, DIR/EXP/seed_S/).
+  for run_dir in runs_within(workdir)[:1]:
+    found = read_json(run_dir / CONFIG_FILE).get("environment", {})
+    if isinstance(found, dict) and found.get("kernels"):
+      return found["kernels"]
+  return None
 
 
 def user_errors_exit(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
@@ -37,7 +122,7 @@ def user_errors_exit(main: Callable[[list[str]], None]) -> Callable[[list[str]],
   `error: ...` and exits with status 2, a NaN stop with 3, and a stop on a signal prints where
   it stopped and how to resume, and exits with 75. Any other exception is a bug and keeps its
   traceback (status 1). The process's set-up is the script's own first call
-  (`jaxlab.runtime.start`)."""
+  (`jaxlab.training.process.start`)."""
 
   @functools.wraps(main)
   def wrapped(argv: list[str]) -> None:
@@ -77,9 +162,9 @@ def define_compilation_cache_flag() -> None:
 
 
 def define_kernels_flag() -> None:
-  from jaxlab.perf.kernels import CHOICES  # No JAX.
+  from jaxlab.training.kernels import CHOICES  # No JAX.
   flags.DEFINE_enum("kernels", None, list(CHOICES),
-                    "XLA:CPU's kernel library for dots and convolutions (jaxlab.perf.kernels): auto "
+                    "XLA:CPU's kernel library for dots and convolutions (jaxlab.training.kernels): auto "
                     "(the fastest on this machine for the kind of model run, with or without "
                     "convolutions, whose results equal XLA's own within float rounding, measured "
                     "once and cached in $JAXLAB_CACHE_DIR/kernels.json), xla (as XLA comes), or "
@@ -196,3 +281,39 @@ def define_experiment_flags() -> None:
   define_experiment_flag()
   define_lab_flag()
   define_config_flags(["dataset"])
+
+
+def flag_reference(scripts: Iterable[str | os.PathLike]) -> str:
+  """The Markdown reference of every flag of `scripts` (paths of absl scripts), from the flags
+  themselves: each script is loaded (not run), and what it defines is listed under its name
+  with its default and help. `scripts/flag_reference.py` writes it to docs/guide/flags.md."""
+  import runpy
+
+  lines = ["# Flags", "",
+           "Every flag of every script, as the scripts define them (`python3 scripts/NAME.py "
+           "--help` says the same). Written by `python3 scripts/flag_reference.py`; a test "
+           "fails when it is out of date.", ""]
+  for script in scripts:
+    script = pathlib.Path(script)
+    before = set(flags.FLAGS)
+    module = runpy.run_path(str(script), run_name=f"jaxlab_flag_reference_{script.stem}")
+    try:
+      added = sorted(set(flags.FLAGS) - before)
+      if not added:
+        continue
+      doc = (module.get("__doc__") or "").strip().split("\n\n")[0].replace("\n", " ")
+      lines += [f"## `scripts/{script.name}`", "", doc, ""]
+      for name in added:
+        flag = flags.FLAGS[name]
+        default = "" if flag.default is None else f" (default: `{flag.default_as_str.strip(chr(39))}`)"
+        kind = f" one of {', '.join(f'`{v}`' for v in flag.parser.enum_values)}" if hasattr(
+            flag.parser, "enum_values") else ""
+        text = " ".join(flag.help.split())
+        if kind and text.startswith("<"):  # absl starts an enum's help with its values.
+          text = text.split(">: ", 1)[-1]
+        lines.append(f"- `--{name}`{default}{kind}: {text}")
+      lines.append("")
+    finally:
+      for name in set(flags.FLAGS) - before:
+        delattr(flags.FLAGS, name)
+  return "\n".join(lines)

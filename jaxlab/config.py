@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Sequence
 
 from jaxlab.data import DATASETS
 from jaxlab.errors import BadValue
 
-PRECISIONS = ("float32", "bf16")  # What each computes in: jaxlab.models.PRECISIONS.
+PRECISIONS = ("float32", "bf16")  # What each computes in: jaxlab.models.at_precision.
 NAN_POLICIES = ("stop", "skip")
 
 
@@ -32,6 +32,12 @@ ROLES = {
 }
 
 
+
+def check_choice(name: str, value: Any, known: Sequence[str]) -> None:
+  """A `BadValue` naming `value` and the `known` choices of setting `name`, unless it is one."""
+  if value not in known:
+    raise BadValue(f"unknown {name} {value!r}; known: {', '.join(known)}")
+
 def _setting(help_text: str, role: str = "computes", **kwargs: Any) -> Any:
   """A TrainConfig field with its `role` (ROLES); its help text is the help of the flag that
   overrides it (jaxlab.cli)."""
@@ -46,7 +52,8 @@ class TrainConfig:
   Every field but `experiment` is also a command-line flag of the training scripts, generated
   from this class (`jaxlab.cli.define_config_flags`), with the help text given here."""
 
-  experiment: str = _setting("Experiment name from the catalog (see README).")
+  experiment: str = _setting("Experiment name: one of the catalog "
+                              "(docs/guide/seed-studies.md) or of the --lab file.")
   dataset: str = _setting(f"Data set: {', '.join(DATASETS.names())}, or one a lab file "
                           "registers (jaxlab.data.register_dataset). Default: the experiment's "
                           "own.")
@@ -65,14 +72,14 @@ class TrainConfig:
   precision: str = _setting("float32, or bf16: on the CPU, dots on bfloat16 operands, "
                             "accumulated and written in float32 (convolutions float32); on a "
                             "GPU, bfloat16 layers; parameters, optimizer state and loss float32 "
-                            "in both (jaxlab.models.PRECISIONS). Default: float32.",
+                            "in both (jaxlab.models.at_precision). Default: float32.",
                             default="float32")
   eval_batch_size: int = _setting("Validation batch size. Default: 1000.", role="dispatch",
                                   default=1000)
   steps_per_dispatch: int = _setting("Train steps per compiled call (one lax.scan). Default: "
                                      "50.", role="dispatch", default=50)
   data_dir: str | None = _setting("Directory with the data set's raw files or a TFDS-prepared "
-                                  "copy (see README).", role="where", default=None)
+                                  "copy (docs/guide/seed-studies.md).", role="where", default=None)
   download: bool = _setting("Let TFDS download and prepare the data set (needs network and "
                             "TensorFlow).", role="where", default=False)
   checkpoint_every_steps: int = _setting(
@@ -161,11 +168,8 @@ def validate(config: TrainConfig) -> None:
     raise BadValue(f"train_limit must be a positive integer, got {config.train_limit!r}")
   if not (config.learning_rate > 0 and math.isfinite(config.learning_rate)):
     raise BadValue(f"learning_rate must be a positive number, got {config.learning_rate!r}")
-  if config.precision not in PRECISIONS:
-    raise BadValue(f"unknown precision {config.precision!r}; known: {', '.join(PRECISIONS)}")
-  if config.nan_policy not in NAN_POLICIES:
-    raise BadValue(f"unknown nan_policy {config.nan_policy!r}; known: "
-                   f"{', '.join(NAN_POLICIES)}")
+  check_choice("precision", config.precision, PRECISIONS)
+  check_choice("nan_policy", config.nan_policy, NAN_POLICIES)
   if not (isinstance(config.checkpoint_every_steps, int) and config.checkpoint_every_steps >= 0):
     raise BadValue(f"checkpoint_every_steps must be 0 or a positive integer, got "
                    f"{config.checkpoint_every_steps!r}")

@@ -404,11 +404,12 @@ def tfds(tfds_name: str) -> Source:
 
 
 def find_source(info: DatasetInfo, data_dir: str | None = None, download: bool = False,
-                debian_dir: pathlib.Path = DEBIAN_FASHION_MNIST_DIR) -> Found:
-  """The first of the data set's sources that has it."""
+                debian_dir: pathlib.Path | None = None) -> Found:
+  """The first of the data set's sources that has it (`debian_dir`: the Debian package's folder,
+  `DEBIAN_FASHION_MNIST_DIR` unless given)."""
   if data_dir and not pathlib.Path(data_dir).is_dir():
     raise DataError(f"--data_dir {data_dir!r} is not a directory")
-  where = Where(data_dir, download, debian_dir)
+  where = Where(data_dir, download, debian_dir or DEBIAN_FASHION_MNIST_DIR)
   for source in info.sources:
     found = source.find(info, where)
     if found:
@@ -506,7 +507,7 @@ def _validate(arrays: dict[str, np.ndarray], info: DatasetInfo, origin: str) -> 
 
 def load_dataset(name: str, data_dir: str | None = None, download: bool = False,
                  cache_dir: str | os.PathLike | None = None, use_cache: bool = True,
-                 debian_dir: pathlib.Path = DEBIAN_FASHION_MNIST_DIR) -> Dataset:
+                 debian_dir: pathlib.Path | None = None) -> Dataset:
   """Loads a data set by name from the first source that has it (see the module doc)."""
   info = DATASETS.get(name)
   found = find_source(info, data_dir, download, debian_dir)

@@ -24,6 +24,11 @@ from typing import Iterator
 
 TRACEBACK_ENV = "JAXLAB_TRACEBACK"  # Set (to anything but 0 or empty): show a user error's too.
 
+# The exit statuses of every script (1: the work ran but did not all succeed, or a bug).
+EXIT_BAD_INPUT = 2  # A UserError: one `error:` line.
+EXIT_NONFINITE = 3  # A NaN or infinite loss stopped training.
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on request; the same command resumes.
+
 
 class UserError(Exception):
   """Input that jaxlab checked and found wrong; the message names the bad value."""

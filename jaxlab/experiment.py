@@ -16,8 +16,8 @@ accuracy, its own (`jaxlab.metrics`); its data set a name of `jaxlab.data`'s reg
 lab file may add to (`jaxlab.data.register_dataset`).
 
 `resolve_config(name, **overrides)` is an experiment's settings with a user's overrides;
-`build_model(name, dataset, precision)` its model, fitted to a data set; `setup(config)` all
-that a run's state and compiled steps are made from (`jaxlab.state.Setup`).
+`build_model(name, dataset, precision)` its model, fitted to a data set (what a run's state and
+steps are made from: `jaxlab.training.state.setup`).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import importlib.util
 import pathlib
 import sys
 import traceback
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 
@@ -40,7 +40,6 @@ from jaxlab.data import DATASETS, DatasetInfo
 from jaxlab.errors import BadValue, LabFileError, MissingFile, UnknownNameError, UserError, one_line
 from jaxlab.optim import register_optimizer
 from jaxlab.registry import Registry
-from jaxlab.state import Setup, make_setup
 
 
 @dataclasses.dataclass(frozen=True)
@@ -289,16 +288,3 @@ def build_model(experiment: Experiment | str, dataset: DatasetInfo | str | None 
   model = models.fit(exp.model, info.image_shape, info.num_classes)
   models.check_outputs(model, info.image_shape, info.num_classes, exp.name)
   return models.at_precision(model, precision)
-
-
-def setup(config: TrainConfig, dataset: DatasetInfo | None = None,
-          learning_rates: Sequence[float] = ()) -> Setup:
-  """What the state and the compiled steps of `config`'s runs are made from: its model (on
-  `dataset`, default the config's), optimizer and metrics. Runs of several `learning_rates`
-  share one optimizer, whose learning rate must then live in its state
-  (`jaxlab.optim.make_optimizer`)."""
-  exp = get_experiment(config.experiment)
-  info = dataset or DATASETS.get(config.dataset)
-  shared = len(set(learning_rates)) > 1
-  return make_setup(build_model(exp, info, config.precision), info.image_shape,
-                    config.optimizer, None if shared else config.learning_rate, exp.metrics)

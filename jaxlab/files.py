@@ -1,4 +1,8 @@
-"""Run-directory files: atomic writes, one JSON line per epoch, JSON summaries (no JAX here)."""
+"""Files a crash cannot tear: atomic writes and links, JSON and JSON lines (no JAX here).
+
+What every writer of jaxlab uses: the run directory (`jaxlab.rundir`), the data cache, labs
+and reports.
+"""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ devices, the members of a group and a resumed epoch all reduce it the same way (
 
 What derives from the table: the sums of the train and eval steps (`sums`), the epoch's
 records (`epoch_means`: `train_<name>` and `val_<name>` in metrics.jsonl), the TensorBoard tags
-(`jaxlab.hooks`), the summary's `final_val_<name>`, and what config.json records of each metric
+(`jaxlab.training.hooks`), the summary's `final_val_<name>`, and what config.json records of each metric
 (its direction, `describe`), from which the report answers a question on any of them.
 
 A split's evaluation report (`report`): accuracy, the confusion matrix and each class's
@@ -18,7 +18,7 @@ accuracy, from the predictions, beside the metrics' means.
 
 The train record's `loss` is Keras's: the data loss plus the L2 term (`l2_loss`), with the data
 loss alone as `data_loss`; validation has no L2 term. The best checkpoint is chosen on
-validation accuracy (`jaxlab.run.BEST_ON`).
+validation accuracy (`jaxlab.rundir.run.BEST_ON`).
 """
 
 from __future__ import annotations
@@ -114,9 +114,11 @@ def sums(metrics: Table, logits: jax.Array, labels: jax.Array) -> dict[str, jax.
   return out
 
 
-def add(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-  """The sums of two spans of steps: sums and counts add, the first bad step is the least."""
-  return {k: (jnp.minimum if k == FIRST_NONFINITE else jnp.add)(a[k], b[k]) for k in a}
+def add(a: Mapping[str, Any], b: Mapping[str, Any],
+        minimum: Callable[[Any, Any], Any] = jnp.minimum) -> dict[str, Any]:
+  """The sums of two spans of steps: sums and counts add, the first bad step is the least.
+  Arrays in a compiled step; Python numbers on the host with `minimum=min`."""
+  return {k: minimum(a[k], b[k]) if k == FIRST_NONFINITE else a[k] + b[k] for k in a}
 
 
 # ----------------------------------------------------------------------------- on the host
@@ -130,12 +132,6 @@ def eval_zeros(metrics: Table) -> dict[str, float | int]:
 def train_zeros(metrics: Table) -> dict[str, float | int]:
   """The sums of no train step: the eval sums, the L2 term and the non-finite bookkeeping."""
   return {**eval_zeros(metrics), L2: 0.0, NONFINITE: 0, FIRST_NONFINITE: int(NO_STEP)}
-
-
-def add_host(totals: dict[str, Any], more: Mapping[str, Any]) -> None:
-  """`more` (Python numbers) added into `totals` in place, as `add` does on the device."""
-  for key, value in more.items():
-    totals[key] = min(totals[key], value) if key == FIRST_NONFINITE else totals[key] + value
 
 
 def restore_sums(metrics: Table, saved: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:

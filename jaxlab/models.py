@@ -49,6 +49,7 @@ import jax.numpy as jnp
 from flax.core import meta
 
 from jaxlab.caches import cached
+from jaxlab.config import PRECISIONS, check_choice
 from jaxlab.errors import BadValue
 
 # ----------------------------------------------------------------------------- precision
@@ -97,8 +98,8 @@ def mixed_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any,
   return mixed_matmul(lhs, rhs)
 
 
-# What `TrainConfig.precision` computes in; parameters, BatchNorm statistics, the loss and the
-# optimizer stay float32 in both:
+# What each of `jaxlab.config.PRECISIONS` computes in; parameters, BatchNorm statistics, the
+# loss and the optimizer stay float32 in both:
 #   float32  everything in float32 (any model: as it is declared);
 #   bf16     a model of the plan families: on a GPU, bfloat16 layers (Flax's `dtype`: every
 #            dot, convolution and elementwise op reads and writes bfloat16; the path measured
@@ -107,15 +108,13 @@ def mixed_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any,
 #            convolutions and the rest stay float32: no kernel library of XLA:CPU runs a
 #            bfloat16 convolution, so bfloat16 there would only add conversions. Any other
 #            model: its `dtype` set to bfloat16 (its own `at_precision`, where it has one).
-PRECISIONS = ("float32", "bf16")
 
 
 def at_precision(model: nn.Module, precision: str, backend: str | None = None) -> nn.Module:
-  """`model` computing in `precision` on `backend` (default: JAX's), as PRECISIONS says: the
+  """`model` computing in `precision` on `backend` (default: JAX's), as said above: the
   model's own `at_precision(precision, backend)`, else its `dtype` field (a clear error where it
   has none)."""
-  if precision not in PRECISIONS:
-    raise BadValue(f"unknown precision {precision!r}; known: {', '.join(PRECISIONS)}")
+  check_choice("precision", precision, PRECISIONS)
   own = _own(model, "at_precision")
   if own is not None:
     return own(precision, backend)
@@ -342,7 +341,14 @@ _ABSTRACT_KEY = jax.ShapeDtypeStruct((2,), jnp.uint32)
 
 
 def abstract_variables(model: nn.Module, image_shape: Sequence[int]) -> dict[str, Any]:
-  """The model's variables as shapes only (`jax.eval_shape`): no memory, no compute."""
+  """The model's variables as shapes only (`jax.eval_shape`): no memory, no compute. Traced
+  once per (model, shape) in a process; each call gets containers of its own."""
+  return jax.tree_util.tree_map(lambda leaf: leaf,
+                                _abstract_variables(model, tuple(image_shape)))
+
+
+@cached
+def _abstract_variables(model: nn.Module, image_shape: tuple[int, ...]) -> dict[str, Any]:
   return jax.eval_shape(lambda p, d, x: model.init(init_rngs(p, d), x), _ABSTRACT_KEY,
                         _ABSTRACT_KEY, example(image_shape))
 
@@ -413,7 +419,13 @@ def type_name(module: Any) -> str:
 
 
 def _bridged_modules(model: nn.Module, image_shape: Sequence[int]) -> list[nn.Module]:
-  """The NNX modules seen through the bridge inside `model` (shapes only)."""
+  """The NNX modules seen through the bridge inside `model` (shapes only; traced once per
+  (model, shape) in a process)."""
+  return list(_bridged_traced(model, tuple(image_shape)))
+
+
+@cached
+def _bridged_traced(model: nn.Module, image_shape: tuple[int, ...]) -> tuple[nn.Module, ...]:
   found: list[nn.Module] = []
 
   def note(mdl: nn.Module, method: str) -> bool:
@@ -424,7 +436,7 @@ def _bridged_modules(model: nn.Module, image_shape: Sequence[int]) -> list[nn.Mo
   jax.eval_shape(lambda v, x: model.apply(v, x, capture_intermediates=note,
                                           mutable=["intermediates"]),
                  abstract_variables(model, image_shape), example(image_shape))
-  return found
+  return tuple(found)
 
 
 def _nnx_modules(bridged: nn.Module) -> Iterator[tuple[tuple[str, ...], Any]]:
@@ -510,7 +522,12 @@ def in_order(outputs: Mapping[str, Any], model: nn.Module,
 def module_types(model: nn.Module, image_shape: Sequence[int]) -> dict[str, str]:
   """Each submodule's path -> `type_name`, as `module_outputs` names them, in the order their
   calls finished (shapes only: a trace, which keeps the order a compiled program's outputs
-  lose)."""
+  lose; traced once per (model, shape) in a process)."""
+  return dict(_module_types(model, tuple(image_shape)))
+
+
+@cached
+def _module_types(model: nn.Module, image_shape: tuple[int, ...]) -> dict[str, str]:
   types: dict[str, str] = {}
 
   def note(mdl: nn.Module, method: str) -> bool:
@@ -675,7 +692,7 @@ class PlanModel(nn.Module):
     raise NotImplementedError
 
   dtype: Any = jnp.float32  # Compute dtype; parameters are always float32.
-  mixed_dots: bool = False  # Dense dots on bfloat16 operands, written in float32 (PRECISIONS).
+  mixed_dots: bool = False  # Dense dots on bfloat16 operands, written in float32 (at_precision).
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -685,7 +702,7 @@ class PlanModel(nn.Module):
     return x.astype(jnp.float32)
 
   def at_precision(self, precision: str, backend: str | None = None) -> PlanModel:
-    """float32; or bf16 as PRECISIONS says: bfloat16 layers on a GPU, mixed dots elsewhere."""
+    """float32; or bf16 as `at_precision` says: bfloat16 layers on a GPU, mixed dots elsewhere."""
     if precision == "float32":
       return self.clone(dtype=jnp.float32, mixed_dots=False)
     if (backend or jax.default_backend()) == "gpu":

@@ -10,12 +10,13 @@ import json
 
 from absl import flags
 
-from jaxlab import cli, runtime
+from jaxlab import cli
 from jaxlab.perf.benchmark import PEERS, markdown, run_benchmark
 from jaxlab.config import PRECISIONS
 from jaxlab.data import DATASETS
 from jaxlab.errors import BadValue
-from jaxlab.experiment import resolve_config, setup
+from jaxlab.experiment import resolve_config
+from jaxlab.training.state import setup
 
 cli.define_kernels_flag()
 cli.define_lab_flag()
@@ -37,7 +38,7 @@ FLAGS = flags.FLAGS
 
 @cli.user_errors_exit
 def main(argv):
-  runtime.start(FLAGS)
+  cli.start(FLAGS)
   cli.load_lab()
   config = resolve_config(FLAGS.experiment, dataset=FLAGS.dataset, precision=FLAGS.precision,
                           optimizer="adam", learning_rate=1e-3)  # The peers' optimizer.

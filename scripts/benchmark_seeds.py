@@ -21,7 +21,7 @@ import time
 
 from absl import flags
 
-from jaxlab import cli, errors, runtime
+from jaxlab import cli, errors
 from jaxlab.perf.benchmark import machine, rotation
 
 cli.define_experiment_flag()
@@ -58,7 +58,7 @@ def timed(command: list[str], env: dict[str, str]) -> float:
 
 @cli.user_errors_exit
 def main(argv):
-  runtime.start(FLAGS)
+  cli.start(FLAGS)
   cli.parse_list(FLAGS.seeds, int, "seeds")
   work = pathlib.Path(tempfile.mkdtemp(prefix="jaxlab-benchmark-seeds-"))
   env = {**os.environ}

@@ -12,8 +12,8 @@ import sys
 import numpy as np
 from absl import flags
 
-from jaxlab import cli, runtime
-from jaxlab.compare import capture, compare
+from jaxlab import cli
+from jaxlab.inspection.compare import capture, compare
 from jaxlab.experiment import build_model
 from jaxlab.experiment import get_experiment
 from jaxlab.keras.model import import_keras, keras_capture, to_keras
@@ -32,7 +32,7 @@ FLAGS = flags.FLAGS
 
 @cli.user_errors_exit
 def main(argv):
-  runtime.start(FLAGS)
+  cli.start(FLAGS)
   cli.load_lab()
   exp = get_experiment(FLAGS.experiment)
   model = build_model(exp, FLAGS.dataset)

@@ -8,11 +8,11 @@ import json
 import jax
 from absl import flags
 
-from jaxlab import cli, runtime
+from jaxlab import cli
 from jaxlab import metrics as metrics_lib
 from jaxlab.data import load_dataset
-from jaxlab.checkpoint import load_run
-from jaxlab.steps import evaluate, make_steps
+from jaxlab.training.restore import load_run
+from jaxlab.training.steps import evaluate, make_steps
 
 cli.define_kernels_flag()
 flags.DEFINE_string("workdir", None, "Run directory written by scripts/train.py.")
@@ -25,7 +25,7 @@ FLAGS = flags.FLAGS
 
 @cli.user_errors_exit
 def main(argv):
-  runtime.start(FLAGS)
+  cli.start(FLAGS)
   config, built, state, epoch = load_run(FLAGS.workdir, FLAGS.checkpoint)
   dataset = load_dataset(config.dataset, data_dir=FLAGS.data_dir or config.data_dir)
   metrics, predictions = evaluate(make_steps(built), state.variables,

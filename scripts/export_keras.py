@@ -5,9 +5,9 @@
 
 from absl import flags
 
-from jaxlab import cli, runtime
+from jaxlab import cli
 from jaxlab.keras.weights import export_keras
-from jaxlab.checkpoint import load_run
+from jaxlab.training.restore import load_run
 
 flags.DEFINE_string("workdir", None, "Run directory.")
 flags.DEFINE_string("output", None, "File to write: NAME.keras or NAME.weights.h5.")
@@ -18,7 +18,7 @@ FLAGS = flags.FLAGS
 
 @cli.user_errors_exit
 def main(argv):
-  runtime.start(FLAGS)
+  cli.start(FLAGS)
   config, built, state, epoch = load_run(FLAGS.workdir, FLAGS.checkpoint)
   export_keras(built.model, state.variables, FLAGS.output)
   print(f"wrote {FLAGS.output} ({config.experiment}, {FLAGS.checkpoint} checkpoint, epoch {epoch})")

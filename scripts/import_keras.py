@@ -9,7 +9,7 @@ BatchNorm statistics, so evaluate.py, predict.py and train.py work on DIR.
 
 from absl import flags
 
-from jaxlab import cli, runtime
+from jaxlab import cli
 from jaxlab.experiment import build_model, resolve_config
 from jaxlab.keras.weights import import_keras_weights
 from jaxlab.keras.weights import write_imported_run
@@ -23,7 +23,7 @@ FLAGS = flags.FLAGS
 
 @cli.user_errors_exit
 def main(argv):
-  runtime.start(FLAGS)
+  cli.start(FLAGS)
   cli.load_lab()
   config = resolve_config(FLAGS.experiment, dataset=FLAGS.dataset)
   model = build_model(config.experiment, config.dataset)

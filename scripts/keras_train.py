@@ -9,9 +9,10 @@ import time
 
 from absl import flags
 
-from jaxlab import cli, runtime
+from jaxlab import cli
 from jaxlab.perf.benchmark import keras_train
-from jaxlab.experiment import resolve_config, setup
+from jaxlab.experiment import resolve_config
+from jaxlab.training.state import setup
 from jaxlab.data import load_dataset
 
 cli.define_experiment_flag()
@@ -22,7 +23,7 @@ FLAGS = flags.FLAGS
 
 @cli.user_errors_exit
 def main(argv):
-  runtime.start(FLAGS)
+  cli.start(FLAGS)
   config = resolve_config(FLAGS.experiment, **cli.config_overrides(OVERRIDES))
   dataset = load_dataset(config.dataset, data_dir=config.data_dir)
   built = setup(config, dataset.info)

@@ -13,9 +13,9 @@ import jax
 import numpy as np
 from absl import flags
 
-from jaxlab import cli, errors, runtime
+from jaxlab import cli, errors
 from jaxlab.errors import BadValue
-from jaxlab.checkpoint import load_run
+from jaxlab.training.restore import load_run
 from jaxlab.data import DATASETS
 from jaxlab.models import input_shape
 
@@ -31,7 +31,7 @@ FLAGS = flags.FLAGS
 
 @cli.user_errors_exit
 def main(argv):
-  runtime.start(FLAGS)
+  cli.start(FLAGS)
   config, built, state, _ = load_run(FLAGS.workdir, FLAGS.checkpoint)
   model = built.model
   try:

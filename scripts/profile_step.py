@@ -13,7 +13,7 @@ import pathlib
 
 from absl import flags
 
-from jaxlab import cli, errors, runtime
+from jaxlab import cli, errors
 from jaxlab.experiment import resolve_config
 from jaxlab.perf.profiling import format_table, profile
 
@@ -34,7 +34,7 @@ FLAGS = flags.FLAGS
 
 @cli.user_errors_exit
 def main(argv):
-  runtime.start(FLAGS)
+  cli.start(FLAGS)
   for flag in ("trace_dir", "hlo_dir", "checkpoint_dir"):  # Folders the user named: writable?
     if FLAGS[flag].value:
       with errors.output(FLAGS[flag].value, f"--{flag}"):

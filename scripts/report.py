@@ -15,7 +15,7 @@ alone rebuilds it (as docs/results/lab02_fashion_mnist does):
 
 from absl import flags
 
-from jaxlab import cli, runtime
+from jaxlab import cli
 from jaxlab.report import build_report
 from jaxlab.report.build import copy_small_files
 
@@ -46,7 +46,7 @@ def load_labs_of_their_data(runs: str) -> None:
 
 @cli.user_errors_exit
 def main(argv):
-  runtime.start(FLAGS)
+  cli.start(FLAGS)
   out = FLAGS.out or f"{FLAGS.runs.rstrip('/')}/report"
   runs = FLAGS.runs
   if FLAGS.with_runs:

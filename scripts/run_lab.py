@@ -18,7 +18,8 @@ import sys
 
 from absl import flags, logging
 
-from jaxlab import cli, runtime
+from jaxlab import cli
+from jaxlab.training import process
 from jaxlab.lab.runner import LAB_FILE, LabRunner, plan_lab, settle
 from jaxlab.lab.workers import run_workers
 from jaxlab.files import read_json
@@ -53,7 +54,7 @@ FLAGS = flags.FLAGS
 
 @cli.user_errors_exit
 def main(argv):
-  runtime.start(FLAGS)
+  cli.start(FLAGS)
   logging.set_verbosity(logging.INFO)
   lab = cli.load_lab()
   overrides = cli.config_overrides(OVERRIDES)
@@ -71,7 +72,7 @@ def main(argv):
     return runners[-1]
 
   runner = make_runner(runs)
-  with runtime.stop_on_signals():
+  with process.stop_on_signals():
     record = runner.run()
     if FLAGS.until_settled:
       chosen = list(dict.fromkeys(r.experiment for r in runs))

@@ -8,10 +8,10 @@ import json
 
 from absl import flags
 
-from jaxlab import cli, runtime
+from jaxlab import cli
 from jaxlab.data import DATASETS
 from jaxlab.experiment import build_model, get_experiment
-from jaxlab.summary import format_summary, summarize
+from jaxlab.inspection.summary import format_summary, summarize
 
 cli.define_experiment_flags()
 flags.DEFINE_bool("json", False, "Print JSON (total_params, trainable_params, "
@@ -21,7 +21,7 @@ FLAGS = flags.FLAGS
 
 @cli.user_errors_exit
 def main(argv):
-  runtime.start(FLAGS)
+  cli.start(FLAGS)
   cli.load_lab()
   info = DATASETS.get(FLAGS.dataset or get_experiment(FLAGS.experiment).dataset)
   summary = summarize(build_model(FLAGS.experiment, info), info.image_shape)

@@ -13,9 +13,11 @@ same command resumes. A second signal aborts at once.
 
 from absl import flags, logging
 
-from jaxlab import cli, lock, runtime
+from jaxlab import cli
+from jaxlab.training import process
+from jaxlab.rundir import lock
 from jaxlab.errors import BadValue
-from jaxlab.run import member_dir, member_path
+from jaxlab.rundir.run import member_dir, member_path
 
 cli.define_kernels_flag()
 cli.define_experiment_flag()
@@ -55,11 +57,11 @@ def refuse_busy() -> None:
 @cli.user_errors_exit
 def main(argv):
   refuse_busy()  # At once: before JAX starts, before the data loads.
-  runtime.start(FLAGS)
+  cli.start(FLAGS)
   logging.set_verbosity(logging.INFO)
   workdir, seeds, rates = members()
   from jaxlab.experiment import resolve_config  # pylint: disable=g-import-not-at-top
-  from jaxlab.train import group_configs, train_group  # pylint: disable=g-import-not-at-top
+  from jaxlab.training.train import group_configs, train_group  # pylint: disable=g-import-not-at-top
   cli.load_lab()
   config = resolve_config(FLAGS.experiment, **cli.config_overrides(OVERRIDES))
   if seeds and FLAGS["seed"].present:
@@ -68,7 +70,7 @@ def main(argv):
     raise BadValue("--learning_rate and --learning_rates do not go together")
   configs = group_configs(config, seeds, rates)
   workdirs = [member_dir(workdir, c, bool(seeds), bool(rates)) for c in configs]
-  with runtime.stop_on_signals():
+  with process.stop_on_signals():
     summaries = train_group(configs, workdirs, progress=FLAGS.progress, restart=FLAGS.restart,
                             loop=FLAGS.loop)
   for c, summary, path in zip(configs, summaries, workdirs):

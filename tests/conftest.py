@@ -86,12 +86,12 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))
 # either would have made alone, and both share the compilation cache.
 # (Worker processes of pytest-xdist inherit this process's settings: the user's flags are kept
 # aside once, by the first.)
-# XLA:CPU's kernels (jaxlab.perf.kernels) are those of $JAXLAB_TEST_KERNELS (default xla, XLA as it
+# XLA:CPU's kernels (jaxlab.training.kernels) are those of $JAXLAB_TEST_KERNELS (default xla, XLA as it
 # comes), here and in every script a test starts, so that no test measures the machine: run
 # the suite with JAXLAB_TEST_KERNELS=ynn_dot (say) to check it under another choice.
 _USER_XLA_FLAGS = os.environ.setdefault("JAXLAB_TEST_USER_XLA_FLAGS",
                                         os.environ.get("XLA_FLAGS", ""))
-from jaxlab.perf import kernels  # noqa: E402  (no JAX: before the backend starts)
+from jaxlab.training import kernels  # noqa: E402  (no JAX: before the backend starts)
 
 KERNELS = os.environ.setdefault("JAXLAB_TEST_KERNELS", "xla")
 os.environ["JAXLAB_KERNELS"] = KERNELS
@@ -101,9 +101,9 @@ os.environ[kernels.APPLIED_ENV] = KERNELS
 
 import jax  # noqa: E402
 
-from jaxlab import runtime  # noqa: E402
+from jaxlab import caches  # noqa: E402
 
-runtime.enable_compilation_cache()  # XLA_CACHE, as the scripts' --compilation_cache.
+caches.enable_compilation_cache()  # XLA_CACHE, as the scripts' --compilation_cache.
 
 def pytest_unconfigure(config):
   """The session's temporary folder goes with the session, however its tests ended."""
@@ -142,11 +142,7 @@ def _forget_what_the_module_built():
   models and steps cached per process, Keras's state): the next module starts small, and a
   program it needs again comes back from the persistent compilation cache in milliseconds."""
   yield
-  from jaxlab import models, state, steps
-  models._output_shape.cache_clear()
-  steps._make_steps.cache_clear()
-  steps._convolves.cache_clear()
-  state.init_program.cache_clear()
+  caches.clear_cached()
   if "keras" in sys.modules:
     sys.modules["keras"].backend.clear_session()
   jax.clear_caches()

@@ -6,7 +6,7 @@ import json
 import numpy as np
 from flax import serialization, traverse_util
 
-from jaxlab import checkpoint
+from jaxlab.rundir import checkpoint
 
 
 def arrays(state_dict):

@@ -11,7 +11,7 @@ import pytest
 
 from jaxlab import data, experiment
 from jaxlab.errors import BadValue, DataError, MissingDependency
-from jaxlab.run import Run
+from jaxlab.rundir.run import Run
 from conftest import ROOT, run_main
 
 
@@ -99,7 +99,8 @@ def test_only_an_import_the_lab_file_makes_is_the_files_fault(tmp_path, source, 
 
 
 def test_a_benchmark_peer_is_skipped_only_for_a_missing_package(monkeypatch):
-  from jaxlab.experiment import resolve_config, setup
+  from jaxlab.experiment import resolve_config
+  from jaxlab.training.state import setup
   from jaxlab.perf import benchmark
   built = setup(resolve_config("mlp_halving"))
   monkeypatch.setattr(benchmark, "jaxlab_runner", lambda *args, members=1: lambda: 1.0)

@@ -13,9 +13,9 @@ from jaxlab.experiment import (EXPERIMENTS, Experiment, build_model, experiment_
 from jaxlab.files import read_jsonl
 from jaxlab.models import (Conv, ConvBlock, ConvNet, Dense, MaxPool, at_precision,
                            l2_penalty, mixed_matmul, op_precisions)
-from jaxlab.state import create_train_state, init_program, make_setup
-from jaxlab.steps import make_steps, make_train_step
-from jaxlab.train import train_and_evaluate
+from jaxlab.training.state import create_train_state, init_program, make_setup
+from jaxlab.training.steps import make_steps, make_train_step
+from jaxlab.training.train import train_and_evaluate
 from datafiles import synthetic_dataset
 
 CNN_EXPERIMENTS = [n for n in experiment_names() if not n.startswith("mlp_")]
@@ -176,7 +176,7 @@ def test_small_cnn_overfits_64_examples():
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["cpu", "gpu"])
 def test_bf16_trains_and_keeps_float32_state(backend):
-  """bf16 as each backend computes it (`jaxlab.models.PRECISIONS`; a GPU's path built and run
+  """bf16 as each backend computes it (`jaxlab.models.at_precision`; a GPU's path built and run
   here on the CPU): the small CNN still memorizes its 64 examples, the state stays float32, and
   the logits agree with float32's to bfloat16's precision."""
   model = at_precision(SMALL_CNN, "bf16", backend=backend)

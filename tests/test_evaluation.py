@@ -8,7 +8,7 @@ import pytest
 from jaxlab import metrics
 from jaxlab.experiment import resolve_config
 from jaxlab.data import DATASETS
-from jaxlab.train import train_and_evaluate
+from jaxlab.training.train import train_and_evaluate
 from datafiles import synthetic_dataset, write_idx_dataset
 from conftest import run_main
 

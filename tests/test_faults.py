@@ -18,10 +18,11 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from jaxlab import checkpoint, runtime
+from jaxlab.rundir import checkpoint
+from jaxlab.training import process
 from jaxlab.experiment import resolve_config
-from jaxlab.hooks import Hook
-from jaxlab.train import group_configs, train_and_evaluate, train_group
+from jaxlab.training.hooks import Hook
+from jaxlab.training.train import group_configs, train_and_evaluate, train_group
 from datafiles import write_idx_dataset
 from conftest import ROOT, run_main, script, script_environment, start_script
 
@@ -309,7 +310,7 @@ def test_bad_input_is_one_line_and_status_2(data, tmp_path):
   a process, bad input and all: tests/test_scripts.py)."""
   from datafiles import idx_bytes
   from jaxlab.experiment import resolve_config
-  from jaxlab.train import train_and_evaluate
+  from jaxlab.training.train import train_and_evaluate
   from datafiles import synthetic_dataset
 
   run = tmp_path / "run"
@@ -396,7 +397,7 @@ class StopInValidation(Hook):
 
   def on_epoch_trained(self, epoch, state, sums):
     if epoch == self.epoch:
-      runtime.request()
+      process.request()
 
 
 def config_of(data, **changes):
@@ -414,11 +415,11 @@ def test_a_stop_during_a_validation_resumes_with_that_validation(data, reference
   run."""
   workdir = tmp_path / "run"
   try:
-    with pytest.raises(runtime.Preempted, match=r"stopped in the validation of epoch 2 \(global "
+    with pytest.raises(process.Preempted, match=r"stopped in the validation of epoch 2 \(global "
                                                 r"step 256\); its checkpoint is .*step_000000256"):
       train_and_evaluate(config_of(data), workdir, hooks=[StopInValidation(2)])
   finally:
-    runtime.clear()
+    process.clear()
   assert [r["epoch"] for r in metrics_lines(workdir)] == [1]
   assert saved_steps(workdir)[-1] == 256
   resumed = train(*train_args(data, workdir))
@@ -432,10 +433,10 @@ def test_a_group_stopped_during_a_validation_resumes_as_the_uninterrupted_group(
   dirs = lambda root: [root / "seed_0", root / "seed_1"]
   train_group(configs, dirs(tmp_path / "straight"))
   try:
-    with pytest.raises(runtime.Preempted, match="in the validation of epoch 1"):
+    with pytest.raises(process.Preempted, match="in the validation of epoch 1"):
       train_group(configs, dirs(tmp_path / "stopped"), hooks=[[StopInValidation(1)], []])
   finally:
-    runtime.clear()
+    process.clear()
   train_group(configs, dirs(tmp_path / "stopped"))
   for resumed, straight in zip(dirs(tmp_path / "stopped"), dirs(tmp_path / "straight")):
     state, _ = newest_state(resumed)
@@ -453,10 +454,10 @@ def test_sigterm_in_a_long_validation_exits_at_once_and_resumes_with_it(data, re
   seconds, with status 75, once the epoch's checkpoint is on disk; the resumed run validates
   the epoch and ends as the uninterrupted run."""
   workdir = tmp_path / "run"
-  slow = ("import os, signal, time\nimport jaxlab.train\n"
+  slow = ("import os, signal, time\nimport jaxlab.training.train\n"
           "def evaluate_group(*args, **kwargs):\n"
           "  os.kill(os.getpid(), signal.SIGTERM)\n  time.sleep(60)\n"
-          "jaxlab.train.evaluate_group = evaluate_group\n")
+          "jaxlab.training.train.evaluate_group = evaluate_group\n")
   started = time.monotonic()
   stopped = train_process_after(slow, train_args(data, workdir))
   assert stopped.returncode == 75, stopped.stderr[-2000:]
@@ -475,12 +476,15 @@ def test_sigterm_in_a_long_validation_exits_at_once_and_resumes_with_it(data, re
 def test_sigint_then_a_second_signal_aborts_at_once_and_the_last_checkpoint_stays(
     data, reference, tmp_path):
   """Ctrl-C asks for a stop; a second one, while that stop's checkpoint is being written (each
-  write made to take 5 s here), aborts at once with 128 + SIGINT, without that checkpoint: the
-  ones written before are intact and the run resumes from them to the uninterrupted result."""
+  write after the first made to take 5 s here), aborts at once with 128 + SIGINT, without that
+  checkpoint: the ones written before are intact and the run resumes from them to the
+  uninterrupted result."""
   workdir = tmp_path / "run"
-  slow = ("import time\nimport jaxlab.checkpoint\nsave = jaxlab.checkpoint.save\n"
-          "def slow_save(*args, **kwargs):\n  time.sleep(5)\n  return save(*args, **kwargs)\n"
-          "jaxlab.checkpoint.save = slow_save\n")
+  slow = ("import time\nimport jaxlab.rundir.checkpoint\nsave = jaxlab.rundir.checkpoint.save\n"
+          "saves = []\n"
+          "def slow_save(*args, **kwargs):\n  if saves:\n    time.sleep(5)\n  saves.append(1)\n"
+          "  return save(*args, **kwargs)\n"
+          "jaxlab.rundir.checkpoint.save = slow_save\n")
   code = (f"{slow}import runpy, sys\nsys.argv = ['train.py'] + "
           f"{train_args(data, workdir)!r}\nrunpy.run_path('scripts/train.py', run_name='__main__')\n")
   process = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=script_environment(),

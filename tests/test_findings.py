@@ -302,10 +302,10 @@ def test_seeds_needed_at_the_extremes():
   # Far in the noncentral t's lower tail SciPy's cdf is NaN, which would skip the right count.
   import itertools
   from jaxlab.report.stats import welch_power
-  for difference, std, n in itertools.product((0.01, 0.1, 0.5, 2.0), (0.002, 0.02, 0.2),
-                                              (2, 3, 5, 20)):
-    power = welch_power(difference, std, std / 3, n, 0.05 / 12)
-    assert 0 <= power <= 1, (difference, std, n, power)
+  for gap, std, n in itertools.product((0.01, 0.1, 0.5, 2.0), (0.002, 0.02, 0.2),
+                                       (2, 3, 5, 20)):
+    power = welch_power(gap, std, std / 3, n, 0.05 / 12)
+    assert 0 <= power <= 1, (gap, std, n, power)
 
 
 def test_a_collapse_is_not_extrapolated_and_the_other_summary_is_told():

@@ -7,15 +7,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlab import checkpoint
+from jaxlab.rundir import checkpoint
 from jaxlab.experiment import EXPERIMENTS, Experiment, build_model, register, resolve_config
-from jaxlab.hooks import OnEpochEnd
+from jaxlab.training.hooks import OnEpochEnd
 from jaxlab.files import read_jsonl
 from jaxlab.models import Conv, ConvBlock, ConvNet, Dense, MaxPool
-from jaxlab.state import create_group_state, make_setup, member, seed_keys, stack
-from jaxlab.steps import make_steps
-from jaxlab.run import member_dir
-from jaxlab.train import _out_of_memory, group_configs, train_and_evaluate, train_group
+from jaxlab.training.state import create_group_state, make_setup, member, seed_keys, stack
+from jaxlab.training.steps import make_steps
+from jaxlab.rundir.run import member_dir
+from jaxlab.training.train import _out_of_memory, group_configs, train_and_evaluate, train_group
 from datafiles import random_dataset, synthetic_dataset
 from runstate import (arrays, assert_rounding_only, biases_before_batch_norm, final_state,
                       largest_difference)
@@ -189,7 +189,7 @@ def test_members_may_differ_only_in_seed_and_learning_rate(tmp_path):
 
 
 def test_members_that_do_not_fit_are_named():
-  from jaxlab.experiment import setup
+  from jaxlab.training.state import setup
   config = resolve_config("vgg_cifar10")
   built = setup(config)
   full = jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 9 GiB")

@@ -15,13 +15,13 @@ import optax
 import pytest
 
 import keras_models
-from jaxlab.compare import assert_layers_close, capture, compare
+from jaxlab.inspection.compare import assert_layers_close, capture, compare
 from jaxlab.experiment import build_model
 from jaxlab.keras.model import KerasWeightsError, import_keras, keras_capture, keras_order
 from jaxlab.keras.weights import export_keras, import_keras_weights
 from jaxlab.models import MLP, Dense, iter_ops
 from jaxlab.optim import make_optimizer, with_learning_rate
-from jaxlab.summary import summarize
+from jaxlab.inspection.summary import summarize
 from conftest import run_main
 
 RTOL = 1e-5  # float32 against float32, both on XLA: differences are rounding only.
@@ -323,14 +323,14 @@ def last_batch_setup():
   """A small MLP (BatchNorm, no dropout) trained by SGD: a step's update is the learning rate
   times the mean gradient of its batch, so a batch averaged over the wrong count shows."""
   from jaxlab.models import fit
-  from jaxlab.state import create_train_state, make_setup
+  from jaxlab.training.state import create_train_state, make_setup
   model = fit(MLP(layers=(Dense(16), Dense(8, batch_norm=False))), (28, 28, 1), 10)
   built = make_setup(model, (28, 28, 1), "sgd")
   return model, built, create_train_state(built, seed=0, learning_rate=0.1)
 
 
 def test_the_loss_is_the_mean_cross_entropy_of_the_softmax():
-  from jaxlab.steps import make_steps, to_inputs
+  from jaxlab.training.steps import make_steps, to_inputs
   model, built, state = last_batch_setup()
   rng = np.random.default_rng(2)
   images = rng.integers(0, 256, (6, 28, 28, 1), dtype=np.uint8)
@@ -351,7 +351,7 @@ def test_a_last_smaller_batch_steps_as_kerass_train_on_batch():
   every weight and BatchNorm statistic as Keras's `train_on_batch` does from the same weights."""
   from jaxlab.keras.model import to_keras
   from jaxlab.keras.weights import keras_weights, set_keras_weights
-  from jaxlab.steps import make_steps
+  from jaxlab.training.steps import make_steps
   model, built, state = last_batch_setup()
   rng = np.random.default_rng(3)
   images = rng.integers(0, 256, (6, 28, 28, 1), dtype=np.uint8)

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from jaxlab.perf import kernels
+from jaxlab.training import kernels
 from conftest import SCRIPT_XLA_FLAGS, run_main, script
 
 EXACT = {"w": np.full((3, 3), 0.5), "b": np.full((4,), -2.0)}
@@ -116,7 +116,7 @@ def test_a_failed_measurement_is_a_bug_with_its_traceback_and_is_not_cached(tmp_
 # as an XLA abort does) after its last words, and $FAIL ends it outside any item.
 FAKE_MEASURER = """
 import json, os, signal, sys
-from jaxlab.perf.kernels import Reporter
+from jaxlab.training.kernels import Reporter
 report = Reporter(sys.argv[1])
 for item in "abc":
   if item in report.skip:

@@ -11,9 +11,9 @@ import pytest
 from jaxlab.experiment import (EXPERIMENTS, Experiment, build_model, register, resolve_config)
 from jaxlab.models import Conv, ConvBlock, ConvNet, Dense, MaxPool
 from jaxlab.metrics import NO_STEP
-from jaxlab.state import create_group_state, make_setup
-from jaxlab.steps import choose_loop, evaluate_group, make_steps, train_epoch
-from jaxlab.train import train_and_evaluate
+from jaxlab.training.state import create_group_state, make_setup
+from jaxlab.training.steps import choose_loop, evaluate_group, make_steps, train_epoch
+from jaxlab.training.train import train_and_evaluate
 from datafiles import random_dataset
 from runstate import arrays, biases_before_batch_norm, largest_difference
 from conftest import SMALL

@@ -1,9 +1,8 @@
 """Open to research: a model (Linen, and NNX through the bridge), a metric, a data set and an
 optimizer of the user's own, each declared in a lab file alone (tests/own_lab.py), with all of
 jaxlab's machinery: train, resume, groups, evaluate, summary, capture, profile, TensorBoard, a
-lab and its report; and the README's tutorial, which is experiments/example_lab.py."""
+lab and its report. (The guide's tutorial, experiments/example_lab.py, runs in test_docs.)"""
 
-import ast
 import dataclasses
 import json
 import re
@@ -16,15 +15,14 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from jaxlab import models
-from jaxlab.compare import capture
+from jaxlab.inspection.compare import capture
 from jaxlab.errors import BadValue
-from jaxlab.experiment import EXPERIMENTS, build_model, load_lab, resolve_config, setup
+from jaxlab.experiment import EXPERIMENTS, build_model, load_lab, resolve_config
 from jaxlab.files import read_jsonl
-from jaxlab.hooks import Hook, OnEpochEnd
-from jaxlab.state import create_train_state
-from jaxlab.summary import summarize
-from jaxlab.train import group_configs, train_and_evaluate, train_group
-from datafiles import synthetic_dataset, write_idx_arrays
+from jaxlab.training.hooks import Hook, OnEpochEnd
+from jaxlab.training.state import create_train_state, setup
+from jaxlab.inspection.summary import summarize
+from jaxlab.training.train import group_configs, train_and_evaluate, train_group
 from runstate import arrays, largest_difference
 from conftest import ROOT, run_main, script
 
@@ -277,37 +275,3 @@ def test_a_lab_of_ones_own_runs_and_reports(tmp_path):
   assert (tmp_path / "report" / samples["file"]).is_file()
   confusion = report["experiments"][0]["confusion"]
   assert confusion["class_names"] == ["top", "upper", "lower", "bottom"]
-
-
-def readme_section(title):
-  return (ROOT / "README.md").read_text().split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
-
-
-def test_the_readme_tutorial_is_the_example_lab():
-  """README's "Your own model" shows experiments/example_lab.py whole, block by block (after
-  the file's docstring): the tutorial cannot drift from the file the suite runs."""
-  blocks = re.findall(r"```python\n(.*?)```", readme_section("Your own model"), re.DOTALL)
-  joined = "\n\n\n".join(block.rstrip("\n") for block in blocks) + "\n"
-  text = (ROOT / "experiments" / "example_lab.py").read_text()
-  assert len(blocks) >= 5 and text.endswith(joined)
-  (docstring,) = ast.parse(text[:len(text) - len(joined)]).body
-  assert isinstance(docstring.value, ast.Constant)
-
-
-@pytest.mark.slow
-def test_the_example_lab_trains_each_of_its_experiments(tmp_path):
-  """Each experiment of experiments/example_lab.py, one epoch, on Fashion-MNIST files made here
-  (its data set reads them through --data_dir) and shrunk to 14 x 14 by the lab's loader."""
-  data = write_idx_arrays(tmp_path / "data", synthetic_dataset("fashion_mnist", n_train=128,
-                                                               n_test=64))
-  for name in ("resnet_small", "nnx_mlp", "mlp_baseline_14"):
-    done = run_main("train.py", "--lab=experiments/example_lab.py", f"--experiment={name}",
-                    f"--data_dir={data}", "--epochs=1", "--batch_size=32",
-                    "--steps_per_dispatch=4", "--eval_batch_size=64",
-                    f"--workdir={tmp_path / name}")
-    assert done.returncode == 0, done.stderr[-2000:]
-    (record,) = read_jsonl(tmp_path / name / "metrics.jsonl")
-    assert record["val_top2_accuracy"] >= record["val_accuracy"]
-    described = json.loads((tmp_path / name / "config.json").read_text())
-    assert described["model"]["input_shape"] == ([196] if name == "mlp_baseline_14"
-                                                 else [14, 14, 1])

@@ -19,22 +19,22 @@ from conftest import ROOT, SCRIPT_XLA_FLAGS, run_main, script_environment
 TESTS = ROOT / "tests"
 
 SNIPPET = """
-import json, os, pathlib, re, sys
+import json, os, pathlib, re, shutil, sys
 sys.path.insert(0, {tests!r})
 import jax
 import numpy as np
 from datafiles import random_dataset, synthetic_dataset
 from runstate import arrays, biases_before_batch_norm, final_state, largest_difference
-from jaxlab import parallel
+from jaxlab.training import parallel
 from jaxlab.experiment import build_model, resolve_config
 from jaxlab.experiment import EXPERIMENTS, Experiment, register
 from jaxlab.models import Conv, ConvBlock, ConvNet, Dense, MaxPool
-from jaxlab.state import create_group_state, make_setup, seed_keys
-from jaxlab.steps import make_steps
-from jaxlab.train import train_and_evaluate
-from jaxlab import runtime
+from jaxlab.training.state import create_group_state, make_setup, seed_keys
+from jaxlab.training.steps import make_steps
+from jaxlab.training.train import train_and_evaluate
+from jaxlab import caches
 
-runtime.enable_compilation_cache()  # The suite's (JAXLAB_XLA_CACHE_DIR), as the scripts'.
+caches.enable_compilation_cache()  # The suite's (JAXLAB_XLA_CACHE_DIR), as the scripts'.
 register(Experiment(
     name="parallel_small_cnn", dataset="mnist", epochs=1, batch_size=32,
     model=ConvNet(blocks=(ConvBlock((Conv(8, 3, padding="same"),), MaxPool(2), True, 0.25),
@@ -52,16 +52,14 @@ def check(experiment, lr, resumes, out):
                        out / f"devices_{{n}}", dataset=ds)
   resumed = {{}}
   for first, then in resumes:
-    run = out / f"from_{{first}}_to_{{then}}"
-    train_and_evaluate(resolve_config(experiment, epochs=1, num_devices=first, **settings),
-                       run, dataset=ds)
-    train_and_evaluate(resolve_config(experiment, epochs=2, num_devices=then, **settings),
-                       run, dataset=ds)
-    # Against 2 epochs straight on `first` devices: a state restored wrong (or not at all)
-    # would end far from it.
-    straight = out / f"straight_{{first}}"
-    train_and_evaluate(resolve_config(experiment, epochs=2, num_devices=first, **settings),
-                       straight, dataset=ds)
+    # The run of `first` devices, its second epoch on `then` devices; against its second epoch
+    # on `first` devices (as 2 epochs straight: a resume on as many devices is bit for bit): a
+    # state restored wrong (or not at all) would end far from it.
+    run, straight = out / f"from_{{first}}_to_{{then}}", out / f"straight_{{first}}"
+    for copy, n in ((run, then), (straight, first)):
+      shutil.copytree(out / f"devices_{{first}}", copy, ignore=shutil.ignore_patterns(".lock"))
+      train_and_evaluate(resolve_config(experiment, epochs=2, num_devices=n, **settings),
+                         copy, dataset=ds)
     resumed[f"{{first}}_{{then}}"] = float(largest_difference(
         final_state(run), final_state(straight), biases_before_batch_norm(straight)))
   # What the step of 8 devices is: its compiled program, as XLA partitioned it (a chunk as one

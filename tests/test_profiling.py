@@ -6,13 +6,14 @@ import jax
 import numpy as np
 import pytest
 
-from jaxlab import experiment, runtime
+from jaxlab.training import process
+from jaxlab.training.state import setup
 from jaxlab.perf import profiling
 from jaxlab.perf import benchmark
 from jaxlab.perf.benchmark import markdown, run_benchmark
 from jaxlab.experiment import resolve_config
-from jaxlab.hooks import OnEpochEnd
-from jaxlab.train import train_and_evaluate
+from jaxlab.training.hooks import OnEpochEnd
+from jaxlab.training.train import train_and_evaluate
 from datafiles import synthetic_dataset
 from conftest import run_main
 
@@ -92,7 +93,7 @@ def test_second_run_does_not_recompile(tmp_path):
                           steps_per_dispatch=4, eval_batch_size=64)
   ds = synthetic_dataset()
   train_and_evaluate(config, tmp_path / "a", dataset=ds)
-  with runtime.CompileCounter() as counter:
+  with process.CompileCounter() as counter:
     train_and_evaluate(config, tmp_path / "b", dataset=ds)
   assert counter.count == 0
 
@@ -104,7 +105,7 @@ def test_epochs_after_the_first_do_not_compile(tmp_path):
   ds = synthetic_dataset(n_train=250)  # 7 full batches (chunks 3, 3, 1) and one of 26.
   counts = []
   jax.clear_caches()  # Programs another test compiled would not count as this run's.
-  with runtime.CompileCounter() as counter:
+  with process.CompileCounter() as counter:
     train_and_evaluate(config, tmp_path, dataset=ds,
                        hooks=[OnEpochEnd(lambda epoch, record, state: counts.append(counter.count))])
   assert counts[0] > 0 and counts[1] == counts[2] == counts[0]
@@ -119,20 +120,20 @@ def test_resumed_run_compiles_what_a_fresh_run_does(tmp_path):
   train_and_evaluate(resolve_config("mlp_wide_narrow", dataset="mnist", epochs=1, batch_size=32,
                                     steps_per_dispatch=3, eval_batch_size=64),
                      tmp_path / "b", dataset=ds)
-  with runtime.CompileCounter() as counter:  # Restored state: same types, no new programs.
+  with process.CompileCounter() as counter:  # Restored state: same types, no new programs.
     train_and_evaluate(config, tmp_path / "b", dataset=ds)
   assert counter.count == 0
 
 
 def test_compile_counter_sees_compilations():
-  with runtime.CompileCounter() as counter:
+  with process.CompileCounter() as counter:
     jax.jit(lambda x: x * 3 + 1)(np.arange(7.0))
   assert counter.count >= 1
 
 
 @pytest.mark.slow
 def test_benchmark_runs_jaxlab_and_keras_on_a_tiny_setting():
-  model = experiment.setup(resolve_config("mlp_halving"))
+  model = setup(resolve_config("mlp_halving"))
   result = run_benchmark(model, 10, batch_size=32, examples=96, epochs=2, peers=["keras_fit"],
                          peak_flops=1e9, log=lambda s: None)
   for name in ("jaxlab", "keras_fit"):
@@ -159,7 +160,7 @@ def test_benchmark_interleaves_the_loops_epochs_in_rotating_rounds(monkeypatch):
   monkeypatch.setattr(benchmark, "jaxlab_runner", fake("jaxlab"))
   monkeypatch.setitem(benchmark.PEERS, "keras_fit", fake("keras"))
   monkeypatch.setitem(benchmark.PEERS, "torch_eager", fake("torch"))
-  result = run_benchmark(experiment.setup(resolve_config("mlp_halving")), 10, 32, 64, 3, ["keras_fit", "torch_eager"],
+  result = run_benchmark(setup(resolve_config("mlp_halving")), 10, 32, 64, 3, ["keras_fit", "torch_eager"],
                          peak_flops=1e9, log=lambda s: None)
   assert calls == ["jaxlab", "keras", "torch",  # Warm-up epochs, then three rotated rounds.
                    "jaxlab", "keras", "torch", "keras", "torch", "jaxlab", "torch", "jaxlab",
@@ -186,7 +187,7 @@ def test_benchmark_members_train_one_group_against_peers_one_after_another(monke
 
   monkeypatch.setattr(benchmark, "jaxlab_runner", jaxlab)
   monkeypatch.setitem(benchmark.PEERS, "keras_fit", keras)
-  model = experiment.setup(resolve_config("mlp_halving"))
+  model = setup(resolve_config("mlp_halving"))
   result = run_benchmark(model, 10, 32, 64, 2, ["keras_fit"], peak_flops=1e9,
                          log=lambda s: None, members=4)
   assert made == [("jaxlab", 4)] + [("keras", 1)] * 4  # One group; four Keras models.
@@ -201,7 +202,7 @@ def test_benchmark_floor_uses_the_best_peak_measured_after_each_round(monkeypatc
   monkeypatch.setattr(benchmark, "jaxlab_runner", lambda *args, members=1: lambda: 2.0)
   peaks = iter([3e9, 5e9, 4e9])
   monkeypatch.setattr(profiling, "matmul_peak_flops", lambda dtype: next(peaks))
-  model = experiment.setup(resolve_config("mlp_halving"))
+  model = setup(resolve_config("mlp_halving"))
   result = run_benchmark(model, 10, 32, 64, 3, [], log=lambda s: None)
   assert result["matmul_peak_measurements"] == [3e9, 5e9, 4e9]
   assert result["matmul_peak_flops_per_second"] == 5e9
@@ -211,7 +212,7 @@ def test_benchmark_floor_uses_the_best_peak_measured_after_each_round(monkeypatc
 
 def test_benchmark_rejects_unknown_peer():
   with pytest.raises(ValueError, match="unknown peer 'tf'; known: keras_fit, torch_eager"):
-    run_benchmark(experiment.setup(resolve_config("mlp_halving")), 10, 32, 64, 1, ["tf"], peak_flops=1e9,
+    run_benchmark(setup(resolve_config("mlp_halving")), 10, 32, 64, 1, ["tf"], peak_flops=1e9,
                   log=lambda s: None)
 
 
@@ -302,7 +303,7 @@ def test_the_model_peak_weighs_each_kind_of_layer_by_the_peak_of_its_precision()
   output Dense of 10, counted by hand; under bf16 on the CPU the dots run at the bf16 peak and
   the convolution at float32's: the time is the sum of each kind's FLOPs over its peak."""
   from jaxlab.models import Conv, ConvBlock, ConvNet, Dense, MaxPool, at_precision, flops_by_kind
-  from jaxlab.summary import forward_flops
+  from jaxlab.inspection.summary import forward_flops
   model = ConvNet(blocks=(ConvBlock((Conv(4, 3),), MaxPool(2), False),), head=(Dense(8),))
   shape = (28, 28, 1)
   conv, dense = 2 * 3 * 3 * 1 * 4 * 26 * 26, 2 * 13 * 13 * 4 * 8 + 2 * 8 * 10

@@ -40,6 +40,7 @@ def test_every_script_runs_as_a_process_and_says_what_is_wrong(tmp_path):
                              "--seeds must be integers separated by commas, got '0,x'"),
       "keras_train.py": (["--experiment=mlp_baseline", "--epochs=0"],
                          "epochs must be a positive integer, got 0"),
+      "flag_reference.py": (["--output=flags.md"], "Unknown command line flag 'output'"),
   }
   assert set(cases) == {p.name for p in (ROOT / "scripts").glob("*.py")}
   processes = {name: start_script(name, *args) for name, (args, _) in cases.items()}

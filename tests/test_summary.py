@@ -6,7 +6,7 @@ import pytest
 import keras_models
 from jaxlab.experiment import build_model
 from jaxlab.experiment import experiment_names
-from jaxlab.summary import format_summary, summarize
+from jaxlab.inspection.summary import format_summary, summarize
 
 
 def test_every_experiment_has_a_keras_reference():

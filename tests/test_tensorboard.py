@@ -8,9 +8,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import metadata as hparams_metadata
 
 from jaxlab.experiment import resolve_config
-from jaxlab.hooks import OnEpochEnd
+from jaxlab.training.hooks import OnEpochEnd
 from jaxlab.files import read_jsonl
-from jaxlab.train import train_and_evaluate
+from jaxlab.training.train import train_and_evaluate
 from datafiles import synthetic_dataset
 from conftest import SMALL
 

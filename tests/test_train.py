@@ -6,14 +6,14 @@ import jax
 import numpy as np
 import pytest
 
-from jaxlab import checkpoint
+from jaxlab.rundir import checkpoint
 from jaxlab.experiment import build_model, resolve_config
 from jaxlab.files import read_jsonl
-from jaxlab.hooks import OnEpochEnd
+from jaxlab.training.hooks import OnEpochEnd
 from jaxlab.models import l2_penalty
-from jaxlab.state import create_train_state, make_setup
-from jaxlab.steps import chunk_lengths, make_steps, train_epoch
-from jaxlab.train import train_and_evaluate
+from jaxlab.training.state import create_train_state, make_setup
+from jaxlab.training.steps import chunk_lengths, make_steps, train_epoch
+from jaxlab.training.train import train_and_evaluate
 from datafiles import synthetic_dataset
 from conftest import SMALL
 

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from jaxlab import lock
+from jaxlab.rundir import lock
 from jaxlab.files import read_jsonl
 from datafiles import write_idx_dataset
 from conftest import ROOT, run_main, script, script_environment, start_script
@@ -31,7 +31,7 @@ for i, width in enumerate((16, 24, 32, 40)):
 
 def hold_in_another_process(directory):
   """A process that holds `directory`'s lock until killed (and its pid)."""
-  code = (f"import time; from jaxlab import lock; lock.acquire({str(directory)!r}); "
+  code = (f"import time; from jaxlab.rundir import lock; lock.acquire({str(directory)!r}); "
           "print('held', flush=True); time.sleep(600)")
   holder = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE,
                             text=True, env=script_environment())

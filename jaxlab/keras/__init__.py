@@ -1,2 +1,5 @@
-"""Keras 3 beside jaxlab: the Keras model of a plan and its layer outputs (`model`), and Keras
-weights into and out of jaxlab and its runs (`weights`)."""
+"""Keras 3 beside jaxlab: Keras models of plans, their layer outputs, and weights.
+
+`model` builds the Keras model of a plan and reads its layers' outputs; `weights` moves Keras
+weights into and out of jaxlab and its run directories.
+"""

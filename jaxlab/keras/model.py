@@ -3,7 +3,7 @@
 `to_keras` builds the Keras model of a plan (the same layers, names and settings); `keras_order`
 lists the plan's ops in the order Keras lists that model's layers, which is also the order of a
 Keras weights file; `keras_capture` runs a Keras model and returns every layer's output as
-`jaxlab.compare.capture` returns jaxlab's. Keras is an optional dependency (the `keras` and
+`jaxlab.inspection.compare.capture` returns jaxlab's. Keras is an optional dependency (the `keras` and
 `test` extras), imported when these run, on the JAX backend unless KERAS_BACKEND says otherwise.
 """
 

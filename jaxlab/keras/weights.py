@@ -15,20 +15,20 @@ import flax.linen as nn
 import numpy as np
 from flax import serialization
 
-from jaxlab import checkpoint, lock
+from jaxlab.rundir import checkpoint, lock
 from jaxlab import metrics as metrics_lib
-from jaxlab.checkpoint import checkpoint_template
+from jaxlab.rundir.checkpoint import checkpoint_template
 from jaxlab.config import TrainConfig
 from jaxlab.errors import BadValue, MissingDependency, MissingFile, output
-from jaxlab.experiment import describe_experiment, setup
+from jaxlab.experiment import describe_experiment
 from jaxlab.files import link_atomic
-from jaxlab.hooks import ConfigFile, MetricsLog, SummaryFile
-from jaxlab.keras.model import (KERAS_LAYERS, KerasWeightsError, import_keras, keras_order,
+from jaxlab.training.runfiles import RunFiles
+from jaxlab.keras.model import (KERAS_LAYERS, KerasWeightsError, keras_order,
                                 to_keras)
 from jaxlab.models import Op, abstract_variables, describe, iter_ops, plan_of
-from jaxlab.run import Run
-from jaxlab.state import create_train_state
-from jaxlab.summary import param_counts
+from jaxlab.rundir.run import Run
+from jaxlab.training.state import create_train_state, setup
+from jaxlab.inspection.summary import param_counts
 
 
 def keras_weights(op: Op, variables: dict[str, Any]) -> list[np.ndarray]:
@@ -187,15 +187,14 @@ def _write_imported(run: Run, config: TrainConfig, variables: dict[str, Any],
                data={"imported_from": str(source)},
                counts=param_counts(built.model, built.example_shape),
                metrics=metrics_lib.describe(built.metrics))
-  files = [ConfigFile(), MetricsLog(), SummaryFile()]
-  for hook in files:
-    hook.on_run_start(run)
+  files = RunFiles(run, background=False)
+  files.start()  # config.json and an empty metrics.jsonl, as a training run's.
+  files.close()
   meta = {**run.identity, "step": 0, "epoch": 0}
   checkpoint.save(run.step_checkpoint(0), checkpoint_template(imported), meta)
   link_atomic(run.step_checkpoint(0), run.best)
   summary = run.summarize("imported", last=run.step_checkpoint(0),
                           extra={"imported_from": str(source)})
-  for hook in files:
-    hook.on_run_end(summary)
+  files.finish(summary)
   run.finish(summary, status="imported")
   return run

@@ -1,2 +1,4 @@
-"""Labs: each (experiment, seed) of a lab as one ordinary run directory, trained by one or many
-workers (`runner`), several of them started on one machine (`workers`)."""
+"""Labs: every (experiment, seed) as one ordinary run directory, by one or many workers.
+
+`runner` trains a lab's runs; `workers` starts several workers on one machine.
+"""

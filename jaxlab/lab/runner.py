@@ -10,7 +10,7 @@ one is recorded with its one-line error while the lab goes on.
 
 Any number of workers (processes of `run_lab.py` on the same lab directory, on one machine or
 on several sharing a file system) share the lab: each claims the next group nobody holds (the
-run directories' locks, `jaxlab.lock`), trains it, and takes the next; a group held by another
+run directories' locks, `jaxlab.rundir.lock`), trains it, and takes the next; a group held by another
 worker is left to it, and taken (resumed) if that worker dies. lab.json is read, merged and
 written under a lock of its own, each worker writing only the runs it has claimed.
 """
@@ -29,21 +29,22 @@ from typing import Any, Callable, Sequence
 
 from absl import logging
 
-from jaxlab import lock, runtime
+from jaxlab.rundir import lock
+from jaxlab.training import process
 from jaxlab.config import TrainConfig, changed_settings
 from jaxlab.data import Dataset, load_dataset
 from jaxlab.errors import BadValue, NonFiniteError, UserError, describe, one_line, output
 from jaxlab.experiment import Lab, portable_path, resolve_config
 from jaxlab.files import read_json, write_json
-from jaxlab.run import Run
-from jaxlab.train import train_group
+from jaxlab.rundir.run import CONFIG_FILE, SEED_FOLDERS, Run, folder_seed, seed_folder
+from jaxlab.training.train import train_group
 
 LAB_FILE = "lab.json"
 
 
 def run_path(experiment: str, seed: int) -> str:
   """A run's directory, relative to the lab's."""
-  return f"{experiment}/seed_{seed}"
+  return f"{experiment}/{seed_folder(seed)}"
 
 
 def _now() -> str:
@@ -76,7 +77,7 @@ class LabRunner:
                settings: dict[str, Any], progress: bool | None = None,
                say: Callable[[str], None] | None = None, loop: str | None = None):
     self.lab, self.runs, self.settings, self.progress = lab, runs, settings, progress
-    self.loop = loop  # How a compiled call runs its steps (`jaxlab.train.train_group`).
+    self.loop = loop  # How a compiled call runs its steps (`jaxlab.training.train.train_group`).
     self.root = pathlib.Path(workdir)
     if self.root.exists() and not self.root.is_dir():
       raise BadValue(f"--workdir {self.root} is a file, not a directory")
@@ -126,7 +127,7 @@ class LabRunner:
     plan (other experiments or seeds of an earlier one), as their own files tell them."""
     mine = {r.path for r in self.runs}
     found = []
-    for config in sorted(self.root.glob("*/seed_*/config.json")):
+    for config in sorted(self.root.glob(f"*/{SEED_FOLDERS}/{CONFIG_FILE}")):
       path = config.parent.relative_to(self.root).as_posix()
       run = Run.read(config.parent, path)
       if run is not None and path not in mine:
@@ -200,8 +201,8 @@ class LabRunner:
                "workers hold (taken over if a worker dies)")
     while held_elsewhere:
       time.sleep(self.poll_seconds)
-      if runtime.requested():
-        raise runtime.Preempted(f"[{self.lab.name}] stopped while other workers train")
+      if process.requested():
+        raise process.Preempted(f"[{self.lab.name}] stopped while other workers train")
       held_elsewhere = [g for g in held_elsewhere if not self._claim(g, numbers, quiet=True)]
 
   @property
@@ -258,8 +259,8 @@ class LabRunner:
   def _train(self, group: list[Run], numbers: list[int]) -> None:
     """Trains one experiment's unfinished runs as a group, recording how it went."""
     head = self._head(numbers, group)
-    if runtime.requested():
-      raise runtime.Preempted(f"[{self.lab.name}] stopped before run {numbers[0]}/"
+    if process.requested():
+      raise process.Preempted(f"[{self.lab.name}] stopped before run {numbers[0]}/"
                               f"{len(self.runs)}")
     for run in group:
       run.claim({"host": socket.gethostname(), "pid": os.getpid()})
@@ -271,9 +272,9 @@ class LabRunner:
       summaries = train_group([r.config for r in group], [r.root for r in group],
                               dataset=self._dataset(group[0].config), progress=self.progress,
                               loop=self.loop)
-    except runtime.Preempted as e:  # The lab stops; the runs resume next time.
+    except process.Preempted as e:  # The lab stops; the runs resume next time.
       self.write()
-      raise runtime.Preempted(f"{head}: {e}") from None
+      raise process.Preempted(f"{head}: {e}") from None
     except Exception as e:  # A failing group is recorded; the lab goes on.
       self.trained_failed = True
       for run in group:
@@ -397,9 +398,8 @@ def _seeds_taken(root: pathlib.Path, record: dict[str, Any]) -> dict[str, list[i
   """Each experiment's seeds that have a run, in any state: a run directory under `root`
   (run_path's layout), or an entry of lab.json's runs (a run that failed before writing one)."""
   found: dict[str, set[int]] = {}
-  for config in root.glob("*/seed_*/config.json"):
-    found.setdefault(config.parent.parent.name, set()).add(
-        int(config.parent.name.removeprefix("seed_")))
+  for config in root.glob(f"*/{SEED_FOLDERS}/{CONFIG_FILE}"):
+    found.setdefault(config.parent.parent.name, set()).add(folder_seed(config.parent.name))
   for run in record.get("runs", []):
     if isinstance(run.get("seed"), int):
       found.setdefault(run.get("experiment"), set()).add(run["seed"])

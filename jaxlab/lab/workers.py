@@ -11,7 +11,7 @@ import os
 import sys
 from typing import Any, Callable, Sequence
 
-from jaxlab.errors import BadValue
+from jaxlab.errors import EXIT_BAD_INPUT, EXIT_PREEMPTED, BadValue
 
 
 def _gpus() -> list[str]:
@@ -57,8 +57,8 @@ def run_workers(workers: int, argv: Sequence[str],
                 say: Callable[[str], None] = lambda line: print(line, file=sys.stderr)) -> int:
   """Starts `workers` processes of `argv` (a `run_lab.py` command without --workers) on this
   machine, one device each (`worker_devices`), forwards SIGTERM and SIGINT to them, waits, and
-  returns the status to exit with: 75 if any was stopped by a signal (the same command
-  resumes), else 2 for bad input, else 1 if a run failed, else 0."""
+  returns the status to exit with: EXIT_PREEMPTED if any was stopped by a signal (the same
+  command resumes), else EXIT_BAD_INPUT, else 1 if a run failed, else 0."""
   import signal
   import subprocess
 
@@ -85,7 +85,7 @@ def run_workers(workers: int, argv: Sequence[str],
   finally:
     for s, handler in previous.items():
       signal.signal(s, handler)
-  for code in (75, 2, 1):
+  for code in (EXIT_PREEMPTED, EXIT_BAD_INPUT, 1):
     if code in codes:
       return code
   return 0 if all(c == 0 for c in codes) else max(abs(c) for c in codes)

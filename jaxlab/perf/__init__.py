@@ -1,5 +1,5 @@
-"""Speed: XLA:CPU's kernel libraries chosen per machine (`kernels`), compiled steps profiled
-(`profiling`), and jaxlab's loop timed beside its peers, Keras and PyTorch (`benchmark`).
+"""Speed: compiled steps profiled, and jaxlab's loop timed beside Keras and PyTorch.
 
-Imports nothing: `kernels` runs before JAX starts.
+`profiling` measures one compiled step (compile time, XLA's costs, step time, a measured peak);
+`benchmark` times whole training loops side by side.
 """

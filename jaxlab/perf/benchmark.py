@@ -28,10 +28,10 @@ import numpy as np
 
 from jaxlab.errors import BadValue, MissingDependency
 from jaxlab.models import at_precision, input_shape, iter_ops, op_precisions, plan_of, walk
-from jaxlab.perf.kernels import cpu
-from jaxlab.runtime import environment
-from jaxlab.state import Setup
-from jaxlab.summary import forward_flops, layer_output_shapes
+from jaxlab.training.kernels import cpu
+from jaxlab.training.process import environment
+from jaxlab.training.state import Setup
+from jaxlab.inspection.summary import forward_flops, layer_output_shapes
 
 
 def random_data(built: Setup, examples: int, num_classes: int, seed: int = 0):
@@ -58,9 +58,9 @@ def jaxlab_runner(built: Setup, images, labels, batch_size: int,
   """jaxlab's own loop: `train_epoch` with its compiled, scanned and donated steps, training
   `members` seeds as one vmapped group; data parallel over every device (as train.py runs), or
   with `sharded=False` the steps without a mesh."""
-  from jaxlab import parallel
-  from jaxlab.state import create_group_state, seed_keys
-  from jaxlab.steps import make_steps, train_epoch
+  from jaxlab.training import parallel
+  from jaxlab.training.state import create_group_state, epoch_keys
+  from jaxlab.training.steps import make_steps, train_epoch
 
   mesh = parallel.data_mesh() if sharded else None
   steps = make_steps(built, "stop", mesh)
@@ -71,7 +71,6 @@ def jaxlab_runner(built: Setup, images, labels, batch_size: int,
     x, y = parallel.put_replicated((images, labels), mesh)
   else:
     x, y = jax.device_put(images), jax.device_put(labels)
-  keys = jax.numpy.stack([seed_keys(k)[2] for k in range(members)])
   epoch = 0
 
   def run() -> float:
@@ -79,7 +78,7 @@ def jaxlab_runner(built: Setup, images, labels, batch_size: int,
     start = time.perf_counter()
     # train_epoch returns host floats of the epoch's metrics: the device has finished.
     state, _ = train_epoch(steps, state, x, y, batch_size,
-                           jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, epoch),
+                           epoch_keys(range(members), epoch),
                            steps_per_dispatch)
     epoch += 1
     return time.perf_counter() - start
@@ -91,8 +90,8 @@ def step_runner(built: Setup, images, labels, batch_size: int) -> EpochRunner:
   """jaxlab's compiled train step alone (`Steps.train_step`, donated), one call per batch on
   batches already on the device: the speed jaxlab's loop should keep (the guard against a loop
   that runs off its step, as convolutions inside a scan on XLA:CPU did)."""
-  from jaxlab.state import create_train_state
-  from jaxlab.steps import make_steps
+  from jaxlab.training.state import create_train_state
+  from jaxlab.training.steps import make_steps
 
   steps = make_steps(built)
   state = create_train_state(built, seed=0, learning_rate=1e-3)
@@ -111,15 +110,24 @@ def step_runner(built: Setup, images, labels, batch_size: int) -> EpochRunner:
   return run
 
 
-def keras_runner(built: Setup, images, labels, batch_size: int) -> EpochRunner:
-  """Keras 3 `model.fit`, one epoch per call; a callback times the epoch itself (Keras keeps
-  the compiled train function between calls)."""
+def _keras_model(built: Setup, seed: int | None = None) -> tuple[Any, Any]:
+  """(keras, the Keras model of `built`'s plan compiled as the peers train it: Adam 1e-3,
+  sparse categorical cross-entropy, accuracy), Keras seeded with `seed` first if given."""
   from jaxlab.keras.model import import_keras, to_keras
 
   keras = import_keras()
+  if seed is not None:
+    keras.utils.set_random_seed(seed)
   net = to_keras(built.model)
   net.compile(optimizer=keras.optimizers.Adam(learning_rate=1e-3),
               loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+  return keras, net
+
+
+def keras_runner(built: Setup, images, labels, batch_size: int) -> EpochRunner:
+  """Keras 3 `model.fit`, one epoch per call; a callback times the epoch itself (Keras keeps
+  the compiled train function between calls)."""
+  keras, net = _keras_model(built)
   x, y = _inputs(built, images), labels.astype(np.int32)
 
   class Timer(keras.callbacks.Callback):
@@ -142,13 +150,7 @@ def keras_train(built: Setup, dataset, epochs: int, batch_size: int,
                 seed: int) -> dict[str, list[float]]:
   """The peer of `scripts/train.py`: Keras 3 `fit` of the same architecture on a real data set
   (Adam 1e-3, validation on the test split every epoch), seeded with `seed`; its history."""
-  from jaxlab.keras.model import import_keras, to_keras
-
-  keras = import_keras()
-  keras.utils.set_random_seed(seed)
-  net = to_keras(built.model)
-  net.compile(optimizer=keras.optimizers.Adam(learning_rate=1e-3),
-              loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+  _, net = _keras_model(built, seed)
   x, x_val = _inputs(built, dataset.train_images), _inputs(built, dataset.test_images)
   history = net.fit(x, dataset.train_labels.astype(np.int32), batch_size=batch_size,
                     epochs=epochs, verbose=0, shuffle=True,
@@ -263,7 +265,7 @@ PEERS: dict[str, Callable[..., EpochRunner]] = {
     "torch_eager": torch_runner,
     # jaxlab's steps without a mesh: what the data-parallel path costs, on one device nothing.
     "jaxlab_unsharded": lambda *args: jaxlab_runner(*args, sharded=False),
-    # jaxlab's loop in bf16 (as this backend computes it: jaxlab.models.PRECISIONS), beside the
+    # jaxlab's loop in bf16 (as this backend computes it: jaxlab.models.at_precision), beside the
     # float32 of the others, under the same process's kernels.
     "jaxlab_bf16": lambda built, *args, **kwargs: jaxlab_runner(
         dataclasses.replace(built, model=at_precision(built.model, "bf16")), *args, **kwargs),
@@ -312,7 +314,7 @@ def run_benchmark(built: Setup, num_classes: int, batch_size: int, examples: int
       results[name] = {"skipped": str(e)}
       continue
     results[name] = {"warmup_seconds": runners[name](), "epoch_seconds": []}
-  from jaxlab.steps import choose_loop
+  from jaxlab.training.steps import choose_loop
   results["jaxlab"]["loop"] = choose_loop(built)
   peaks = []
   for i in range(epochs):

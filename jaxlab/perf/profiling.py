@@ -92,7 +92,7 @@ def matmul_peak_flops(precision: str = "float32", size: int | None = None,
 def model_peak_flops(model: Any, image_shape: Any, peaks: dict[str, float]) -> float:
   """The rate (FLOP/s) at which `model`'s dot and convolution FLOPs could run if each ran at the
   measured matmul peak of the precision it computes in (`peaks`: "float32", "bf16"): under bf16
-  on a CPU, dots in bfloat16 and convolutions in float32 (jaxlab.models.PRECISIONS)."""
+  on a CPU, dots in bfloat16 and convolutions in float32 (jaxlab.models.at_precision)."""
   from jaxlab.models import flops_by_kind, op_precisions
   flops, precisions = flops_by_kind(model, image_shape), op_precisions(model)
   seconds = sum(n / peaks[precisions[kind]] for kind, n in flops.items() if n)
@@ -229,10 +229,10 @@ def checkpoint_cost(state: Any, directory: str | pathlib.Path, repeats: int = 3)
   writing as many bytes alone (fsynced, atomically) to the same `directory`.
 
   Synchronous: the loop waits for the host copy, serialization and the fsynced write.
-  Background (`checkpoint.AsyncWriter`, as the Checkpoints hook saves): the loop waits for the
+  Background (`checkpoint.AsyncWriter`, as a run's checkpoints are saved): the loop waits for the
   host copy and the hand-over only; the write's own time is measured too. Medians of
   `repeats` saves of the same state."""
-  from jaxlab import checkpoint
+  from jaxlab.rundir import checkpoint
   from jaxlab.files import write_atomic
 
   directory = pathlib.Path(directory)
@@ -264,7 +264,7 @@ def checkpoint_cost(state: Any, directory: str | pathlib.Path, repeats: int = 3)
           "bytes_alone_seconds": statistics.median(alone)}
 
 
-# XLA:CPU's other oneDNN options, probed beside jaxlab.perf.kernels' candidates (onednn_dot among
+# XLA:CPU's other oneDNN options, probed beside jaxlab.training.kernels' candidates (onednn_dot among
 # them). The custom calls need a jaxlib built with oneDNN's asynchronous runtime (jaxlib 0.10.2
 # accepts the option and changes nothing); whether bfloat16 stays bfloat16 in oneDNN (and
 # reaches AMX) depends on the CPU (AVX512-BF16).
@@ -329,11 +329,11 @@ def probe_kernels(options: dict[str, dict[str, Any]], dtypes=("float32", "bfloat
   `steps` calls). The ops: a matmul (2048 x 2048 by 2048), a convolution (AlexNet's second:
   batch 16, 28x28x96 by 5x5x96x256, `same`), that convolution's backward pass (the gradients to
   its input and kernel, as training runs it), and an MLP's training step (the gradients of
-  `jaxlab.perf.kernels`' dense step: Lab 02's Dense, batch normalization, ReLU blocks at batch 128).
+  `jaxlab.training.kernels`' dense step: Lab 02's Dense, batch normalization, ReLU blocks at batch 128).
   They run on the CPU in a process of its own: options this jaxlib refuses are reported as errors, and
   so are those that kill the process (an abort inside XLA), the others probed in a new one."""
   import sys
-  from jaxlab.perf import kernels
+  from jaxlab.training import kernels
   argv = [sys.executable, "-m", "jaxlab.perf.profiling",
           json.dumps({"options": options, "dtypes": list(dtypes), "steps": steps})]
   done, crashed = kernels.isolated(argv, kernels.measuring_environment(), timeout=3600)
@@ -352,7 +352,7 @@ def probe_kernels(options: dict[str, dict[str, Any]], dtypes=("float32", "bfloat
 def _probe(options: dict[str, dict[str, Any]], dtypes: list[str], steps: int,
            skip: str = "[]") -> None:
   """`probe_kernels`' measuring process: reports each row (`kernels.Reporter`)."""
-  from jaxlab.perf import kernels
+  from jaxlab.training import kernels
   report = kernels.Reporter(skip)
   keys = jax.random.split(jax.random.PRNGKey(0), 2)
   conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
@@ -407,13 +407,12 @@ def profile(config: Any, steps: int, trace_dir: str | None = None,
   HLO (`hlo_dir`), and measures what saving the state costs (`checkpoint_dir`)."""
   import numpy as np
 
-  from jaxlab import runtime
+  from jaxlab.training import process
   from jaxlab.data import DATASETS
-  from jaxlab.experiment import setup
   from jaxlab.models import describe_precision, op_precisions
-  from jaxlab.state import create_group_state, create_train_state
-  from jaxlab.steps import make_steps
-  from jaxlab.summary import forward_flops
+  from jaxlab.training.state import create_group_state, create_train_state, setup
+  from jaxlab.training.steps import make_steps
+  from jaxlab.inspection.summary import forward_flops
 
   experiment, batch_size, precision = config.experiment, config.batch_size, config.precision
   info = DATASETS.get(config.dataset)
@@ -479,7 +478,7 @@ def profile(config: Any, steps: int, trace_dir: str | None = None,
   return {"experiment": experiment, "dataset": info.name, "batch_size": batch_size,
           "members": members,
           "precision": precision, "computes": describe_precision(model),
-          **runtime.environment(), "matmul_peaks_flops_per_second": peaks,
+          **process.environment(), "matmul_peaks_flops_per_second": peaks,
           "matmul_peak_flops_per_second": peak, **results,
           **extra}
 

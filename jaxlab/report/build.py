@@ -24,7 +24,7 @@ from jaxlab.report import figures, findings, render
 from jaxlab.report.runs import Collection, Group, find_runs
 from jaxlab.report.stats import (holm, indistinguishable_tiers, seed_figure, seeds_needed,
                                  spread, welch_p_value)
-from jaxlab.run import Run
+from jaxlab.rundir.run import Run
 
 LAST_EPOCHS = 3  # The mean of the last epochs, beside the final one.
 ZOOM_POINTS = 0.10  # Zoomed panels: experiments within 10 points of the median final accuracy.

@@ -1,6 +1,6 @@
 """Reading run directories: every run under a folder, and the runs grouped by experiment.
 
-Each run is a `jaxlab.run.Run`, merged with what each lab.json expected of it.
+Each run is a `jaxlab.rundir.run.Run`, merged with what each lab.json expected of it.
 
 Only the files a run leaves behind are read (config.json, metrics.json, metrics.jsonl, and any
 lab.json); nothing of training is imported, so a report can be built anywhere the files are.
@@ -16,7 +16,7 @@ from typing import Any
 from jaxlab.config import NO_RESULT_CHANGE
 from jaxlab.errors import MissingFile
 from jaxlab.files import read_json
-from jaxlab.run import Run
+from jaxlab.rundir.run import Run
 
 # Runs that differ only in these settings (they change no result, `jaxlab.config.ROLES`) or in
 # their seed are one experiment's seeds. Runs written before a setting existed lack it, which

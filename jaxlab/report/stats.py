@@ -11,7 +11,14 @@ import re
 import statistics
 from typing import Any, Sequence
 
-from scipy import stats as scipy_stats
+
+def scipy_stats():
+  """scipy.stats, imported when a statistic is first computed: a lab that declares its
+  questions (`jaxlab.report.findings`) computes none, and scipy.stats takes about half a
+  second to import, at every start of a script."""
+  from scipy import stats
+  return stats
+
 
 ALPHA = 0.05  # The family-wise error rate of the report's tests, and 1 - the intervals' level.
 
@@ -23,7 +30,7 @@ def t_interval(values: Sequence[float], confidence: float = 1 - ALPHA
   if len(values) < 2:
     return None
   mean, sem = statistics.fmean(values), statistics.stdev(values) / math.sqrt(len(values))
-  half = float(scipy_stats.t.ppf(0.5 + confidence / 2, len(values) - 1)) * sem
+  half = float(scipy_stats().t.ppf(0.5 + confidence / 2, len(values) - 1)) * sem
   return mean - half, mean + half
 
 
@@ -59,7 +66,7 @@ def welch_p_value(a: Sequence[float], b: Sequence[float]) -> float | None:
   delta, variance, df = _welch(a, b)
   if df is None:
     return None
-  return float(2 * scipy_stats.t.sf(abs(delta) / math.sqrt(variance), df))
+  return float(2 * scipy_stats().t.sf(abs(delta) / math.sqrt(variance), df))
 
 
 def difference(a: Sequence[float], b: Sequence[float]) -> dict[str, Any] | None:
@@ -70,7 +77,7 @@ def difference(a: Sequence[float], b: Sequence[float]) -> dict[str, Any] | None:
   delta, variance, df = _welch(a, b)
   if df is None:
     return {"difference": delta, "ci95": [delta, delta], "p": None}
-  half = float(scipy_stats.t.ppf(1 - ALPHA / 2, df)) * math.sqrt(variance)
+  half = float(scipy_stats().t.ppf(1 - ALPHA / 2, df)) * math.sqrt(variance)
   return {"difference": delta, "ci95": [delta - half, delta + half],
           "p": welch_p_value(a, b)}
 
@@ -90,9 +97,9 @@ def welch_power(difference: float, std_a: float, std_b: float, n: int, level: fl
     return 1.0 if difference else level
   df = (va + vb) ** 2 / (va ** 2 / (n - 1) + vb ** 2 / (n - 1))
   ncp = abs(difference) / math.sqrt(va + vb)
-  critical = float(scipy_stats.t.ppf(1 - level / 2, df))
+  critical = float(scipy_stats().t.ppf(1 - level / 2, df))
   # The lower tail as the upper tail of -ncp: SciPy's cdf deep in the lower tail can be NaN.
-  return float(scipy_stats.nct.sf(critical, df, ncp) + scipy_stats.nct.sf(critical, df, -ncp))
+  return float(scipy_stats().nct.sf(critical, df, ncp) + scipy_stats().nct.sf(critical, df, -ncp))
 
 
 def seeds_needed(a: Sequence[float], b: Sequence[float], tests: int = 1,
@@ -136,13 +143,13 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> dict[str, Any] | None:
   if len(x) < 3:
     return None
   x, y = list(x), list(y)
-  rho = float(scipy_stats.spearmanr(x, y).statistic)
+  rho = float(scipy_stats().spearmanr(x, y).statistic)
   if len(x) <= EXACT_PERMUTATIONS:  # Exact: every ordering of y (the t approximation is off).
-    p = float(scipy_stats.permutation_test(
-        (y,), lambda v: scipy_stats.spearmanr(x, v).statistic, permutation_type="pairings",
+    p = float(scipy_stats().permutation_test(
+        (y,), lambda v: scipy_stats().spearmanr(x, v).statistic, permutation_type="pairings",
         alternative="two-sided").pvalue)
   else:
-    p = float(scipy_stats.spearmanr(x, y).pvalue)
+    p = float(scipy_stats().spearmanr(x, y).pvalue)
   return {"rho": None if math.isnan(rho) else rho, "p": None if math.isnan(p) else p,
           "n": len(x)}
 

@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax
@@ -28,7 +27,7 @@ AXIS = "data"
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
                process_id: int | None = None) -> None:
   """Joins a multi-process run. Explicit settings win; without them, a launcher's environment
-  (SLURM, Open MPI, Kubernetes JobSet) is read by JAX (`jaxlab.runtime.start` calls this
+  (SLURM, Open MPI, Kubernetes JobSet) is read by JAX (`jaxlab.training.process.start` calls this
   where there is one)."""
   given = [v is not None for v in (coordinator_address, num_processes, process_id)]
   if any(given) and not all(given):

@@ -1,9 +1,10 @@
-"""What a training run leaves behind, as small objects the epoch loop calls at fixed points.
+"""Hooks: what a user adds to the epoch loop, called at fixed points after jaxlab's own work.
 
-The loop (`jaxlab.train`) only trains and evaluates; every file a run leaves behind
-(config.json, the metrics lines, checkpoints, metrics.json, TensorBoard events) and the
-progress bar are a `Hook`, as Keras callbacks and CLU's periodic actions are. A hook overrides
-the methods it needs:
+The loop (`jaxlab.training.train`) trains, evaluates and does each run's own work itself, in
+order (`jaxlab.training.runfiles`: config.json, the metrics line, checkpoints, metrics.json,
+the NaN check; then the stop on a signal). A `Hook` is for what comes on top, as Keras
+callbacks and CLU's periodic actions are: it overrides the methods it needs, each called after
+jaxlab's own work at that point, so that a hook sees an epoch already on disk:
 
   on_run_start(run)                   after set-up and resumption, before the first epoch
   on_epoch_start(epoch)
@@ -14,16 +15,16 @@ the methods it needs:
                                       the state and the epoch's sums
   on_epoch_end(epoch, record, state)  after validation; `record` is the metrics.jsonl line
   flush()                             before the final evaluation: finish pending writes
+  written() -> bool                   waits for what it handed over to be on disk
   on_run_end(summary)                 after the final evaluation; `summary` is metrics.json
   close()                             always, last, also when the run fails or is interrupted
 
-`run` is the `jaxlab.run.Run` being trained: its directory, settings, identity, position and
-history (the loop appends each epoch's record before it calls `on_epoch_end`). A step boundary
-is the end of a compiled call (`--steps_per_dispatch` steps); asking for the state there costs
-one wait for the device, so hooks ask only when they need it.
-
-Hooks run in list order; `jaxlab.train.default_hooks` puts the files first, so a later hook (a
-user's) sees an epoch already on disk. `Hooks` calls the hooks of every member of a group.
+`run` is the `jaxlab.rundir.run.Run` being trained: its directory, settings, identity, position
+and history (the loop appends each epoch's record before it calls `on_epoch_end`). A step
+boundary is the end of a compiled call (`--steps_per_dispatch` steps); asking for the state
+there costs one wait for the device, so hooks ask only when they need it. The states a hook
+sees are host copies of its own, to keep. `Hooks` calls the hooks of every member of a group. jaxlab's own hooks
+are the progress bar and the TensorBoard events.
 
 TensorBoard event files are written with TensorBoard's own package (no TensorFlow), in the
 layout of Keras's TensorBoard callback, so `tensorboard --logdir DIR` overlays train and
@@ -51,22 +52,24 @@ import time
 from typing import Any, Callable, Sequence
 
 import jax
-from absl import logging
+import numpy as np
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.plugins.hparams import summary_v2 as hparams_summary
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
-from jaxlab import checkpoint, parallel, runtime
-from jaxlab.errors import NonFiniteError
-from jaxlab.files import append_jsonl, write_json, write_jsonl
-from jaxlab.run import BEST_ON, Run, best_record
-from jaxlab.state import TrainState, member
+from jaxlab.rundir.run import Run
+from jaxlab.training.runfiles import epoch_line
+from jaxlab.training.state import TrainState, member
 
 
 class Hook:
-  """A no-op at every point of the loop; subclasses override what they need."""
+  """A no-op at every point of the loop; subclasses override what they need.
+
+  The states a hook is handed are its own, to keep (`reads_state = False`: a hook that never
+  reads them, for which the loop need not copy them)."""
 
   run: Run
+  reads_state = True
 
   def on_run_start(self, run: Run) -> None:
     self.run = run
@@ -104,18 +107,10 @@ class Hook:
     pass
 
 
-def epoch_line(record: dict[str, Any]) -> str:
-  """The record in one line; a mean of no steps (all skipped) shows as `-`."""
-  fields = (("loss", "train_loss"), ("accuracy", "train_accuracy"), ("val_loss", "val_loss"),
-            ("val_accuracy", "val_accuracy"))
-  line = " ".join(f"{name}={record[key]:.4f}" if record[key] is not None else f"{name}=-"
-                  for name, key in fields)
-  return line + (f" skipped_steps={record['skipped_steps']}" if record.get("skipped_steps")
-                 else "")
-
-
 class ProgressBar(Hook):
   """A per-epoch progress bar (tqdm on stderr) with the running loss and accuracy."""
+
+  reads_state = False
 
   def __init__(self, enabled: bool):
     self.enabled = enabled
@@ -146,165 +141,6 @@ class ProgressBar(Hook):
       self._bar = None
 
 
-class ConfigFile(Hook):
-  """Writes config.json at the start: the settings, where the experiment comes from, the layer
-  plan, the data and the environment (`Run.description`)."""
-
-  def on_run_start(self, run: Run) -> None:
-    super().on_run_start(run)
-    write_json(run.config_file, run.description())
-
-
-class MetricsLog(Hook):
-  """Keeps metrics.jsonl to the run's history: rewritten at the start (a resumed run drops the
-  epochs after its checkpoint, which it trains again), then each epoch's record appended
-  (fsynced) and logged."""
-
-  def on_run_start(self, run: Run) -> None:
-    super().on_run_start(run)
-    write_jsonl(run.metrics_jsonl, run.history)
-
-  def on_epoch_end(self, epoch: int, record: dict[str, Any], state: TrainState) -> None:
-    label = f"{self.run.label} " if self.run.label else ""
-    logging.info("%sepoch %d/%d: %s | %.1f s", label, epoch, self.run.config.epochs,
-                 epoch_line(record), record["epoch_seconds"])
-    append_jsonl(self.run.metrics_jsonl, record)
-
-
-class Checkpoints(Hook):
-  """Saves the train state at every epoch's end, before its validation (with the epoch's sums:
-  a run stopped during the validation resumes with the validation), and inside epochs (with the
-  sums so far) every `checkpoint_every_steps` steps or `checkpoint_every_secs` seconds,
-  whichever comes first, and at the next step boundary after a stop was requested
-  (`jaxlab.runtime.stop_on_signals`).
-
-  Each save copies the state to the host at the boundary; serializing and writing happen in a
-  background thread (`checkpoint.AsyncWriter`, one save in flight) while training goes on. The
-  newest `keep_checkpoints` step checkpoints are kept, and checkpoints/best.msgpack is made
-  another name of the epoch's step checkpoint when validation accuracy strictly improves (the
-  first maximum: `jaxlab.run.best_record`), never a second write of it."""
-
-  def __init__(self, background: bool = True):
-    self.background = background
-    self.writer: checkpoint.AsyncWriter | None = None
-
-  def on_run_start(self, run: Run) -> None:
-    super().on_run_start(run)
-    for stale in run.checkpoints.glob("*.tmp*"):  # Left by a process killed mid-write.
-      stale.unlink(missing_ok=True)
-    self.writer = checkpoint.AsyncWriter(self.background)
-    best = best_record(run.history)
-    self.best = best[BEST_ON] if best else None
-    self.saved_step, self.saved_time = run.start_step, time.monotonic()
-
-  def wants_state(self, step: int) -> bool:
-    config = self.run.config
-    return (runtime.requested()
-            or bool(config.checkpoint_every_steps
-                    and step - self.saved_step >= config.checkpoint_every_steps)
-            or bool(config.checkpoint_every_secs
-                    and time.monotonic() - self.saved_time >= config.checkpoint_every_secs))
-
-  def on_step_boundary(self, epoch: int, state: TrainState, sums: dict[str, Any]) -> None:
-    self.save(state, sums, epoch - 1)
-
-  def on_epoch_trained(self, epoch: int, state: TrainState, sums: dict[str, Any]) -> None:
-    if int(state.step) != self.saved_step:  # Not when it resumed from this very checkpoint.
-      self.save(state, sums, epoch)
-
-  def on_epoch_end(self, epoch: int, record: dict[str, Any], state: TrainState) -> None:
-    value = record.get(BEST_ON)
-    if value is not None and (self.best is None or value > self.best):
-      self.best = value
-      self.writer.link(self.run.step_checkpoint(int(state.step)), self.run.best)
-
-  def save(self, state: TrainState, sums: dict[str, Any], epoch: int) -> None:
-    """Saves `state` and `sums` at its step; `epoch`: the epochs it has trained through."""
-    host = checkpoint.to_host({"state": state, "sums": dict(sums)})
-    step = int(host["state"].step)
-    meta = {**self.run.identity, "step": step, "epoch": epoch, "time": time.time()}
-    self.writer.save(self.run.step_checkpoint(step), host, meta, after=lambda: self._prune(step))
-    self.saved_step, self.saved_time = step, time.monotonic()
-
-  def _prune(self, newest: int) -> None:
-    """Removes all but the newest `keep_checkpoints` step checkpoints (never `newest`; the best
-    checkpoint is a name of its own, which outlives its step checkpoint)."""
-    keep = self.run.config.keep_checkpoints
-    for path in self.run.step_checkpoints()[keep:]:
-      if path != self.run.step_checkpoint(newest):
-        path.unlink(missing_ok=True)
-
-  def flush(self) -> None:
-    if self.writer is not None:
-      self.writer.wait()
-
-  def written(self) -> bool:
-    return self.writer is None or self.writer.written()
-
-  def close(self) -> None:
-    if self.writer is not None:
-      writer, self.writer = self.writer, None
-      writer.close()
-
-
-class NonFiniteGuard(Hook):
-  """Stops the run (`NonFiniteError`, naming the epoch and step) as soon as a step's loss or
-  gradient is not finite, under nan_policy=stop: the state that step produced is never saved,
-  so the last checkpoints stay good. Under nan_policy=skip the steps were dropped on the device
-  and are counted in the record's `skipped_steps`."""
-
-  def on_epoch_start(self, epoch: int) -> None:
-    self.epoch = epoch
-
-  def on_chunk_end(self, steps: int, totals: dict[str, Any]) -> None:
-    if totals["nonfinite"] and self.run.config.nan_policy == "stop":
-      step = totals["first_nonfinite"]
-      in_epoch = step - (self.epoch - 1) * self.run.steps_per_epoch + 1
-      raise NonFiniteError(
-          f"non-finite loss or gradient at epoch {self.epoch}, step {in_epoch} of "
-          f"{self.run.steps_per_epoch} (global step {step + 1}); the run stopped, and the "
-          f"checkpoints it saved before that step stay in {self.run.checkpoints}. Lower "
-          "--learning_rate, or resume with --nan_policy=skip to drop such steps")
-
-
-class StopOnSignal(Hook):
-  """After a stop was requested (SIGTERM, SIGINT), raises `Preempted` at the next step
-  boundary or epoch end; `Checkpoints`, earlier in the list, has saved the position by then.
-
-  In a run of several processes the stop waits for the epoch's end, where the processes agree
-  on it (a signal reaches each at another moment; they must all stop at the same step)."""
-
-  def wants_state(self, step: int) -> bool:
-    return runtime.requested() and jax.process_count() == 1
-
-  def on_step_boundary(self, epoch: int, state: TrainState, sums: dict[str, Any]) -> None:
-    step = int(state.step)
-    in_epoch = step - (epoch - 1) * self.run.steps_per_epoch
-    self._stop(f"in epoch {epoch} after step {in_epoch} of {self.run.steps_per_epoch}", step)
-
-  def on_epoch_end(self, epoch: int, record: dict[str, Any], state: TrainState) -> None:
-    if parallel.any_process(runtime.requested()):
-      self._stop(f"after epoch {epoch}", int(state.step))
-
-  def _stop(self, where: str, step: int) -> None:
-    raise runtime.Preempted(f"stopped {where} (global step {step}); its checkpoint is "
-                            f"{self.run.step_checkpoint(step)}")
-
-
-class SummaryFile(Hook):
-  """Writes metrics.json: after every epoch (status `running`, or `completed` after the last),
-  and at the end the summary with the final evaluation."""
-
-  def on_epoch_end(self, epoch: int, record: dict[str, Any], state: TrainState) -> None:
-    run = self.run
-    write_json(run.metrics_json, run.summarize(
-        "running" if epoch < run.config.epochs else "completed",
-        last=run.step_checkpoint(int(state.step))))
-
-  def on_run_end(self, summary: dict[str, Any]) -> None:
-    write_json(self.run.metrics_json, summary)
-
-
 class OnEpochEnd(Hook):
   """A function `fn(epoch, record, state)` called after every epoch, as a hook."""
 
@@ -317,8 +153,8 @@ class OnEpochEnd(Hook):
 
 class Hooks:
   """The hooks of every member of a group, called position by position: the i-th hook of every
-  member before the (i+1)-th of any, so that every member has saved its checkpoint before one
-  member's StopOnSignal stops the group. Per-member arguments are lists, one per member."""
+  member before the (i+1)-th of any. Per-member arguments are lists, one per member; states are
+  the group's stacked state, already copied to the host, of which each hook sees its member's."""
 
   def __init__(self, runs: Sequence[Run], hooks: Sequence[Sequence[Hook]]):
     self.runs = list(runs)
@@ -326,6 +162,12 @@ class Hooks:
     self.ordered = [(k, member_hooks[i]) for i in range(depth)
                     for k, member_hooks in enumerate(hooks) if i < len(member_hooks)]
     self._asking: list[tuple[int, Hook]] = []
+    self._reads = any(hook.reads_state for _, hook in self.ordered)
+
+  def own(self, host: TrainState) -> TrainState:
+    """`host` (the loop's host copy, which the next copy overwrites) as the hooks may keep it:
+    copied where a hook reads states."""
+    return jax.tree_util.tree_map(np.copy, host) if self._reads else host
 
   def run_start(self) -> None:
     for k, hook in self.ordered:
@@ -343,28 +185,24 @@ class Hooks:
     self._asking = [(k, hook) for k, hook in self.ordered if hook.wants_state(step)]
     return bool(self._asking)
 
-  def step_boundary(self, epoch: int, state: TrainState,
+  def step_boundary(self, epoch: int, host: TrainState,
                     totals: Sequence[dict[str, Any]]) -> None:
-    """Only the hooks that asked (`wants_state`), with one host copy of the stacked state."""
-    host = checkpoint.to_host(state)
+    """Only the hooks that asked (`wants_state`)."""
+    if self._asking:
+      host = self.own(host)
     for k, hook in self._asking:
       hook.on_step_boundary(epoch, member(host, k), totals[k])
 
-  def epoch_trained(self, epoch: int, state: TrainState,
-                    totals: Sequence[dict[str, Any]]) -> TrainState:
-    """Every hook, with one host copy of the stacked state; returns that copy (the state the
-    validation leaves unchanged, for `epoch_end`)."""
-    host = checkpoint.to_host(state)
+  def epoch_trained(self, epoch: int, host: TrainState,
+                    totals: Sequence[dict[str, Any]]) -> None:
     states = [member(host, k) for k in range(len(self.runs))]
     for k, hook in self.ordered:
       hook.on_epoch_trained(epoch, states[k], totals[k])
-    return host
 
   def written(self) -> bool:
     return all([hook.written() for _, hook in self.ordered])
 
   def epoch_end(self, epoch: int, records: Sequence[dict[str, Any]], host: TrainState) -> None:
-    """`host`: the stacked state after the epoch, already copied to the host."""
     states = [member(host, k) for k in range(len(self.runs))]
     for k, hook in self.ordered:
       hook.on_epoch_end(epoch, records[k], states[k])
@@ -417,6 +255,8 @@ class TensorBoard(Hook):
   At every start the event files are written anew from the run's history (metrics.jsonl as
   kept on resume), so a resumed run holds each epoch exactly once: an epoch trained after the
   last checkpoint, and trained again after a crash, is not written twice, and none is lost."""
+
+  reads_state = False
 
   def __init__(self):
     self._writers: dict[str, EventFileWriter] = {}

@@ -24,12 +24,12 @@ import optax
 from jax.sharding import Mesh
 
 from jaxlab import metrics as metrics_lib
-from jaxlab import parallel
-from jaxlab.config import NAN_POLICIES
+from jaxlab.training import parallel
+from jaxlab.config import NAN_POLICIES, check_choice
 from jaxlab.metrics import FIRST_NONFINITE, NO_STEP, NONFINITE
 from jaxlab.models import convolves, regularizer
 from jaxlab.caches import cached
-from jaxlab.state import RUN_ONCE, Setup, TrainState
+from jaxlab.training.state import RUN_ONCE, Setup, TrainState
 
 Metrics = dict[str, jax.Array]
 
@@ -56,9 +56,8 @@ def make_train_step(setup: Setup, nan_policy: str = "stop") -> Callable[
   finite, and would poison every later evaluation). Its metrics are left out of the sums and
   counted in `nonfinite`, with the step number in `first_nonfinite`; under
   `nan_policy="skip"` its update is dropped too (the step number still advances), under
-  "stop" the caller stops the run (`jaxlab.hooks.NonFiniteGuard`)."""
-  if nan_policy not in NAN_POLICIES:
-    raise ValueError(f"unknown nan_policy {nan_policy!r}; known: {', '.join(NAN_POLICIES)}")
+  "stop" the caller stops the run (`jaxlab.training.runfiles.RunFiles.check_finite`)."""
+  check_choice("nan_policy", nan_policy, NAN_POLICIES)
   model, tx = setup.model, setup.optimizer
   regularization = regularizer(model) or (lambda params: jnp.zeros((), jnp.float32))
 
@@ -113,7 +112,7 @@ LOOPS = ("auto", "scan", "steps")
 @dataclasses.dataclass(frozen=True)
 class Steps:
   """The compiled functions of one model. The chunks and the evaluation run a group of K
-  members (a stacked state, `jaxlab.state.create_group_state`) as one vmapped program; a single
+  members (a stacked state, `jaxlab.training.state.create_group_state`) as one vmapped program; a single
   run is a group of one. All wrap the one `train_step` and `eval_step`.
 
   `loop` says how a chunk runs: "scan", one compiled `lax.scan` over its steps (one dispatch a
@@ -181,11 +180,11 @@ def _convolves(model: Any, example_shape: tuple[int, ...]) -> bool:
 
 def make_steps(setup: Setup, nan_policy: str = "stop", mesh: Mesh | None = None,
                loop: str | None = None) -> Steps:
-  """The compiled steps of `setup`, made once per setup (per process, `jaxlab.state.cached`),
+  """The compiled steps of `setup`, made once per setup (per process, `jaxlab.training.state.cached`),
   so that a second run of the same architecture reuses the compiled code instead of compiling
   it again.
 
-  With a `mesh`, the chunks and evaluation are data parallel (`jaxlab.parallel`): each batch
+  With a `mesh`, the chunks and evaluation are data parallel (`jaxlab.training.parallel`): each batch
   gathered from the replicated data set is split across the mesh, the state stays replicated,
   and XLA adds the all-reduces. The step itself is the same `train_step`. `loop`: see `Steps`
   and `choose_loop`."""
@@ -325,9 +324,15 @@ def evaluate_group(steps: Steps, variables: dict, images: jax.Array, labels: jax
 def evaluate(steps: Steps, variables: dict, images: jax.Array, labels: jax.Array,
              batch_size: int) -> tuple[dict[str, float], np.ndarray]:
   """The metrics and per-example predictions of one model's variables over a whole split."""
-  stacked = jax.tree_util.tree_map(lambda x: jnp.asarray(x)[None], variables)
-  members, preds = evaluate_group(steps, stacked, images, labels, batch_size)
+  members, preds = evaluate_group(steps, _one_member(variables), images, labels, batch_size)
   return members[0], preds[0]
+
+
+@jax.jit
+def _one_member(variables: dict) -> dict:
+  """`variables` as a group of one: a leading member axis on every array (one compiled call,
+  not one dispatch per array)."""
+  return jax.tree_util.tree_map(lambda x: jnp.asarray(x)[None], variables)
 
 
 @functools.partial(jax.jit, static_argnums=1, compiler_options=RUN_ONCE)
@@ -390,8 +395,8 @@ def train_epoch(steps: Steps, state: TrainState, images: jax.Array, labels: jax.
       n, sums = pending.pop(0)
       sums = jax.device_get(sums)
       for k, member_totals in enumerate(totals):
-        metrics_lib.add_host(member_totals, {key: values[k].item()
-                                             for key, values in sums.items()})
+        member_totals.update(metrics_lib.add(
+            member_totals, {key: values[k].item() for key, values in sums.items()}, min))
       if on_chunk:
         on_chunk(n, totals)
 

@@ -3,12 +3,15 @@
   train_group(configs, workdirs)   K runs of one architecture as one vmapped state and program
   train_and_evaluate(config, dir)  one run: a group of one
 
-The loop on one screen: `train_group` calls `_set_up` (the runs, their hooks, the data, the
-model's compiled steps and the state, restored where a run was interrupted), `_epoch` for each
-epoch, then `_finish`. Each epoch's order is a permutation drawn from (seed, epoch) and each
-step's dropout key is `fold_in(rng, step)`, so a resumed run repeats exactly what an
-uninterrupted one would have done. The compiled steps live in `jaxlab.steps`; everything a run
-leaves behind is a hook (`jaxlab.hooks`), one list per member; a member is a `jaxlab.run.Run`.
+The loop on one screen: `train_group` calls `_set_up` (the runs, their files and hooks, the
+data, the model's compiled steps and the state, restored where a run was interrupted), `_epoch`
+for each epoch, then `_finish`. Each epoch's order is a permutation drawn from (seed, epoch) and
+each step's dropout key is `fold_in(rng, step)`, so a resumed run repeats exactly what an
+uninterrupted one would have done. The compiled steps live in `jaxlab.training.steps`. At each
+point of an epoch the loop does each run's own work itself, in order (`jaxlab.training.runfiles`:
+files, checkpoints, the NaN check), then stops if a stop was requested; the hooks
+(`jaxlab.training.hooks`: TensorBoard's, a user's) come after jaxlab's own work. A member is a
+`jaxlab.rundir.run.Run`.
 """
 
 from __future__ import annotations
@@ -22,37 +25,31 @@ import time
 from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from jaxlab import checkpoint, lock, parallel, runtime
+from jaxlab.rundir import checkpoint, lock
+from jaxlab.training import parallel, process
 from jaxlab import metrics as metrics_lib
-from jaxlab.checkpoint import restore_group, restore_state
+from jaxlab.training.restore import restore_group, restore_state
 from jaxlab.config import GROUP_SETTINGS, TrainConfig, changed_settings
 from jaxlab.data import Dataset, load_dataset
 from jaxlab.errors import BadValue, OutOfMemory
-from jaxlab.experiment import describe_experiment, setup
-from jaxlab.hooks import (Checkpoints, ConfigFile, Hook, Hooks, MetricsLog, NonFiniteGuard,
-                          ProgressBar, StopOnSignal, SummaryFile, TensorBoard)
+from jaxlab.experiment import describe_experiment
+from jaxlab.training.hooks import Hook, Hooks, ProgressBar, TensorBoard
+from jaxlab.training.runfiles import RunFiles
 from jaxlab.models import describe, describe_precision
 from jaxlab.optim import scheduled_learning_rate
-from jaxlab.run import Run, best_record
-from jaxlab.state import Setup, TrainState, create_group_state, member, seed_keys
-from jaxlab.steps import Steps, evaluate, evaluate_group, make_steps, train_epoch
-from jaxlab.summary import param_counts
+from jaxlab.rundir.run import Run, best_record
+from jaxlab.training.state import Setup, TrainState, create_group_state, epoch_keys, member, setup
+from jaxlab.training.steps import Steps, evaluate, evaluate_group, make_steps, train_epoch
+from jaxlab.inspection.summary import param_counts
 
 
-def default_hooks(progress: bool, writer: bool = True) -> list[Hook]:
-  """The hooks of every run, in order: the bar; the NaN check (before anything is saved);
-  config.json; the metrics line before the checkpoint (lines after the checkpoint are dropped
-  on resume); the stop on a signal after the checkpoint it needs; then metrics.json and the
-  TensorBoard events (rewritten from metrics.jsonl at every start). A process that is not the
-  writer of a multi-process run (`parallel.is_writer`) keeps the two that write nothing."""
-  if not writer:
-    return [NonFiniteGuard(), StopOnSignal()]
-  return [ProgressBar(progress), NonFiniteGuard(), ConfigFile(), MetricsLog(), Checkpoints(),
-          StopOnSignal(), SummaryFile(), TensorBoard()]
+def default_hooks(writer: bool = True) -> list[Hook]:
+  """jaxlab's own hooks of every run, before a user's: the TensorBoard events (rewritten from
+  metrics.jsonl at every start), in the process that writes (`parallel.is_writer`)."""
+  return [TensorBoard()] if writer else []
 
 
 def group_configs(config: TrainConfig, seeds: Sequence[int] | None = None,
@@ -73,10 +70,11 @@ def train_and_evaluate(config: TrainConfig, workdir: str | pathlib.Path,
   """Trains `config` into `workdir`, resuming from its newest intact checkpoint (at an epoch's
   end or inside an epoch), and returns the summary.
 
-  `hooks` run after the default ones (`default_hooks`) at every point of the loop. `progress`
+  `hooks` are called at every point of the loop after jaxlab's own work there (the run's files,
+  checkpoints and checks, `jaxlab.training.runfiles`) and its own hooks (`default_hooks`). `progress`
   shows per-epoch bars (default: when stderr is a terminal). `restart` discards what the run
   directory holds and trains from scratch. `loop` is how a compiled call runs its steps
-  (`jaxlab.steps.choose_loop`; default: a resumed run's own, else "auto").
+  (`jaxlab.training.steps.choose_loop`; default: a resumed run's own, else "auto").
   """
   return train_group([config], [workdir], dataset, progress, [hooks], restart, loop)[0]
 
@@ -90,25 +88,35 @@ def train_group(configs: Sequence[TrainConfig], workdirs: Sequence[str | pathlib
 
   Each member's data order, initialization and dropout keys are those of the single run with
   its seed, so its results are those of `train_and_evaluate` up to float rounding. The group
-  resumes as a group. `hooks[k]` are member k's own hooks (after the default ones).
+  resumes as a group. `hooks[k]` are member k's own hooks (after jaxlab's own).
   """
-  with contextlib.ExitStack() as held:  # Each run directory's lock (`jaxlab.lock`).
+  with contextlib.ExitStack() as held:  # Each run directory's lock (`jaxlab.rundir.lock`).
     group = _set_up(configs, workdirs, dataset, progress, hooks, restart, loop, held)
     try:
+      for files in group.files:
+        files.start()
+      group.bar.on_run_start(group.runs[0])
       group.hooks.run_start()
       for epoch in range(group.runs[0].start_epoch + 1, group.config.epochs + 1):
         _epoch(group, epoch)
       return _finish(group)
     finally:
-      group.hooks.close()
+      try:
+        for files in group.files:
+          files.close()
+      finally:
+        group.bar.close()
+        group.hooks.close()
 
 
 @dataclasses.dataclass
 class _Group:
-  """A group in training: its runs and their hooks, the model and its compiled steps, the
-  stacked state, and the data set (its arrays on the device(s))."""
+  """A group in training: its runs, their files and hooks, the model and its compiled steps,
+  the stacked state, and the data set (its arrays on the device(s))."""
 
   runs: list[Run]
+  files: list[RunFiles]  # Each run's own work, called by the loop in order.
+  bar: ProgressBar
   hooks: Hooks
   setup: Setup
   steps: Steps
@@ -117,9 +125,11 @@ class _Group:
   template: TrainState  # A member's structure, to read a checkpoint into.
   dataset: Dataset
   arrays: tuple[jax.Array, ...]  # Train images and labels, test images and labels.
-  shuffle_keys: jax.Array
-  started: runtime.Mark
+  seeds: list[int]
+  started: process.Mark
   first_step: float | None = None  # When the first train step was done (Unix time).
+  epoch: int = 0  # The epoch in training.
+  copies: checkpoint.HostCopies = dataclasses.field(default_factory=checkpoint.HostCopies)
   # The validation of the state in memory (each member's metrics, predictions), once an epoch
   # has ended in this process: the final evaluation is the last epoch's.
   validation: tuple[list[dict[str, float]], np.ndarray] | None = None
@@ -128,10 +138,20 @@ class _Group:
   def config(self) -> TrainConfig:
     return self.runs[0].config
 
+  def to_host(self, state: TrainState) -> TrainState:
+    """The stacked state on the host, for the saves and the records: copied into the buffers
+    of the copy before (`checkpoint.HostCopies`), once every save of that copy is written."""
+    for files in self.files:
+      files.flush()
+    return self.copies.copy(state)
+
   def on_chunk(self, steps: int, totals: list[dict[str, Any]]) -> None:
     if self.first_step is None:
       self.first_step = time.time()
-      runtime.first_step_done()
+      process.first_step_done()
+    self.bar.on_chunk_end(steps, totals[0])
+    for k, files in enumerate(self.files):
+      files.check_finite(self.epoch, totals[k])
     self.hooks.chunk_end(steps, totals)
 
 
@@ -142,7 +162,7 @@ def _set_up(configs: Sequence[TrainConfig], workdirs: Sequence[str | pathlib.Pat
   """Checks the group, prepares its directories, loads the data, builds the model and its
   steps, and restores the newest state every member has saved."""
   _check_group(configs, workdirs)
-  started = runtime.mark()
+  started = process.mark()
   base = configs[0]
   mesh = parallel.data_mesh(base.num_devices)
   parallel.check_batch_size(base.batch_size, mesh)
@@ -166,7 +186,7 @@ def _set_up(configs: Sequence[TrainConfig], workdirs: Sequence[str | pathlib.Pat
   rates = [c.learning_rate for c in configs]
   built = setup(base, dataset.info, rates)
   steps = make_steps(built, base.nan_policy, mesh, _loop(runs, loop))
-  _describe(runs, built, dataset, {**runtime.environment(), "mesh": parallel.describe(mesh),
+  _describe(runs, built, dataset, {**process.environment(), "mesh": parallel.describe(mesh),
                                    "loop": steps.loop,
                                    "computes": describe_precision(built.model)})
   fresh = create_group_state(built, [c.seed for c in configs], rates, parallel.replicated(mesh))
@@ -180,14 +200,14 @@ def _set_up(configs: Sequence[TrainConfig], workdirs: Sequence[str | pathlib.Pat
     run.resume_at(step, per_epoch, done)
   show = sys.stderr.isatty() if progress is None else progress
   extra_hooks = extra_hooks or [()] * len(runs)
-  hooks = Hooks(runs, [[*default_hooks(show and k == 0, writer), *extra_hooks[k]]
-                       for k in range(len(runs))])
+  hooks = Hooks(runs, [[*default_hooks(writer), *extra_hooks[k]] for k in range(len(runs))])
+  files = [RunFiles(run, writer) for run in runs]
+  bar = ProgressBar(show and writer)
   # The data set, as uint8, on every device; each device gathers its share of every batch.
   arrays = parallel.put_replicated((dataset.train_images, dataset.train_labels,
                                     dataset.test_images, dataset.test_labels), mesh)
-  shuffle_keys = jnp.stack([seed_keys(c.seed)[2] for c in configs])
-  return _Group(runs, hooks, built, steps, state, sums,
-                template, dataset, arrays, shuffle_keys, started)
+  return _Group(runs, files, bar, hooks, built, steps, state, sums,
+                template, dataset, arrays, [c.seed for c in configs], started)
 
 
 def _loop(runs: Sequence[Run], loop: str | None) -> str | None:
@@ -232,33 +252,58 @@ def _describe(runs: Sequence[Run], built: Setup, dataset: Dataset,
 
 
 def _epoch(group: _Group, epoch: int) -> None:
-  """Trains every member one epoch (from where it resumed, in the first one), hands the state
-  and the epoch's sums to the hooks (a checkpoint: safe before the validation), validates,
-  and hands the records to the hooks."""
+  """Trains every member one epoch (from where it resumed, in the first one), saves the state
+  and the epoch's sums (safe before the validation), validates, and records the epoch; each
+  run's own work first, then the hooks', then the stop where one was requested."""
   runs, config, hooks = group.runs, group.config, group.hooks
   train_images, train_labels, test_images, test_labels = group.arrays
+  group.epoch = epoch
+  group.bar.on_epoch_start(epoch)
   hooks.epoch_start(epoch)
-  first = (epoch - 1) * runs[0].steps_per_epoch  # The global number of its first step.
+  per_epoch = runs[0].steps_per_epoch
+  first = (epoch - 1) * per_epoch  # The global number of its first step.
   offset = max(runs[0].start_step - first, 0)  # Steps of it done before a resume.
   trained = {}
 
+  def wants_state(step: int) -> bool:
+    hooks_ask = hooks.wants_state(step)  # Always asked: it notes which hooks want the state.
+    return any([f.checkpoint_due(step) for f in group.files]) or _stop_requested() or hooks_ask
+
+  def on_state(state: TrainState, totals: list[dict[str, Any]]) -> None:
+    host = group.to_host(state)  # One host copy for every member.
+    step = int(host.step[0])
+    for k, files in enumerate(group.files):
+      if files.checkpoint_due(step):
+        files.save(member(host, k), totals[k], epoch - 1)
+    hooks.step_boundary(epoch, host, totals)
+    if _stop_requested():
+      raise process.Preempted(
+          f"stopped in epoch {epoch} after step {step - first} of {per_epoch} (global step "
+          f"{step}); its checkpoint is {runs[0].step_checkpoint(step)}")
+
   def on_end(state: TrainState, totals: list[dict[str, Any]]) -> None:
-    trained["host"] = hooks.epoch_trained(epoch, state, totals)
+    host = trained["host"] = group.to_host(state)  # The validation leaves it unchanged.
+    for k, files in enumerate(group.files):
+      files.epoch_trained(epoch, member(host, k), totals[k])
+    trained["hooks"] = hooks.own(host)
+    hooks.epoch_trained(epoch, trained["hooks"], totals)
+
+  def written() -> bool:
+    return all([*(files.written() for files in group.files), hooks.written()])
 
   t0 = time.perf_counter()
   try:
     group.state, train_metrics = train_epoch(
         group.steps, group.state, train_images, train_labels, config.batch_size,
-        jax.vmap(jax.random.fold_in, in_axes=(0, None))(group.shuffle_keys, epoch),
-        config.steps_per_dispatch, group.on_chunk, first_step=first, start=offset,
-        totals=group.sums if offset else None, wants_state=hooks.wants_state,
-        on_state=lambda state, totals: hooks.step_boundary(epoch, state, totals), on_end=on_end)
+        epoch_keys(group.seeds, epoch), config.steps_per_dispatch, group.on_chunk,
+        first_step=first, start=offset, totals=group.sums if offset else None,
+        wants_state=wants_state, on_state=on_state, on_end=on_end)
     t1 = time.perf_counter()
     host = trained["host"]
     step = int(host.step[0])
     where = (f"in the validation of epoch {epoch} (global step {step}); its checkpoint is "
              f"{runs[0].step_checkpoint(step)}, and the resumed run validates that epoch again")
-    with runtime.exits_at_once(where, hooks.written):
+    with process.exits_at_once(where, written):
       group.validation = evaluate_group(group.steps, group.state.variables, test_images,
                                         test_labels, config.eval_batch_size,
                                         interrupt=lambda: _stop_if_requested(where))
@@ -279,26 +324,42 @@ def _epoch(group: _Group, epoch: int) -> None:
                     "learning_rate": _learning_rate(member(host, k), run.config),
                     "epoch_seconds": t1 - t0, "eval_seconds": t2 - t1, "time": time.time()})
     run.record_epoch(records[k])
-  hooks.epoch_end(epoch, records, host)
+  group.bar.on_epoch_end(epoch, records[0], member(host, 0))  # Closed before the log line.
+  for k, files in enumerate(group.files):
+    files.epoch_validated(epoch, records[k], int(host.step[k]))
+  hooks.epoch_end(epoch, records, trained["hooks"])
+  # Processes stop together, at an epoch's end, where they agree on it.
+  if parallel.any_process(process.requested()):
+    raise process.Preempted(f"stopped after epoch {epoch} (global step {step}); its checkpoint "
+                            f"is {runs[0].step_checkpoint(step)}")
+
+
+def _stop_requested() -> bool:
+  """Whether to stop at this step boundary: a stop was requested, in a run of one process
+  (processes of one run stop together, at an epoch's end: a signal reaches each at another
+  moment, and they must all stop at the same step)."""
+  return process.requested() and jax.process_count() == 1
 
 
 def _stop_if_requested(where: str) -> None:
   """Raises `Preempted` where a stop was asked for (in one process: several stop together, at
   an epoch's end): the state of the epoch's end is saved, and its validation is done again."""
-  if runtime.requested() and jax.process_count() == 1:
-    raise runtime.Preempted(f"stopped {where}")
+  if _stop_requested():
+    raise process.Preempted(f"stopped {where}")
 
 
 def _finish(group: _Group) -> list[dict[str, Any]]:
   """Waits for the last checkpoints, evaluates each member's final and best state, and hands
   the summaries (metrics.json) to the hooks."""
+  for files in group.files:
+    files.flush()
   group.hooks.flush()
   parallel.sync("checkpoints written")  # Every process reads the best checkpoint next.
   _, _, test_images, test_labels = group.arrays
   finals, predictions = group.validation or evaluate_group(
       group.steps, group.state.variables, test_images, test_labels, group.config.eval_batch_size)
   final_steps = [int(s) for s in jax.device_get(group.state.step)]
-  startup = {**runtime.startup_report(group.started),
+  startup = {**process.startup_report(group.started),
              "seconds_to_first_step": (group.first_step - group.started.time
                                        if group.first_step else None)}
   summaries = []
@@ -308,6 +369,7 @@ def _finish(group: _Group) -> list[dict[str, Any]]:
     summaries.append(run.summarize("completed", evaluations, last=last, extra={
         "startup": startup, "group": [str(r.root) for r in group.runs]}))
     run.finish(summaries[-1])
+    group.files[k].finish(summaries[-1])
   logging.info("process %d of %d: final state fingerprint %s", jax.process_index(),
                jax.process_count(), checkpoint.fingerprint(checkpoint.to_host(group.state)))
   group.hooks.run_end(summaries)
@@ -362,8 +424,8 @@ def _out_of_memory(error: Exception, config: TrainConfig, members: int,
   params = param_counts(built.model, built.example_shape)["total_params"]
   what = (f"{members} members of {params:,} parameters each" if members > 1 else
           f"a run of {params:,} parameters at batch size {config.batch_size}")
-  advice = ("train fewer seeds or learning rates at once (see 'Many runs at once' in the "
-            "README)" if members > 1 else
+  advice = ("train fewer seeds or learning rates at once (see 'Many runs at once' in "
+            "docs/guide/train.md)" if members > 1 else
             f"lower --batch_size (and --eval_batch_size, now {config.eval_batch_size})")
   return OutOfMemory(
       f"{what} do{'es' if members == 1 else ''} not fit in the memory of "

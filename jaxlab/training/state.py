@@ -1,11 +1,11 @@
 """The train state: one pytree of params, BatchNorm statistics, optimizer state, step and RNG.
 
 The state is arrays only; what computes on it (the model, its optimizer, its metrics) is a
-`Setup`, which the compiled steps (`jaxlab.steps`) and the state's initialization close over.
+`Setup`, which the compiled steps (`jaxlab.training.steps`) and the state's initialization close over.
 A Setup is hashable by value, so a second run of an equal setup (another seed, another
 learning rate, an equal model object made anew) reuses the programs compiled for the first.
 
-Made for one run or stacked for a group (restoring one from a run directory: `jaxlab.checkpoint`).
+Made for one run or stacked for a group (restoring one from a run directory: `jaxlab.rundir.checkpoint`).
 A state is made by one compiled program (`init_program`): initialization, the optimizer's
 init and the keys, instead of dozens of small ones run op by op. A group of K members (seeds
 and learning rates of one architecture, trained as one vmapped state) is the same program under
@@ -27,6 +27,9 @@ from flax import struct
 
 from jaxlab import metrics as metrics_lib
 from jaxlab.caches import cached
+from jaxlab.config import TrainConfig
+from jaxlab.data import DATASETS, DatasetInfo
+from jaxlab.experiment import build_model, get_experiment
 from jaxlab.models import init_rngs
 from jaxlab.optim import make_optimizer, with_learning_rate
 
@@ -54,9 +57,22 @@ def make_setup(model: nn.Module, example_shape: Sequence[int], optimizer: str = 
                metrics: dict[str, Any] | None = None) -> Setup:
   """A Setup of `model` (fitted already, in its precision) on examples of `example_shape`, with
   the optimizer of that name (`jaxlab.optim`; `learning_rate` for one that cannot be injected)
-  and `metrics` besides loss and accuracy. (`jaxlab.experiment.setup` makes an experiment's.)"""
+  and `metrics` besides loss and accuracy. (`setup` makes an experiment's.)"""
   tx, injected = make_optimizer(optimizer, learning_rate)
   return Setup(model, tx, metrics_lib.table(metrics), tuple(example_shape), injected)
+
+
+def setup(config: TrainConfig, dataset: DatasetInfo | None = None,
+          learning_rates: Sequence[float] = ()) -> Setup:
+  """What the state and the compiled steps of `config`'s runs are made from: its model (on
+  `dataset`, default the config's), optimizer and metrics. Runs of several `learning_rates`
+  share one optimizer, whose learning rate must then live in its state
+  (`jaxlab.optim.make_optimizer`)."""
+  exp = get_experiment(config.experiment)
+  info = dataset or DATASETS.get(config.dataset)
+  shared = len(set(learning_rates)) > 1
+  return make_setup(build_model(exp, info, config.precision), info.image_shape,
+                    config.optimizer, None if shared else config.learning_rate, exp.metrics)
 
 
 @struct.dataclass
@@ -84,6 +100,18 @@ def seed_keys(seed: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(init, dropout, shuffle) keys: three independent streams from one seed."""
   init, dropout, shuffle = jax.random.split(jax.random.PRNGKey(seed), 3)
   return init, dropout, shuffle
+
+
+def epoch_keys(seeds: Sequence[Any], epoch: int) -> jax.Array:
+  """Each seed's key of epoch `epoch`'s order (`fold_in` of its shuffle key and the epoch),
+  stacked: member k of a group takes the examples in the order `permutation(keys[k])`
+  (`jaxlab.training.steps.train_epoch`), the order a single run of that seed takes."""
+  return _epoch_keys(np.asarray(list(seeds), np.int32), epoch)  # As `init_program` takes them.
+
+
+@jax.jit
+def _epoch_keys(seeds: jax.Array, epoch: jax.Array) -> jax.Array:
+  return jax.vmap(lambda seed: jax.random.fold_in(seed_keys(seed)[2], epoch))(seeds)
 
 
 def _init(setup: Setup, seed: jax.Array, learning_rate: jax.Array) -> TrainState:
@@ -128,5 +156,13 @@ def stack(states: Sequence[Any], sharding: Any = None) -> Any:
 
 
 def member(stacked: Any, k: int) -> Any:
-  """Member `k` of a stacked state (indexing every leaf; NumPy leaves stay NumPy)."""
+  """Member `k` of a stacked state: on the host, views of its NumPy leaves; on the device, new
+  arrays, taken by one compiled call (not one dispatch per leaf)."""
+  if any(isinstance(x, jax.Array) for x in jax.tree_util.tree_leaves(stacked)):
+    return _member_on_device(stacked, k)
+  return jax.tree_util.tree_map(lambda x: x[k], stacked)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _member_on_device(stacked: Any, k: int) -> Any:
   return jax.tree_util.tree_map(lambda x: x[k], stacked)

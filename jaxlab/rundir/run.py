@@ -45,6 +45,7 @@ def best_record(history: list[dict[str, Any]]) -> dict[str, Any] | None:
   return max(scored, key=lambda r: r[BEST_ON]) if scored else None
 RESTART_HINT = "pass --restart to discard this run's checkpoints and train from scratch"
 _STEP_FILE = re.compile(r"step_(\d+)\.msgpack")
+CONFIG_FILE = "config.json"  # What makes a folder a run directory.
 
 
 def _digest(obj: Any) -> str:
@@ -61,6 +62,19 @@ def step_of(path: pathlib.Path) -> int:
   return int(_STEP_FILE.fullmatch(path.name).group(1))
 
 
+SEED_FOLDERS = "seed_*"  # The glob of seed_folder's names.
+
+
+def seed_folder(seed: int) -> str:
+  """The folder of one seed's run among a group's or a lab's: `seed_S`."""
+  return f"seed_{seed}"
+
+
+def folder_seed(name: str) -> int:
+  """The seed of a `seed_folder` name."""
+  return int(name.removeprefix("seed_"))
+
+
 def member_path(workdir: str | os.PathLike, seed: int | None = None,
                 learning_rate: float | None = None) -> pathlib.Path:
   """A group member's run directory: WORKDIR/seed_S, WORKDIR/lr_R or WORKDIR/lr_R/seed_S (WORKDIR
@@ -68,7 +82,16 @@ def member_path(workdir: str | os.PathLike, seed: int | None = None,
   path = pathlib.Path(workdir)
   if learning_rate is not None:
     path = path / f"lr_{learning_rate:g}"
-  return path / f"seed_{seed}" if seed is not None else path
+  return path / seed_folder(seed) if seed is not None else path
+
+
+def runs_within(workdir: str | os.PathLike) -> list[pathlib.Path]:
+  """The run directories in `workdir` and one or two levels below it, in order: a run's own, a
+  group's members (WORKDIR/seed_S, WORKDIR/lr_R, WORKDIR/lr_R/seed_S), a lab's runs
+  (WORKDIR/EXPERIMENT/seed_S)."""
+  root = pathlib.Path(workdir)
+  return [p.parent for p in [root / CONFIG_FILE, *sorted(root.glob(f"*/{CONFIG_FILE}")),
+                             *sorted(root.glob(f"*/*/{CONFIG_FILE}"))] if p.is_file()]
 
 
 def member_dir(workdir: str | os.PathLike, config: TrainConfig, by_seed: bool,
@@ -145,7 +168,7 @@ class Run:
 
   @property
   def config_file(self) -> pathlib.Path:
-    return self.root / "config.json"
+    return self.root / CONFIG_FILE
 
   @property
   def metrics_jsonl(self) -> pathlib.Path:
@@ -214,7 +237,7 @@ class Run:
     config.json): settings, description, history, summary and status (`completed` once the
     final evaluation is in metrics.json, `imported` for imported weights, else `running`)."""
     root = pathlib.Path(root)
-    saved = read_json(root / "config.json")
+    saved = read_json(root / CONFIG_FILE)
     if not isinstance(saved.get("config"), dict):
       return None
     run = cls(root, settings=saved["config"], path=path)
@@ -237,7 +260,7 @@ class Run:
     whether its config.json is missing or damaged."""
     run = cls.read(root)
     if run is None:
-      problem = json_problem(pathlib.Path(root) / "config.json")
+      problem = json_problem(pathlib.Path(root) / CONFIG_FILE)
       if problem == "missing":
         raise MissingFile(f"{root} is not a run directory: it has no config.json")
       raise DataError(f"{root}/config.json is damaged ({problem or 'no settings in it'}); "

@@ -1,25 +1,17 @@
-"""The process a run trains in: its set-up, its signals, its compilations, its environment.
+"""The process a run trains in: its signals, its compilations, its environment.
 
-`start(FLAGS)` is the first call of every script's `main`: it sets up the process before JAX
-starts its backend, from the flags the script defines (each only if it does):
-
-- `--kernels`: XLA:CPU's kernel libraries (`jaxlab.perf.kernels`), for the kind of model the command
-  runs (with or without convolutions), or the ones a resumed run started with;
-- `--coordinator_address`, `--num_processes`, `--process_id` (or a cluster launcher's
-  environment): a run of several processes (`jax.distributed`);
-- `--compilation_cache`: JAX's persistent compilation cache (`jaxlab.caches`), which makes a
-  second process running the same programs skip compiling them.
+(Its set-up from a script's flags, before JAX starts, is `jaxlab.cli.start`.)
 
 Signals: a preempted machine sends SIGTERM and a user presses Ctrl-C; `stop_on_signals()` (used
 by the scripts that train) turns the first such signal into a request that the training loop
-honours at its next step boundary (`jaxlab.hooks.StopOnSignal`: a checkpoint, then
+honours at its next step boundary (`jaxlab.training.train`: a checkpoint, then
 `Preempted`), or at once during an epoch's validation, whose state is saved before it starts
 (`exits_at_once`); a second signal aborts at once. The flag is process-wide, as signals are.
 
 Then what a process pays before it trains (XLA compilations, counted and timed as JAX reports
 them, and the time to the first step), and the environment a run records in config.json.
 
-Imports nothing of JAX until it is asked to: `start` runs before JAX does.
+Imports nothing of JAX until it is asked to: a script that refuses its input does so first.
 """
 
 from __future__ import annotations
@@ -36,104 +28,11 @@ import time
 from typing import Any, Callable, Iterator
 
 import jaxlab
-from jaxlab import caches
-from jaxlab.perf import kernels
-
-# Environment variables by which JAX's cluster detection recognizes a launcher.
-CLUSTER_ENVIRONMENT = ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "JOBSET_NAME",
-                       "MEGASCALE_COORDINATOR_ADDRESS")
-
-
-def under_launcher() -> bool:
-  """Whether a cluster launcher (SLURM, Open MPI, Kubernetes) started this process, as JAX's
-  cluster detection sees it."""
-  return any(name in os.environ for name in CLUSTER_ENVIRONMENT)
-
-
-def start(flags: Any) -> None:
-  """Sets up this process for a script's command line (`flags`, absl's FlagValues; see the
-  module docstring): kernels, then jax.distributed, then the compilation cache."""
-  if "kernels" in flags:  # Before JAX starts its backend: XLA reads its flags once.
-    kernels.apply(flags.kernels, _started_kernels(flags), kind=lambda: _model_kind(flags))
-    if _precision(flags) == "bf16" and not kernels.gpu_possible():
-      print(kernels.bf16_notice(_model_kind(flags, precision=False)), file=sys.stderr)
-  if "coordinator_address" in flags:
-    given = [flags[n].value for n in ("coordinator_address", "num_processes", "process_id")]
-    if under_launcher() or any(v is not None for v in given):
-      from jaxlab import parallel
-      parallel.initialize(*given)
-  if "compilation_cache" in flags and flags.compilation_cache:
-    enable_compilation_cache()
-
-
-def _precision(flags: Any) -> str:
-  return flags.precision if "precision" in flags and flags.precision else "float32"
-
-
-def _model_kind(flags: Any, precision: bool = True) -> str:
-  """The kind of model a command runs, for jaxlab.perf.kernels: "conv" where one of the
-  experiments it names (--experiment, else --lab's --experiments or all of its experiments)
-  convolves (`jaxlab.models.convolves`: read from its jaxpr, on --dataset or its own data set),
-  "dense" where none does, "conv" where it names none; "_bf16" added under --precision=bf16
-  (unless `precision` is False). Imports the experiments and traces their models, which imports
-  JAX but does not start its backend."""
-  suffix = "_bf16" if precision and _precision(flags) == "bf16" else ""
-  names = [flags.experiment] if "experiment" in flags and flags.experiment else []
-  lab = flags.lab if "lab" in flags else None
-  if not names and not lab:
-    return "conv" + suffix
-  from jaxlab import experiment
-  from jaxlab.data import DATASETS
-  from jaxlab.models import convolves
-  if lab:
-    declared = experiment.load_lab(lab).experiments
-    names = names or (flags.experiments if "experiments" in flags and flags.experiments
-                      else declared)
-  dataset = flags.dataset if "dataset" in flags and flags.dataset else None
-
-  def convolving(name: str) -> bool:
-    info = DATASETS.get(dataset or experiment.get_experiment(name).dataset)
-    return convolves(experiment.build_model(name, info), info.image_shape)
-
-  return ("conv" if any(convolving(n) for n in names) else "dense") + suffix
-
-
-def _started_kernels(flags: Any) -> str | None:
-  """The kernels recorded in --workdir's config.json (or its first member's), if any."""
-  workdir = flags["workdir"].value if "workdir" in flags else None
-  if not workdir:
-    return None
-  from jaxlab.files import read_json
-  root = pathlib.Path(workdir)
-  # A run's own, or a group's, a lab's or a grid's first member's (DIR/M/, DIR/EXP/seed_S/).
-  members = sorted(root.glob("*/config.json")) + sorted(root.glob("*/*/config.json"))
-  for path in [root / "config.json", *members[:1]]:
-    found = read_json(path).get("environment", {})
-    if isinstance(found, dict) and found.get("kernels"):
-      return found["kernels"]
-  return None
-
-
-def enable_compilation_cache(directory: str | os.PathLike | None = None) -> pathlib.Path:
-  """Turns on JAX's persistent compilation cache in `directory` (default
-  `jaxlab.caches.compilation_cache_dir()`), for every program however quick to compile: a
-  second process (another seed, another learning rate, a resumed run) then loads them instead
-  of compiling them. Before JAX is imported, through the environment it reads when it is (so
-  that a script that refuses its input does so without importing JAX); after, through
-  jax.config."""
-  options = caches.compilation_cache_options(directory)
-  if "jax" in sys.modules:
-    import jax
-    for name, value in options.items():
-      jax.config.update(name, value)
-  else:
-    os.environ.update({name.upper(): str(value) for name, value in options.items()})
-  return pathlib.Path(options["jax_compilation_cache_dir"])
-
+from jaxlab.errors import EXIT_PREEMPTED
+from jaxlab.training import kernels
 
 # ----------------------------------------------------------------------------- signals
 
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on request; the same command resumes.
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _requested = threading.Event()
 # While the process's position is safe on disk (an epoch's validation, after the epoch's
@@ -363,7 +262,7 @@ def startup_report(since: Mark) -> dict[str, Any]:
 
 def environment() -> dict[str, Any]:
   """jaxlab and JAX versions, the backend and device the computation runs on, and on the CPU
-  the kernels XLA uses (`jaxlab.perf.kernels`) with the XLA flags the backend started with."""
+  the kernels XLA uses (`jaxlab.training.kernels`) with the XLA flags the backend started with."""
   import jax
   device = jax.devices()[0]
   found = {"jaxlab": jaxlab.__version__, "jax": jax.__version__,

@@ -15,7 +15,7 @@ one), the candidates' repetitions interleaved; it keeps only candidates whose gr
 are as close to the exact (float64) ones as XLA's own, and caches the choice per kind under
 `$JAXLAB_CACHE_DIR/kernels.json`, keyed on the CPU and the jaxlib version: the first choice
 costs seconds, later ones nothing. `apply` sets `XLA_FLAGS` for the kind of model a command
-runs before the backend starts (every script does, through `jaxlab.runtime.start`); `--kernels`
+runs before the backend starts (every script does, through `jaxlab.training.process.start`); `--kernels`
 overrides, and a resumed run keeps the kernels it started with (`config.json`'s environment).
 
 This module imports no JAX: it must run before JAX starts.
@@ -72,7 +72,7 @@ OPTIONS: dict[str, dict[str, Any]] = {
 CHOICES = ("auto", *KERNELS)
 # Kinds of model, chosen for apart: "conv", a model with convolutions; "dense", one without;
 # each in float32 and in bf16 (as XLA:CPU runs it: dots on bfloat16 operands written in float32,
-# convolutions in float32; jaxlab.models.PRECISIONS), whose dots other kernels run best.
+# convolutions in float32; jaxlab.models.at_precision), whose dots other kernels run best.
 KINDS = ("conv", "dense", "conv_bf16", "dense_bf16")
 ENV = "JAXLAB_KERNELS"  # The scripts' --kernels; "auto" where unset.
 APPLIED_ENV = "JAXLAB_KERNELS_APPLIED"  # What this process's backend started with.
@@ -128,7 +128,7 @@ def measure(out: pathlib.Path, repeats: int = 9) -> dict[str, dict[str, dict[str
   kind's gradients go to out/KIND.NAME.npz, and in float64 to out/KIND.exact.npz. A candidate
   that kills the process (an XLA abort) is reported as an error; the others are measured in a
   new process."""
-  results, crashed = isolated([sys.executable, "-m", "jaxlab.perf.kernels", str(out), str(repeats)],
+  results, crashed = isolated([sys.executable, "-m", "jaxlab.training.kernels", str(out), str(repeats)],
                               measuring_environment())
   found: dict[str, dict[str, dict[str, Any]]] = {kind: {} for kind in KINDS}
   for item, why in crashed.items():
@@ -425,7 +425,7 @@ def bf16_notice(kind: str) -> str:
     return (f"bf16 on this CPU ({where}): a {kind} step takes {ratio:.2f} of float32's time "
             "(dots in bfloat16, convolutions and the rest in float32)")
   return (f"warning: bf16 will not pay on this CPU ({where}): a {kind} step takes {ratio:.2f} of "
-          "float32's time (measured once by jaxlab.perf.kernels); training in bf16 as asked")
+          "float32's time (measured once by jaxlab.training.kernels); training in bf16 as asked")
 
 
 def measuring_environment() -> dict[str, str]:
