@@ -28,7 +28,8 @@ flags.DEFINE_string("hlo_dir", None, "Write the optimized HLO of both steps here
 flags.DEFINE_integer("seeds", 1, "Profile the step of K members as one vmapped group.",
                      lower_bound=1)
 flags.DEFINE_string("checkpoint_dir", None, "Also measure what saving the train state costs the "
-                    "training loop, synchronously and in the background, writing it here.")
+                    "training loop, synchronously and in the background, writing the saves "
+                    "here (removed after).")
 FLAGS = flags.FLAGS
 
 

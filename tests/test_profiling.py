@@ -43,9 +43,21 @@ def cnn_lab(tmp_path_factory):
 def test_profile_step_json(tmp_path, cnn_lab, experiment, batch):
   out = run_main("profile_step.py", f"--lab={cnn_lab}", f"--experiment={experiment}",
                  f"--batch_size={batch}", "--steps=3", "--json",
-                 f"--trace_dir={tmp_path / 'trace'}", f"--hlo_dir={tmp_path / 'hlo'}")
+                 f"--trace_dir={tmp_path / 'trace'}", f"--hlo_dir={tmp_path / 'hlo'}",
+                 f"--checkpoint_dir={tmp_path / 'saves'}")
   assert out.returncode == 0, out.stderr[-3000:]
   result = json.loads(out.stdout)
+  # The saves were whole (the last one read back inside) and are gone; the size is the state's.
+  saved = result["checkpoint"]
+  assert not list((tmp_path / "saves").iterdir())
+  # The train step's arguments are the state and a small batch: the file is about their size.
+  arguments = result["train_step"]["argument_bytes"]
+  assert abs(saved["bytes"] - arguments) < 0.05 * arguments + 100_000, (saved, arguments)
+  assert saved["repeats"] == 3
+  for key in ("sync_seconds", "async_blocking_seconds", "async_background_seconds",
+              "bytes_alone_seconds"):
+    assert saved[key] > 0, key
+  assert "saving the train state" in profiling.format_table(result)
   assert result["batch_size"] == batch and result["matmul_peak_flops_per_second"] > 0
   for step in ("train_step", "eval_step"):
     r = result[step]

@@ -230,22 +230,25 @@ def checkpoint_cost(state: Any, directory: str | pathlib.Path, repeats: int = 3)
 
   Synchronous: the loop waits for the host copy, serialization and the fsynced write.
   Background (`checkpoint.AsyncWriter`, as a run's checkpoints are saved): the loop waits for the
-  host copy and the hand-over only; the write's own time is measured too. Medians of
-  `repeats` saves of the same state."""
+  host copy and the hand-over only; the write's own time is measured too. The host copies are
+  made into the same buffers each time (`checkpoint.HostCopies`), as the loop makes them.
+  Medians of `repeats` saves of the same state. The last background save is read back and
+  must hold the state; what was written is then removed."""
   from jaxlab.rundir import checkpoint
   from jaxlab.files import write_atomic
 
   directory = pathlib.Path(directory)
   target = checkpoint.checkpoint_template(state)
   sync_writer, async_writer = checkpoint.AsyncWriter(background=False), checkpoint.AsyncWriter()
+  copies = checkpoint.HostCopies()  # Each save is on disk before the next copy overwrites it.
   sync, blocked, background, alone = [], [], [], []
   try:
     for i in range(repeats):
       t0 = time.perf_counter()
-      sync_writer.save(directory / f"sync_{i}.msgpack", checkpoint.to_host(target), {})
+      sync_writer.save(directory / f"sync_{i}.msgpack", copies.copy(target), {})
       sync.append(time.perf_counter() - t0)
       t0 = time.perf_counter()
-      async_writer.save(directory / f"async_{i}.msgpack", checkpoint.to_host(target), {})
+      async_writer.save(directory / f"async_{i}.msgpack", copies.copy(target), {})
       t1 = time.perf_counter()
       async_writer.wait()
       blocked.append(t1 - t0)
@@ -257,7 +260,15 @@ def checkpoint_cost(state: Any, directory: str | pathlib.Path, repeats: int = 3)
       del data
   finally:
     async_writer.close()
-  return {"bytes": (directory / "sync_0.msgpack").stat().st_size, "repeats": repeats,
+  size = (directory / "sync_0.msgpack").stat().st_size
+  _, saved = checkpoint.read(directory / f"async_{repeats - 1}.msgpack")
+  if checkpoint.fingerprint(saved) != checkpoint.fingerprint(checkpoint.to_host(target)):
+    raise AssertionError(f"the background save {directory / f'async_{repeats - 1}.msgpack'} "
+                         "does not hold the state it was handed")
+  for i in range(repeats):
+    for name in (f"sync_{i}.msgpack", f"async_{i}.msgpack", f"bytes_{i}"):
+      (directory / name).unlink(missing_ok=True)
+  return {"bytes": size, "repeats": repeats,
           "sync_seconds": statistics.median(sync),
           "async_blocking_seconds": statistics.median(blocked),
           "async_background_seconds": statistics.median(background),
