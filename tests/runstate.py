@@ -1,5 +1,6 @@
 """Train states array by array, for tests that compare runs and steps: a run directory's newest
-state, a state in memory, and their largest difference against each array's scale."""
+state, a state in memory, and their largest difference against each array's scale; and a hook
+that kills a run after an epoch, for the runs such tests resume."""
 
 import json
 
@@ -7,6 +8,19 @@ import numpy as np
 from flax import serialization, traverse_util
 
 from jaxlab.rundir import checkpoint
+from jaxlab.training.hooks import OnEpochEnd
+
+
+class Crash(Exception):
+  """What `crash_after` raises: a run killed at an epoch's end, after its files are written."""
+
+
+def crash_after(epoch):
+  """A hook that raises `Crash` at the end of epoch `epoch`."""
+  def callback(e, record, state):
+    if e == epoch:
+      raise Crash(f"killed after epoch {e}")
+  return OnEpochEnd(callback)
 
 
 def arrays(state_dict):

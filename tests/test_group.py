@@ -9,7 +9,6 @@ import pytest
 
 from jaxlab.rundir import checkpoint
 from jaxlab.experiment import EXPERIMENTS, Experiment, build_model, register, resolve_config
-from jaxlab.training.hooks import OnEpochEnd
 from jaxlab.files import read_jsonl
 from jaxlab.models import Conv, ConvBlock, ConvNet, Dense, MaxPool
 from jaxlab.training.state import create_group_state, make_setup, member, seed_keys, stack
@@ -17,8 +16,8 @@ from jaxlab.training.steps import make_steps
 from jaxlab.rundir.run import member_dir
 from jaxlab.training.train import _out_of_memory, group_configs, train_and_evaluate, train_group
 from datafiles import random_dataset, synthetic_dataset
-from runstate import (arrays, assert_rounding_only, biases_before_batch_norm, final_state,
-                      largest_difference)
+from runstate import (Crash, arrays, assert_rounding_only, biases_before_batch_norm, crash_after,
+                      final_state, largest_difference)
 from conftest import run_main, script
 import conftest
 
@@ -154,16 +153,9 @@ def test_a_killed_group_resumes_to_the_same_end(tmp_path):
   straight = [tmp_path / "straight" / f"seed_{c.seed}" for c in configs]
   train_group(configs, straight, dataset=ds)
 
-  class Crash(Exception):
-    pass
-
-  def crash(epoch, record, state):
-    if epoch == 2:
-      raise Crash
-
   resumed = [tmp_path / "resumed" / f"seed_{c.seed}" for c in configs]
   with pytest.raises(Crash):
-    train_group(configs, resumed, dataset=ds, hooks=[[], [OnEpochEnd(crash)]])
+    train_group(configs, resumed, dataset=ds, hooks=[[], [crash_after(2)]])
   assert [len(read_jsonl(d / "metrics.jsonl")) for d in resumed] == [2, 2]
   # Member 1 lost its newest checkpoint: the group resumes from the step both members have.
   (resumed[1] / "checkpoints" / "step_000000016.msgpack").unlink()

@@ -23,7 +23,7 @@ from jaxlab.training.hooks import Hook, OnEpochEnd
 from jaxlab.training.state import create_train_state, setup
 from jaxlab.inspection.summary import summarize
 from jaxlab.training.train import group_configs, train_and_evaluate, train_group
-from runstate import arrays, largest_difference
+from runstate import Crash, arrays, crash_after, largest_difference
 from conftest import ROOT, run_main, script
 
 LAB = str(ROOT / "tests" / "own_lab.py")
@@ -37,16 +37,6 @@ OUTPUT = {"own_linen": "head", "own_nnx": "out"}  # The submodule whose output i
 def lab():
   return load_lab(LAB)
 
-
-class Crash(Exception):
-  pass
-
-
-def crash_after(epoch):
-  def fn(e, record, state):
-    if e == epoch:
-      raise Crash
-  return OnEpochEnd(fn)
 
 
 def kept_state():

@@ -8,26 +8,16 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import metadata as hparams_metadata
 
 from jaxlab.experiment import resolve_config
-from jaxlab.training.hooks import OnEpochEnd
 from jaxlab.files import read_jsonl
 from jaxlab.training.train import train_and_evaluate
 from datafiles import synthetic_dataset
 from conftest import SMALL
+from runstate import Crash, crash_after
 
 EXPECTED = {"train": {"epoch_loss": "train_loss", "epoch_accuracy": "train_accuracy",
                       "epoch_learning_rate": "learning_rate", "epoch_seconds": "epoch_seconds"},
             "validation": {"epoch_loss": "val_loss", "epoch_accuracy": "val_accuracy"}}
 
-
-class Crash(Exception):
-  pass
-
-
-def crash_after(epoch):
-  def fn(e, record, state):
-    if e == epoch:
-      raise Crash
-  return OnEpochEnd(fn)
 
 
 def assert_events_equal_metrics(run):

@@ -16,6 +16,7 @@ from jaxlab.training.steps import chunk_lengths, make_steps, train_epoch
 from jaxlab.training.train import train_and_evaluate
 from datafiles import synthetic_dataset
 from conftest import SMALL
+from runstate import Crash, crash_after
 
 
 
@@ -99,17 +100,6 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
     checkpoint.restore(tmp_path / "bad.msgpack", {"epoch": 0, "state": other})
   with pytest.raises(checkpoint.CheckpointError, match="no checkpoint at"):
     checkpoint.restore(tmp_path / "missing.msgpack", {"epoch": 0, "state": other})
-
-
-class Crash(Exception):
-  pass
-
-
-def crash_after(epoch):
-  def callback(e, record, state):
-    if e == epoch:
-      raise Crash(f"killed after epoch {e}")
-  return OnEpochEnd(callback)
 
 
 @pytest.mark.slow
