@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import math
 import re
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -355,9 +356,16 @@ def _abstract_variables(model: nn.Module, image_shape: tuple[int, ...]) -> dict[
 
 def check_outputs(model: nn.Module, image_shape: Sequence[int], num_classes: int,
                   name: str = "") -> None:
-  """Raises BadValue unless the model maps a batch of these images to logits (N, num_classes)
-  (traced with shapes only)."""
+  """Raises BadValue unless the model takes `train` and maps a batch of these images to logits
+  (N, num_classes) (traced with shapes only)."""
   what = f"the model of {name!r} ({type(model).__name__})" if name else type(model).__name__
+  call = model.nnx_class.__call__ if _bridged(model) else type(model).__call__
+  signature = inspect.signature(call)
+  if not any(p.name == "train" or p.kind is p.VAR_KEYWORD
+             for p in signature.parameters.values()):
+    raise BadValue(f"{what} has __call__{signature}, without a `train` argument: jaxlab calls "
+                   "model(x, train=...) (True in its train steps, for dropout and batch "
+                   "statistics); give it `train: bool = False`")
   shape = _output_shape(model, tuple(image_shape))
   if shape != (1, num_classes):
     raise BadValue(f"{what} maps images {tuple(image_shape)} to {shape}, "

@@ -10,13 +10,15 @@ jaxlab wraps the function in `optax.inject_hyperparams`, so the learning rate li
 optimizer state (`opt_state.hyperparams["learning_rate"]`), not in the compiled program: runs
 that differ only in learning rate share one compiled step, and the members of a vmapped group
 (`train.py --learning_rates=...`) each carry their own. A function that cannot take its
-learning rate as a traced value (it calls `float` on it, say) still trains a single run, with
-the rate fixed in the program; a group over learning rates then says so in one line.
+learning rate as a traced value (it calls `float` on it, or passes it to a schedule that does,
+such as `optax.warmup_cosine_decay_schedule`) still trains a single run, with the rate fixed in
+the program, and says so in one warning; a group over learning rates then says so in one line.
 
 The learning rate a run records each epoch (`learning_rate` in metrics.jsonl) is the one its
-optimizer used last: the value an inner `optax.inject_hyperparams` holds where the function
-injects its own schedule (`inject_hyperparams(optax.adamw)(learning_rate=schedule)`), else the
-run's setting.
+optimizer used last: the value an `optax.inject_hyperparams` of the function's own holds where
+it injects its own schedule (`inject_hyperparams(optax.adamw)(learning_rate=schedule)`), else
+the run's setting (for a function that schedules without injecting: the rate it was given, not
+what its schedule makes of it; the warning says so).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from absl import logging
 
 from jaxlab.errors import BadValue
 from jaxlab.registry import Registry
@@ -124,7 +127,17 @@ def _injected(name: str) -> optax.GradientTransformation | None:
 
 @functools.lru_cache(maxsize=None)
 def _fixed(name: str, learning_rate: float) -> optax.GradientTransformation:
+  _warn_fixed(name)
   return OPTIMIZERS.get(name)(learning_rate)
+
+
+@functools.cache
+def _warn_fixed(name: str) -> None:
+  logging.warning(
+      "optimizer %r cannot take its learning rate as a traced value (optax.inject_hyperparams): "
+      "it is fixed in the compiled step, and metrics.jsonl records the rate given to the "
+      "function, not what a schedule inside it makes of it (to record that, inject the "
+      "schedule yourself: optax.inject_hyperparams(optax.adam)(learning_rate=schedule))", name)
 
 
 def with_learning_rate(opt_state: Any, learning_rate: Any) -> Any:
@@ -137,11 +150,12 @@ def with_learning_rate(opt_state: Any, learning_rate: Any) -> Any:
   return opt_state._replace(hyperparams=hyperparams)
 
 
-def scheduled_learning_rate(opt_state: Any) -> Any | None:
-  """The learning rate an optimizer's own `inject_hyperparams` holds inside jaxlab's (the
-  innermost, where there are several; a schedule's value at the last step), or None where it
-  has none."""
-  inner = getattr(opt_state, "inner_state", None)
+def scheduled_learning_rate(opt_state: Any, injected: bool = True) -> Any | None:
+  """The learning rate an optimizer function's own `inject_hyperparams` holds (the innermost,
+  where there are several; a schedule's value at the last step), or None where it has none.
+  `injected`: whether the state is jaxlab's wrapper around the function's (whose own rate
+  is then the one inside)."""
+  inner = getattr(opt_state, "inner_state", None) if injected else opt_state
   if inner is None:
     return None
   found = optax.tree_utils.tree_get_all_with_path(inner, "learning_rate")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from typing import Generic, Iterator, TypeVar
 
 from jaxlab.errors import UnknownNameError
@@ -27,8 +28,10 @@ class Registry(Generic[T]):
       return self._items[name]
     except KeyError:
       known = ", ".join(self._items) or "(none)"
+      close = difflib.get_close_matches(str(name), list(self._items), n=1, cutoff=0.8)
+      hint = f"; did you mean {close[0]!r}?" if close else ""
       raise UnknownNameError(
-          f"unknown {self.kind} {name!r}; known {self.kind}s: {known}") from None
+          f"unknown {self.kind} {name!r}; known {self.kind}s: {known}{hint}") from None
 
   def names(self) -> list[str]:
     return list(self._items)

@@ -1,4 +1,5 @@
-"""Trains one catalog experiment into a run directory, resuming it if it was interrupted.
+"""Trains one experiment (the catalog's, or a --lab file's) into a run directory, resuming it if
+it was interrupted.
 
   python scripts/train.py --experiment=mlp_dropout --dataset=fashion_mnist --workdir=runs/x
   python scripts/train.py --experiment=mlp_dropout --seeds=0,1,2,3 --learning_rates=1e-3,3e-4

@@ -74,9 +74,11 @@ def sgd_cosine(learning_rate):
       learning_rate=optax.cosine_decay_schedule(learning_rate, 12), momentum=0.9)
 
 
-def sgd_fixed(learning_rate):
-  """An optimizer that takes its learning rate as a Python number (cannot be injected)."""
-  return optax.sgd(float(learning_rate))
+def sgd_warmup_cosine(learning_rate):
+  """SGD under optax's warmup-cosine schedule, injected by the function itself: it cannot take
+  a traced learning rate (the schedule branches on its peak value)."""
+  return optax.inject_hyperparams(optax.sgd)(
+      learning_rate=optax.warmup_cosine_decay_schedule(0.0, learning_rate, 2, 12))
 
 
 OWN = dict(dataset="tiny_blocks", epochs=3, batch_size=16,
@@ -85,7 +87,8 @@ register(Experiment(name="own_linen", model=TinyRes(), optimizer=sgd_cosine, lea
                     **OWN))
 register(Experiment(name="own_nnx", model=nnx.bridge.to_linen(TinyNNX, num_classes=10),
                     learning_rate=1e-2, **OWN))
-register(Experiment(name="own_fixed", model=TinyRes(), optimizer=sgd_fixed, learning_rate=0.05,
+register(Experiment(name="own_fixed", model=TinyRes(), optimizer=sgd_warmup_cosine,
+                    learning_rate=0.05,
                     **OWN))
 
 QUESTIONS = [Question("Linen or NNX", "Does the residual CNN beat the NNX MLP on top-2?",

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from jaxlab.rundir import checkpoint
+from jaxlab.rundir import checkpoint, lock
 from jaxlab.training import process
 from jaxlab.experiment import resolve_config
 from jaxlab.training.hooks import Hook
@@ -143,7 +143,7 @@ def test_sigterm_saves_stops_and_resumes(data, reference, tmp_path):
   line = next(l for l in stderr.splitlines() if l.startswith("stopped in epoch"))
   stopped_at = saved_steps(workdir)[-1]
   assert f"(global step {stopped_at})" in line and f"step_{stopped_at:09d}.msgpack" in line
-  assert "resume with the same command: python " in stderr
+  assert "resume with the same command: python3 " in stderr
   resumed = train(*train_args(data, workdir))
   assert f"Resuming {workdir} from step {stopped_at}" in resumed.stderr
   assert_same_as_reference(workdir, reference)
@@ -465,10 +465,12 @@ def test_sigterm_in_a_long_validation_exits_at_once_and_resumes_with_it(data, re
   assert "SIGTERM: stopping now, in the validation of epoch 1 (global step 128)." in stopped.stderr
   assert (f"stopped in the validation of epoch 1 (global step 128); its checkpoint is "
           f"{workdir / 'checkpoints' / 'step_000000128.msgpack'}") in stopped.stderr
-  assert "resume with the same command: python " in stopped.stderr
+  assert "resume with the same command: python3 " in stopped.stderr
   assert not (workdir / "metrics.jsonl").read_text()
+  assert not (workdir / lock.LOCK_FILE).read_text()  # A clean stop leaves no stale holder.
   resumed = train(*train_args(data, workdir))
   assert f"Resuming {workdir} from step 128" in resumed.stderr
+  assert "taking over the lock" not in resumed.stderr
   assert_same_as_reference(workdir, reference)
 
 

@@ -276,7 +276,7 @@ def test_sigterm_stops_the_lab_after_a_checkpoint(tmp_path):
   assert "SIGTERM: stopping at the next step boundary" in stderr
   step = int(re.search(r"\[term\] runs 3-4/4: lab_term_b seeds 0,1: stopped in epoch 1 after "
                        r"step (\d) of 5 \(global step \1\)", stderr).group(1))
-  assert "resume with the same command: python " in stderr
+  assert "resume with the same command: python3 " in stderr
   for seed in (0, 1):
     assert lab_status(workdir)[f"lab_term_b/seed_{seed}"] == "running"
     assert (workdir / "lab_term_b" / f"seed_{seed}" / "checkpoints"

@@ -142,6 +142,53 @@ def test_bf16_sets_the_models_dtype_and_is_refused_without_one(tmp_path):
                       r".*\n", done.stderr.splitlines(keepends=True)[-1])
 
 
+NO_TRAIN_LAB = """
+import flax.linen as nn
+import numpy as np
+from flax import nnx
+from jaxlab.data import register_dataset
+from jaxlab.experiment import Experiment, register
+
+zeros = lambda n: (np.zeros((n, 8, 8), np.uint8), np.zeros((n,), np.uint8))
+register_dataset("no_train_blocks", image_shape=(8, 8, 1), class_names=list("abcdefghij"),
+                 load=lambda: (*zeros(16), *zeros(16)))
+
+class NoTrain(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(10)(x.reshape((x.shape[0], -1)))
+
+class NoTrainNNX(nnx.Module):
+  def __init__(self, *, rngs):
+    self.out = nnx.Linear(64, 10, rngs=rngs)
+
+  def __call__(self, x):
+    return self.out(x.reshape((x.shape[0], -1)))
+
+register(Experiment(name="no_train", model=NoTrain(), dataset="no_train_blocks", epochs=1))
+register(Experiment(name="no_train_nnx", model=nnx.bridge.to_linen(NoTrainNNX),
+                    dataset="no_train_blocks", epochs=1))
+"""
+
+
+def test_a_model_without_a_train_argument_is_the_users_error(tmp_path):
+  """One `error:` line naming the model and its signature, status 2, from train.py and
+  summary.py alike; a Linen module and an NNX one."""
+  (tmp_path / "no_train.py").write_text(NO_TRAIN_LAB)
+  for experiment, name in (("no_train", "NoTrain"), ("no_train_nnx", "ToLinen")):
+    for script_name in ("train.py", "summary.py"):
+      done = run_main(script_name, f"--lab={tmp_path / 'no_train.py'}",
+                      f"--experiment={experiment}", *(
+                          [f"--workdir={tmp_path / experiment}"] if script_name == "train.py"
+                          else []))
+      assert done.returncode == 2, done.stderr[-2000:]
+      assert "Traceback" not in done.stderr
+      assert done.stderr.splitlines()[-1] == (
+          f"error: the model of {experiment!r} ({name}) has __call__(self, x), without a "
+          "`train` argument: jaxlab calls model(x, train=...) (True in its train steps, for "
+          "dropout and batch statistics); give it `train: bool = False`")
+
+
 class CrashInsideEpoch(Hook):
   """Stops the run at the step boundary after global step `step` (its checkpoint saved)."""
 
@@ -206,14 +253,21 @@ def test_a_schedules_learning_rate_is_recorded_each_epoch(tmp_path):
 
 
 def test_an_optimizer_that_cannot_be_injected_trains_alone_but_not_in_a_rate_group(tmp_path):
+  """It trains a single run, says in a warning that its rate is fixed in the step, and records
+  the rate of the schedule it injects itself; a group over learning rates is refused."""
   one = run_main("train.py", f"--lab={LAB}", "--experiment=own_fixed", "--epochs=1",
                  "--steps_per_dispatch=2", f"--workdir={tmp_path / 'one'}")
   assert one.returncode == 0, one.stderr[-2000:]
+  assert "optimizer 'sgd_warmup_cosine' cannot take its learning rate as a traced value" in (
+      one.stderr)
+  schedule = optax.warmup_cosine_decay_schedule(0.0, 0.05, 2, 12)
+  [record] = read_jsonl(tmp_path / "one" / "metrics.jsonl")
+  assert record["learning_rate"] == pytest.approx(float(schedule(5)), rel=1e-6)  # 6 steps.
   group = run_main("train.py", f"--lab={LAB}", "--experiment=own_fixed", "--epochs=1",
                    "--learning_rates=0.05,0.1", f"--workdir={tmp_path / 'group'}")
   assert group.returncode == 2
   assert group.stderr.splitlines()[-1].startswith(
-      "error: optimizer 'sgd_fixed' cannot take its learning rate as a traced value")
+      "error: optimizer 'sgd_warmup_cosine' cannot take its learning rate as a traced value")
 
 
 def test_keras_and_the_pytorch_peer_say_they_need_a_plan_family(tmp_path):

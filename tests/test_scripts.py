@@ -103,6 +103,14 @@ def test_errors_a_user_reads_and_bugs_are_told_apart():
     Registry("thing").get("x")
   assert isinstance(unknown.value, errors.UserError)
   assert str(unknown.value) == "unknown thing 'x'; known things: (none)"  # No KeyError quotes.
+  things = Registry("thing")
+  things.register("skip_cnn", 1)
+  things.register("mlp_baseline", 2)
+  with pytest.raises(LookupError, match=r"known things: skip_cnn, mlp_baseline; did you mean "
+                                        r"'skip_cnn'\?$"):
+    things.get("skip_cnnn")  # A typo: the name it is closest to.
+  with pytest.raises(LookupError, match=r"known things: skip_cnn, mlp_baseline$"):
+    things.get("vgg")  # Nothing close: no guess.
   for error, builtin in ((errors.BadValue, ValueError), (errors.MissingFile, FileNotFoundError),
                          (errors.DiskFull, OSError), (errors.OutOfMemory, MemoryError),
                          (errors.MissingDependency, ImportError)):

@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterator
 
 import jaxlab
 from jaxlab.errors import EXIT_PREEMPTED
+from jaxlab.rundir import lock
 from jaxlab.training import kernels
 
 # ----------------------------------------------------------------------------- signals
@@ -61,7 +62,7 @@ def clear() -> None:
 
 
 def resume_hint() -> str:
-  return f"resume with the same command: python {shlex.join(sys.argv)}"
+  return f"resume with the same command: python3 {shlex.join(sys.argv)}"
 
 
 @contextlib.contextmanager
@@ -96,6 +97,7 @@ def _on_signal(signum: int) -> None:
     print(f"\n{name}: stopping now, {where.split(';')[0]}.", file=sys.stderr, flush=True)
     if written():  # Else the loop sees the error of the write, and the stop, as without this.
       print(f"stopped {where}\n{resume_hint()}", file=sys.stderr, flush=True)
+      lock.release_all()  # A clean stop: the resumed run finds no stale holder.
       os._exit(EXIT_PREEMPTED)
     return
   print(f"\n{name}: stopping at the next step boundary after saving a checkpoint "

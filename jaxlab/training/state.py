@@ -122,7 +122,8 @@ def _init(setup: Setup, seed: jax.Array, learning_rate: jax.Array) -> TrainState
   # A typed step (not Python's weakly typed 0) matches what a checkpoint restores, so a resumed
   # run reuses the programs a fresh one compiled.
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    opt_state=with_learning_rate(setup.optimizer.init(params), learning_rate),
+                    opt_state=(with_learning_rate(setup.optimizer.init(params), learning_rate)
+                               if setup.injected else setup.optimizer.init(params)),
                     batch_stats=variables.get("batch_stats", {}), rng=dropout_key)
 
 

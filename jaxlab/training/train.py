@@ -321,7 +321,8 @@ def _epoch(group: _Group, epoch: int) -> None:
                     **{f"train_{name}": value for name, value in train.items()},
                     **{f"val_{name}": value for name, value in val.items()},
                     "skipped_steps": skipped,
-                    "learning_rate": _learning_rate(member(host, k), run.config),
+                    "learning_rate": _learning_rate(member(host, k), run.config,
+                                                    group.setup.injected),
                     "epoch_seconds": t1 - t0, "eval_seconds": t2 - t1, "time": time.time()})
     run.record_epoch(records[k])
   group.bar.on_epoch_end(epoch, records[0], member(host, 0))  # Closed before the log line.
@@ -405,10 +406,10 @@ def _final_evaluations(group: _Group, run: Run, final: dict[str, float],
   return evaluations
 
 
-def _learning_rate(state: TrainState, config: TrainConfig) -> float:
+def _learning_rate(state: TrainState, config: TrainConfig, injected: bool) -> float:
   """The learning rate of a member's last step: its optimizer's own schedule where it injects
   one (`jaxlab.optim.scheduled_learning_rate`), else its setting."""
-  scheduled = scheduled_learning_rate(state.opt_state)
+  scheduled = scheduled_learning_rate(state.opt_state, injected)
   return config.learning_rate if scheduled is None else float(scheduled)
 
 
