@@ -33,8 +33,6 @@ from jaxlab.training.process import Preempted, resume_hint
 # JAX logs at INFO that it found no TPU library on every start; that is not news to a user.
 std_logging.getLogger("jax._src.xla_bridge").setLevel(std_logging.WARNING)
 
-
-
 # Environment variables by which JAX's cluster detection recognizes a launcher.
 CLUSTER_ENVIRONMENT = ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "JOBSET_NAME",
                        "MEGASCALE_COORDINATOR_ADDRESS")
@@ -122,7 +120,7 @@ def user_errors_exit(main: Callable[[list[str]], None]) -> Callable[[list[str]],
   `error: ...` and exits with status 2, a NaN stop with 3, and a stop on a signal prints where
   it stopped and how to resume, and exits with 75. Any other exception is a bug and keeps its
   traceback (status 1). The process's set-up is the script's own first call
-  (`jaxlab.training.process.start`)."""
+  (`start`)."""
 
   @functools.wraps(main)
   def wrapped(argv: list[str]) -> None:

@@ -100,11 +100,6 @@ def encode_parts(target: Any, meta: dict[str, Any] | None = None) -> list[bytes 
   return [head, *parts]
 
 
-def encode(target: Any, meta: dict[str, Any] | None = None) -> bytes:
-  """A checkpoint file's bytes (`encode_parts`, joined)."""
-  return b"".join(encode_parts(target, meta))
-
-
 def save(path: str | os.PathLike, target: Any, meta: dict[str, Any] | None = None) -> None:
   """Saves any pytree of arrays (a train state, a dict holding one) with its metadata."""
   write_atomic(path, encode_parts(target, meta))
@@ -286,7 +281,6 @@ class AsyncWriter:
     finally:
       if self._executor is not None:
         self._executor.shutdown(wait=True)
-
 
 
 def checkpoint_template(state: Any, sums: dict[str, Any] | None = None) -> dict[str, Any]:

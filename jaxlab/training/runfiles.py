@@ -41,7 +41,7 @@ from absl import logging
 from jaxlab.errors import NonFiniteError
 from jaxlab.rundir import checkpoint
 from jaxlab.files import append_jsonl, write_json, write_jsonl
-from jaxlab.rundir.run import BEST_ON, Run, best_record
+from jaxlab.rundir.run import Run, best_record
 from jaxlab.training import process
 from jaxlab.training.state import TrainState
 
@@ -64,13 +64,10 @@ class RunFiles:
     self.run, self.writer = run, writer
     self._background = background
     self._saver: checkpoint.AsyncWriter | None = None
-    self.best: float | None = None
     self.saved_step, self.saved_time = run.start_step, time.monotonic()
 
   def start(self) -> None:
     run = self.run
-    best = best_record(run.history)
-    self.best = best[BEST_ON] if best else None
     self.saved_step, self.saved_time = run.start_step, time.monotonic()
     if not self.writer:
       return
@@ -113,7 +110,7 @@ class RunFiles:
     has trained through."""
     if not self.writer:
       return
-    host = checkpoint.to_host({"state": state, "sums": dict(sums)})
+    host = checkpoint.to_host(checkpoint.checkpoint_template(state, sums))
     step = int(host["state"].step)
     meta = {**self.run.identity, "step": step, "epoch": epoch, "time": time.time()}
     self._saver.save(self.run.step_checkpoint(step), host, meta, after=lambda: self._prune(step))
@@ -137,9 +134,7 @@ class RunFiles:
     logging.info("%sepoch %d/%d: %s | %.1f s", label, epoch, run.config.epochs,
                  epoch_line(record), record["epoch_seconds"])
     append_jsonl(run.metrics_jsonl, record)
-    value = record.get(BEST_ON)
-    if value is not None and (self.best is None or value > self.best):
-      self.best = value
+    if best_record(run.history) is record:  # A strict improvement: the first maximum.
       self._saver.link(run.step_checkpoint(step), run.best)
     write_json(run.metrics_json, run.summarize(
         "running" if epoch < run.config.epochs else "completed", last=run.step_checkpoint(step)))

@@ -372,7 +372,7 @@ def _finish(group: _Group) -> list[dict[str, Any]]:
     run.finish(summaries[-1])
     group.files[k].finish(summaries[-1])
   logging.info("process %d of %d: final state fingerprint %s", jax.process_index(),
-               jax.process_count(), checkpoint.fingerprint(checkpoint.to_host(group.state)))
+               jax.process_count(), checkpoint.fingerprint(group.to_host(group.state)))
   group.hooks.run_end(summaries)
   return summaries
 
